@@ -1,0 +1,146 @@
+"""Checkpoints that survive a crash at any instant, and the resume that reads them back.
+
+A checkpoint is written to a temporary file in the same folder, flushed and fsync'ed, then
+renamed over the previous one (``os.replace`` is atomic on POSIX and Windows), and the folder is
+fsync'ed so that the rename itself is durable. A run killed at any point therefore leaves either the
+previous complete checkpoint or the new complete one, never a torn file.
+
+Layout of an output folder: ``checkpoint.pt`` (everything needed to resume), ``best_student.pt``
+(the student's weights at its best test top-1, for use elsewhere).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINT_NAME = "checkpoint.pt"
+BEST_NAME = "best_student.pt"
+FORMAT = "spacedkd_fast-checkpoint"
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format", "version", "config", "epoch", "step_in_epoch", "models", "optimizers",
+                 "schedulers", "engine", "rng", "metrics")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable or not one of ours; the message says which."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # folders cannot be opened on some platforms (Windows); the rename stands
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save(obj, path)`` such that ``path`` is always either the old or the new file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def rng_state() -> dict[str, Any]:
+    """The state of every random generator a training step may draw from (as tensors and ints)."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": np_state[0], "state": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                  "cached_gaussian": float(np_state[4])},
+        "python": _python_state_to_plain(random.getstate()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` captured."""
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state["key"], np_state["state"].numpy().astype(np.uint32),
+                         np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _python_state_to_plain(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def save_checkpoint(out_dir: str | Path, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` (see ``REQUIRED_KEYS``) as ``OUT/checkpoint.pt`` atomically."""
+    payload = {"format": FORMAT, "version": FORMAT_VERSION, **payload}
+    missing = [k for k in REQUIRED_KEYS if k not in payload]
+    if missing:
+        raise ValueError(f"checkpoint payload lacks {missing}")
+    path = Path(out_dir) / CHECKPOINT_NAME
+    atomic_save(payload, path)
+    return path
+
+
+def load_checkpoint(out_dir: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read ``OUT/checkpoint.pt``; ``CheckpointError`` when it is missing, corrupt or foreign."""
+    folder = Path(out_dir)
+    if not folder.is_dir():
+        raise CheckpointError(f"cannot resume: {folder} is not a folder (give the --out folder "
+                              "of an earlier run)")
+    path = folder / CHECKPOINT_NAME
+    if not path.is_file():
+        raise CheckpointError(f"cannot resume: no checkpoint in {folder} (expected {path}; a run "
+                              "writes it at the end of its first epoch)")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
+            zipfile.BadZipFile) as err:
+        raise CheckpointError(f"cannot resume: {path} is corrupt or truncated ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else 'no detail'}). "
+                              "Checkpoints are written atomically, so this file was damaged "
+                              "after the run wrote it.") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"cannot resume: {path} is not a spacedkd_fast training checkpoint")
+    if payload.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"cannot resume: {path} has format version {payload.get('version')}, "
+                              f"this version of spacedkd_fast reads version {FORMAT_VERSION}")
+    missing = [k for k in REQUIRED_KEYS if k not in payload]
+    if missing:
+        raise CheckpointError(f"cannot resume: {path} lacks {', '.join(missing)}")
+    return payload
+
+
+def save_best_student(out_dir: str | Path, *, state_dict: dict[str, torch.Tensor], arch: str,
+                      num_classes: int, image_size: int, epoch: int, top1: float) -> Path:
+    """Keep the student's weights at its best test accuracy apart from the resume checkpoint.
+
+    Load with ``create(arch, num_classes, image_size)`` then ``load_state_dict(ckpt["state_dict"])``.
+    """
+    path = Path(out_dir) / BEST_NAME
+    atomic_save({"arch": arch, "num_classes": num_classes, "image_size": image_size,
+                 "epoch": epoch, "top1": top1, "state_dict": state_dict}, path)
+    return path

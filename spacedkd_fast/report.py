@@ -1,0 +1,292 @@
+"""What a run shows and leaves behind: progress bar, metrics files, curves, summary table.
+
+Nothing here reads a tensor: the trainer hands over plain floats it has already brought to the host
+(once per ``log_every`` steps), so reporting never adds a device synchronisation.
+
+Files in the output folder: ``metrics.jsonl`` (one JSON object per epoch), ``metrics.csv`` (the
+same rows), ``curves.png`` (accuracy and loss per epoch), ``summary.txt`` (the final table).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+# Columns that lead metrics.csv; any further keys follow in first-seen order.
+LEADING_COLUMNS = ("epoch", "phase", "teacher_top1", "teacher_top5", "student_top1",
+                   "student_top5", "teacher_loss", "student_loss", "ce", "kl", "feat", "lr",
+                   "student_lr", "images_per_s", "wall_s")
+# Keys that depend on the clock, not on the computation (left out when comparing runs).
+TIMING_KEYS = ("images_per_s", "wall_s", "epoch_s")
+
+
+def _fmt_duration(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def _fmt_value(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.4g}"
+    return str(value)
+
+
+class ProgressBar:
+    """One epoch's progress: steps, images/s, loss parts, learning rate, ETA.
+
+    On a terminal the bar redraws in place (at most 5 times a second). Elsewhere (a log file, CI)
+    it prints a plain line each time new loss values arrive, so logs stay readable.
+    """
+
+    def __init__(self, total: int, title: str, *, stream: TextIO | None = None,
+                 enabled: bool = True, width: int = 24) -> None:
+        self.total = max(int(total), 1)
+        self.title = title
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self.tty = enabled and bool(getattr(self.stream, "isatty", lambda: False)())
+        self.width = width
+        self.start = time.monotonic()
+        self.last_draw = 0.0
+        self.done = 0
+        self.images = 0
+        self.stats: dict[str, float] = {}
+        self.lr: float | None = None
+
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self.start
+        return self.images / elapsed if elapsed > 0 else 0.0
+
+    def _text(self) -> str:
+        frac = min(self.done / self.total, 1.0)
+        elapsed = time.monotonic() - self.start
+        eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+        parts = [f"{self.title} {self.done:>{len(str(self.total))}}/{self.total}"]
+        if self.tty:
+            fill = int(round(frac * self.width))
+            parts.insert(1, "[" + "#" * fill + "." * (self.width - fill) + "]")
+        parts.append(f"{self.rate():7.1f} img/s")
+        for key, value in self.stats.items():
+            if value is not None and math.isfinite(value):
+                parts.append(f"{key} {value:.4f}")
+        if self.lr is not None:
+            parts.append(f"lr {self.lr:.3g}")
+        parts.append(f"eta {_fmt_duration(eta)}")
+        return "  ".join(parts)
+
+    def update(self, done: int, images: int, *, stats: dict[str, float] | None = None,
+               lr: float | None = None) -> None:
+        """Record progress; ``stats`` (fresh loss means) makes a plain-text log print a line."""
+        self.done, self.images = done, images
+        if stats:
+            self.stats = {k: v for k, v in stats.items() if v is not None}
+        if lr is not None:
+            self.lr = lr
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if self.tty:
+            if now - self.last_draw >= 0.2 or done >= self.total:
+                self.stream.write("\r\033[K" + self._text())
+                self.stream.flush()
+                self.last_draw = now
+        elif stats:
+            self.stream.write(self._text() + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\r\033[K" + self._text() + "\n")
+            self.stream.flush()
+
+
+class MetricsLog:
+    """``metrics.jsonl`` and ``metrics.csv`` of a run; rows are plain dicts of numbers."""
+
+    def __init__(self, out_dir: str | Path, rows: list[dict[str, Any]] | None = None) -> None:
+        self.out_dir = Path(out_dir)
+        self.jsonl = self.out_dir / "metrics.jsonl"
+        self.csv = self.out_dir / "metrics.csv"
+        self.rows: list[dict[str, Any]] = []
+        # A resumed run rewrites both files from the checkpoint's history: lines written after
+        # that checkpoint by the killed run would otherwise appear twice.
+        self.jsonl.write_text("")
+        for row in rows or []:
+            self.append(row)
+        if not rows:
+            self._write_csv()
+
+    def append(self, row: dict[str, Any]) -> None:
+        row = {k: _json_safe(v) for k, v in row.items()}
+        self.rows.append(row)
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self._write_csv()
+
+    def _write_csv(self) -> None:
+        columns = [c for c in LEADING_COLUMNS if any(c in r for r in self.rows)]
+        for row in self.rows:
+            columns += [k for k in row if k not in columns]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, restval="")
+        writer.writeheader()
+        for row in self.rows:
+            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+        tmp = self.csv.with_suffix(".csv.tmp")
+        tmp.write_text(buf.getvalue())
+        os.replace(tmp, self.csv)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf become None so that every line is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``metrics.jsonl`` (``path`` is the file or the run folder)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(rows: list[dict[str, Any]], path: str | Path, *, title: str = "") -> None:
+    """Accuracy (top-1) and loss per epoch, teacher and student, to a PNG (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    epochs = [r["epoch"] for r in rows]
+    acc_keys = [k for k in ("teacher_top1", "student_top1") if any(r.get(k) is not None for r in rows)]
+    acc_keys += sorted(k for k in {k for r in rows for k in r}
+                       if k.startswith("exit") and k.endswith("_top1"))
+    for key in acc_keys:
+        ys = [100 * r[key] if r.get(key) is not None else float("nan") for r in rows]
+        ax_acc.plot(epochs, ys, marker="o", markersize=3, label=key.replace("_top1", ""))
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("test top-1 (%)")
+    ax_acc.grid(alpha=0.3)
+    for key in ("teacher_loss", "student_loss"):
+        ys = [r.get(key) if r.get(key) is not None else float("nan") for r in rows]
+        if any(math.isfinite(y) for y in ys):
+            ax_loss.plot(epochs, ys, marker="o", markersize=3, label=key.replace("_loss", ""))
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.grid(alpha=0.3)
+    for ax in (ax_acc, ax_loss):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _best(rows: list[dict[str, Any]], key: str) -> tuple[float | None, int | None]:
+    values = [(r[key], r["epoch"]) for r in rows if r.get(key) is not None]
+    if not values:
+        return None, None
+    return max(values)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:6.2f}%"
+
+
+def summary_table(rows: list[dict[str, Any]], *, wall_s: float, images_per_s: float,
+                  models: list[tuple[str, str]], compare: list[dict[str, Any]] | None = None,
+                  compare_name: str = "comparison") -> str:
+    """The end-of-run table: best and final top-1/top-5 per model, gain, time, throughput.
+
+    ``models`` pairs a display name with the metrics-key prefix (``("student", "student")``).
+    """
+    lines = [f"{'model':<22}{'best top-1':>12}{'(epoch)':>9}{'final top-1':>13}{'final top-5':>13}"]
+    lines.append("-" * len(lines[0]))
+    last = rows[-1] if rows else {}
+    for name, prefix in models:
+        best, at = _best(rows, f"{prefix}_top1")
+        lines.append(f"{name:<22}{_pct(best):>12}{'' if at is None else at:>9}"
+                     f"{_pct(last.get(f'{prefix}_top1')):>13}{_pct(last.get(f'{prefix}_top5')):>13}")
+    if compare:
+        ours, _ = _best(rows, "student_top1")
+        theirs, _ = _best(compare, "student_top1")
+        if ours is not None and theirs is not None:
+            lines.append(f"student best top-1 vs {compare_name}: {_pct(theirs).strip()} -> "
+                         f"{_pct(ours).strip()} (gain {100 * (ours - theirs):+.2f} points)")
+    lines.append(f"wall time {_fmt_duration(wall_s)} ({wall_s:.1f} s), "
+                 f"{images_per_s:.1f} training images/s")
+    return "\n".join(lines)
+
+
+class ExternalLoggers:
+    """Optional TensorBoard / Weights & Biases mirrors of the epoch rows (rank 0 only).
+
+    Both are optional dependencies: asking for one that is not installed is a clear error at start,
+    never a prompt. W&B runs offline unless an API key is configured.
+    """
+
+    def __init__(self, out_dir: str | Path, *, tensorboard: bool, wandb: bool,
+                 project: str, config: dict[str, Any], run_name: str) -> None:
+        self.tb = None
+        self.wandb_run = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise RuntimeError("--tensorboard needs the tensorboard package: "
+                                   "pip install tensorboard") from None
+            self.tb = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
+        if wandb:
+            try:
+                import wandb as wandb_mod
+            except ImportError:
+                raise RuntimeError("--wandb needs the wandb package: pip install wandb") from None
+            has_key = bool(os.environ.get("WANDB_API_KEY"))
+            if not has_key:
+                try:
+                    has_key = bool(wandb_mod.api.api_key)
+                except Exception:  # noqa: BLE001 - any failure means: no usable key
+                    has_key = False
+            mode = os.environ.get("WANDB_MODE") or ("online" if has_key else "offline")
+            self.wandb_run = wandb_mod.init(project=project, name=run_name, config=config,
+                                            dir=str(out_dir), mode=mode, reinit=True)
+
+    def log(self, row: dict[str, Any]) -> None:
+        step = int(row["epoch"])
+        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "epoch"}
+        if self.tb is not None:
+            for k, v in numbers.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(numbers, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
