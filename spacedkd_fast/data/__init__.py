@@ -1,0 +1,28 @@
+"""Data sets, keyed augmentation and replayable batch sources.
+
+``build_data(...)`` is the entry point of the trainer; the pieces are importable on their own:
+``datasets`` (on-disk formats -> arrays / file lists), ``augment`` (recipes and keyed parameters),
+``imageops`` / ``policies`` (batched tensor ops), ``sources`` (torch backends), ``dali`` (DALI).
+"""
+
+from .augment import RECIPES, Augmenter, Recipe, get_recipe
+from .build import BACKENDS, DATASETS, DataBundle, build_data
+from .dali import DaliSource, dali_available
+from .datasets import (
+    ArrayData,
+    DataFormatError,
+    FileData,
+    UnreadableImageError,
+    load_cifar,
+    load_digits_split,
+    load_tiny_imagenet,
+    scan_image_folder,
+)
+from .sources import FileSource, KeyedIndexer, TensorSource
+
+__all__ = [
+    "ArrayData", "Augmenter", "BACKENDS", "DATASETS", "DaliSource", "DataBundle", "DataFormatError",
+    "FileData", "FileSource", "KeyedIndexer", "RECIPES", "Recipe", "TensorSource",
+    "UnreadableImageError", "build_data", "dali_available", "get_recipe", "load_cifar",
+    "load_digits_split", "load_tiny_imagenet", "scan_image_folder",
+]

@@ -1,0 +1,189 @@
+"""``build_data``: data set + recipe + backend -> a :class:`DataBundle` for the trainer.
+
+Backends (``backend=``): ``"auto"`` picks ``gpu-resident`` for in-memory data sets on a CUDA
+device, ``dali`` for image folders on a CUDA device (when DALI imports), ``torch-cpu`` otherwise.
+Overrides: ``"gpu"`` / ``"gpu-resident"``, ``"cpu"`` / ``"torch-cpu"`` (augment on the CPU, deliver
+to ``device``), ``"dali"`` (CPU mode on a CPU device). The announcement names the one that runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .augment import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Augmenter,
+    get_recipe,
+)
+from .datasets import (
+    FileData,
+    cifar_present,
+    load_cifar,
+    load_digits_split,
+    load_tiny_imagenet,
+    scan_image_folder,
+)
+from .sources import FileSource, TensorSource, tensor_eval_batches
+
+log = logging.getLogger("spacedkd_fast.data")
+
+DATASETS = ("cifar100", "cifar10", "tiny-imagenet", "imagenet", "folder:<path>", "digits")
+BACKENDS = ("auto", "gpu", "gpu-resident", "cpu", "torch-cpu", "dali")
+_DEFAULT_RECIPE = {"cifar100": "cifar", "cifar10": "cifar", "digits": "cifar", "tiny-imagenet": "tiny",
+                   "imagenet": "imagenet", "folder": "imagenet"}
+_DEFAULT_SIZE = {"cifar100": 32, "cifar10": 32, "digits": 32, "tiny-imagenet": 64, "imagenet": 224,
+                 "folder": 224}
+
+
+@dataclass
+class DataBundle:
+    """What the trainer needs from the data side.
+
+    ``train``: a ``ReplayableSource`` (``steps_per_epoch``, ``epoch(e)``, ``batch(key)``, plus
+    ``num_samples``); ``test()``: an iterable of unaugmented, normalised ``(x [B, 3, S, S] float32,
+    y [B] int64)`` batches on the training device; ``backend``: the backend in use.
+    """
+
+    train: object
+    test: Callable[[], Iterable[tuple[Tensor, Tensor]]]
+    num_classes: int
+    image_size: int
+    name: str
+    backend: str
+    announcement: str
+    recipe: str = ""
+
+
+def _load(dataset: str, data_dir: str, download: bool):
+    """-> (kind, train data, test data, classes, mean, std, description)."""
+    if dataset in ("cifar100", "cifar10"):
+        n = 100 if dataset == "cifar100" else 10
+        tr = load_cifar(data_dir, n, "train", download=download)
+        te = load_cifar(data_dir, n, "test", download=False)
+        mean, std = (CIFAR100_MEAN, CIFAR100_STD) if n == 100 else (CIFAR10_MEAN, CIFAR10_STD)
+        return dataset, tr, te, tr.classes, mean, std, f"CIFAR-{n}"
+    if dataset == "tiny-imagenet":
+        tr = load_tiny_imagenet(data_dir, "train")
+        te = load_tiny_imagenet(data_dir, "val")
+        return dataset, tr, te, tr.classes, IMAGENET_MEAN, IMAGENET_STD, "Tiny-ImageNet-200"
+    if dataset == "imagenet" or dataset.startswith("folder:"):
+        root = Path(data_dir) / "imagenet" if dataset == "imagenet" else Path(dataset[len("folder:"):])
+        tr = scan_image_folder(root, "train")
+        te = scan_image_folder(root, "val")
+        if te.classes != tr.classes:
+            raise ValueError(f"{root}: train and val class folders differ "
+                             f"({len(tr.classes)} vs {len(te.classes)} classes)")
+        kind = "imagenet" if dataset == "imagenet" else "folder"
+        return kind, tr, te, tr.classes, IMAGENET_MEAN, IMAGENET_STD, f"image folder {root}"
+    if dataset == "digits":
+        tr = load_digits_split("train")
+        te = load_digits_split("test")
+        mean = tuple(float(v) for v in tr.images.reshape(-1, 3).mean(0) / 255.0)
+        std = tuple(float(v) for v in tr.images.reshape(-1, 3).std(0) / 255.0)
+        return "digits", tr, te, tr.classes, mean, std, "embedded digits"
+    raise ValueError(f"unknown data set {dataset!r}; choose one of {', '.join(DATASETS)}")
+
+
+def _choose_backend(backend: str, device: torch.device, files: bool) -> tuple[str, str]:
+    from .dali import dali_available
+
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown data backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        if device.type == "cuda" and not files:
+            return "gpu-resident", "in-memory data set on a CUDA device"
+        if device.type == "cuda" and files and dali_available():
+            return "dali", "image folder on a CUDA device"
+        why = "no CUDA device" if device.type != "cuda" else "DALI not installed"
+        return "torch-cpu", why
+    if backend in ("gpu", "gpu-resident"):
+        if device.type != "cuda":
+            raise ValueError(f"backend {backend!r} needs a CUDA device, got device={device}")
+        if files:
+            raise ValueError("the gpu-resident backend holds in-memory data sets; image folders use "
+                             "backend 'dali' or 'cpu'")
+        return "gpu-resident", "requested"
+    if backend == "dali":
+        if not dali_available():
+            raise ImportError("backend 'dali' needs nvidia-dali (pip install nvidia-dali-cuda130)")
+        return "dali", "requested"
+    return "torch-cpu", "requested"
+
+
+def build_data(dataset: str | None, *, data_dir: str = "./data", recipe: str | None = None,
+               batch_size: int = 128, seed: int = 0, device: str | torch.device = "cpu",
+               backend: str = "auto", rank: int = 0, world_size: int = 1, download: bool = False,
+               image_size: int | None = None, drop_last: bool = False) -> DataBundle:
+    """Build the training source and test loader of ``dataset``.
+
+    ``dataset``: ``"cifar100"``, ``"cifar10"``, ``"tiny-imagenet"``, ``"imagenet"`` (read from
+    ``<data_dir>/imagenet/{train,val}``), ``"folder:<path>"`` (``<path>/{train,val}/<class>/``),
+    ``"digits"``, or ``None`` (CIFAR-100 if it is under ``data_dir``, else the embedded digits,
+    announced). A named data set missing on disk raises ``FileNotFoundError`` naming the folder.
+    ``batch_size`` is the global batch: rank ``r`` gets rows ``r::world_size`` of each batch.
+    """
+    device = torch.device(device)
+    fallback_note = ""
+    if dataset is None:
+        if cifar_present(data_dir, 100):
+            dataset = "cifar100"
+        else:
+            dataset = "digits"
+            fallback_note = (f"CIFAR-100 not found under {data_dir}; training on the embedded digits "
+                             f"data set (1,797 8x8 images upscaled to 32 px)")
+    kind, tr, te, classes, mean, std, desc = _load(dataset, data_dir, download)
+    recipe_name = recipe or _DEFAULT_RECIPE[kind]
+    rec = get_recipe(recipe_name)
+    size = image_size or (224 if recipe_name == "vit" else _DEFAULT_SIZE[kind])
+    files = isinstance(tr, FileData)
+    chosen, why = _choose_backend(backend, device, files)
+    aug = Augmenter(rec, size, seed=seed, mean=mean, std=std)
+    test_aug = Augmenter(rec, size, seed=seed, mean=mean, std=std)
+    common = dict(batch_size=batch_size, seed=seed, drop_last=drop_last, rank=rank, world_size=world_size)
+
+    if chosen == "dali":
+        from .dali import DaliSource
+
+        train = DaliSource(tr, aug, device=device, **common)
+        test_src = DaliSource(te, test_aug, device=device, **common)
+        backend_name = train.backend
+
+        def test():
+            return test_src.eval_batches(batch_size)
+    elif files:
+        train = FileSource(tr, aug, device=device, **common)
+        test_src = FileSource(te, test_aug, device=device, **common)
+        backend_name = "torch-cpu"
+
+        def test():
+            return test_src.eval_batches(batch_size)
+    else:
+        src_device = device if chosen == "gpu-resident" else torch.device("cpu")
+        train = TensorSource(tr, aug, device=src_device, out_device=device, **common)
+        backend_name = train.backend
+        test_images = torch.from_numpy(te.images).permute(0, 3, 1, 2).contiguous().to(device)
+        test_labels = torch.from_numpy(np.asarray(te.labels)).to(device)
+
+        def test():
+            return tensor_eval_batches(test_images, test_labels, test_aug, batch_size, rank=rank,
+                                       world_size=world_size)
+
+    head = fallback_note or f"data set {desc}"
+    announcement = (f"{head}: {len(tr)} train / {len(te)} test images, {len(classes)} classes, "
+                    f"{size} px, recipe '{recipe_name}', backend {backend_name} ({why}), "
+                    f"{train.steps_per_epoch} steps per epoch")
+    log.info(announcement)
+    return DataBundle(train=train, test=test, num_classes=len(classes), image_size=size, name=kind,
+                      backend=backend_name, announcement=announcement, recipe=recipe_name)

@@ -1,0 +1,290 @@
+"""Replayable batch sources (``spacedkd_fast.replay_protocol.ReplayableSource``).
+
+Keys are global steps ``n >= 1``: ``n = epoch * steps_per_epoch + i + 1`` for the ``i``-th batch
+of ``epoch``. From ``(seed, epoch)`` comes the epoch's sample order, from ``(seed, n)`` every
+augmentation parameter, so ``batch(n)`` regenerates a batch bit-identically at any time.
+
+Distributed: ``batch_size`` is the *global* batch; rank ``r`` of ``world_size`` takes rows
+``r::world_size`` of every global batch, with the parameters those rows have in the global batch.
+
+- :class:`TensorSource`: data held as ``uint8 [N, C, H, W]`` on ``device`` (GPU-resident on CUDA,
+  the plain torch path on CPU); gather + batched augmentation, no per-sample Python.
+- :class:`FileSource`: image files decoded per batch in a thread pool (``FileData``); each image
+  is cropped/resized on its own (sizes differ), the rest of the recipe runs batched.
+- DALI sources live in ``spacedkd_fast.data.dali``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import imageops as ops
+from .augment import Augmenter
+from .datasets import ArrayData, FileData, decode_image
+from .keyed import epoch_permutation
+
+Batch = tuple[Tensor, Tensor]
+
+
+class KeyedIndexer:
+    """Keys -> sample indices: epoch permutations keyed by ``(seed, epoch)``, batches of
+    ``batch_size`` (the last partial batch kept unless ``drop_last``), rank slices."""
+
+    def __init__(self, num_samples: int, batch_size: int, *, seed: int = 0, drop_last: bool = False,
+                 rank: int = 0, world_size: int = 1):
+        if num_samples <= 0:
+            raise ValueError("the data set is empty")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+        if batch_size < world_size:
+            raise ValueError(f"global batch_size {batch_size} is smaller than world_size {world_size}")
+        self.num_samples = int(num_samples)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+        self.rank, self.world_size = int(rank), int(world_size)
+        full, rest = divmod(self.num_samples, self.batch_size)
+        self.steps_per_epoch = full if (drop_last or rest == 0) else full + 1
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"drop_last with batch_size {batch_size} > {num_samples} samples gives no batch")
+
+    def locate(self, key: int) -> tuple[int, int]:
+        """``key -> (epoch, index within the epoch)``."""
+        if not isinstance(key, (int, np.integer)) or isinstance(key, bool) or key < 1:
+            raise ValueError(f"keys are global steps n >= 1, got {key!r}")
+        return divmod(int(key) - 1, self.steps_per_epoch)
+
+    def key(self, epoch: int, i: int) -> int:
+        return epoch * self.steps_per_epoch + i + 1
+
+    def global_indices(self, key: int) -> Tensor:
+        """Sample indices of the whole (global) batch ``key``: CPU int64 ``[B]``."""
+        epoch, i = self.locate(key)
+        perm = epoch_permutation(self.seed, epoch, self.num_samples)
+        return perm[i * self.batch_size:(i + 1) * self.batch_size]
+
+    def rank_rows(self, global_batch: int) -> Tensor:
+        """Rows of a global batch that belong to this rank."""
+        return torch.arange(self.rank, global_batch, self.world_size)
+
+
+class _SourceBase:
+    """Epoch iteration with a one-batch look-ahead thread, shared by the concrete sources."""
+
+    indexer: KeyedIndexer
+    augmenter: Augmenter
+    prefetch: int = 1
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.indexer.steps_per_epoch
+
+    @property
+    def num_samples(self) -> int:
+        return self.indexer.num_samples
+
+    @property
+    def seed(self) -> int:
+        return self.indexer.seed
+
+    def batch(self, key: int) -> Batch:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def params(self, key: int) -> tuple[Tensor, dict]:
+        """``(indices, parameters)`` of this rank's share of batch ``key`` (CPU tensors)."""
+        from .augment import select_rows
+
+        idx = self.indexer.global_indices(key)
+        p = self.augmenter.draw(key, len(idx))
+        if self.indexer.world_size > 1:
+            rows = self.indexer.rank_rows(len(idx))
+            idx, p = idx[rows], select_rows(p, rows)
+        return idx, p
+
+    def keys(self, epoch: int) -> range:
+        return range(self.indexer.key(epoch, 0), self.indexer.key(epoch + 1, 0))
+
+    def epoch(self, epoch: int) -> Iterator[tuple[int, Batch]]:
+        """Yield ``(key, (x, y))`` for ``epoch`` (0-based) in training order.
+
+        With ``prefetch > 0`` a worker thread prepares the next batches while the caller trains
+        (torch ops release the GIL); the values are those of ``batch(key)`` either way.
+        """
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        keys = self.keys(epoch)
+        if self.prefetch <= 0:
+            for k in keys:
+                yield k, self.batch(k)
+            return
+        yield from _prefetched(keys, self.batch, self.prefetch)
+
+
+def _prefetched(keys, make, depth: int):
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work():
+        try:
+            for k in keys:
+                if stop.is_set():
+                    return
+                q.put((k, make(k), None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            q.put((None, None, exc))
+            return
+        q.put((None, None, None))
+
+    t = threading.Thread(target=work, daemon=True, name="spacedkd-prefetch")
+    t.start()
+    try:
+        while True:
+            k, item, exc = q.get()
+            if exc is not None:
+                raise exc
+            if k is None:
+                return
+            yield k, item
+    finally:
+        stop.set()
+        while t.is_alive():  # drain so that the worker can finish its put
+            try:
+                q.get(timeout=0.05)
+            except queue.Empty:
+                pass
+
+
+class TensorSource(_SourceBase):
+    """Batches gathered from ``uint8`` images held on ``device`` and augmented with batched ops.
+
+    ``data``: an :class:`ArrayData` (``[N, H, W, 3]``); stored once as ``[N, 3, H, W]`` on
+    ``device``. ``batch(key)`` -> ``(x float32 [b, 3, S, S], y int64 [b])`` on ``device``.
+    On CPU, batches of a CUDA consumer can be moved with ``pin_memory=True`` + ``out_device``.
+    """
+
+    def __init__(self, data: ArrayData, augmenter: Augmenter, *, batch_size: int = 128, seed: int = 0,
+                 device: str | torch.device = "cpu", drop_last: bool = False, rank: int = 0,
+                 world_size: int = 1, prefetch: int | None = None,
+                 out_device: str | torch.device | None = None):
+        self.device = torch.device(device)
+        self.out_device = torch.device(out_device) if out_device is not None else self.device
+        self.augmenter = augmenter
+        self.indexer = KeyedIndexer(len(data), batch_size, seed=seed, drop_last=drop_last, rank=rank,
+                                    world_size=world_size)
+        self.images = torch.from_numpy(data.images).permute(0, 3, 1, 2).contiguous().to(self.device)
+        self.labels = torch.from_numpy(data.labels).to(self.device)
+        # On a GPU the augmentation is queued asynchronously: no look-ahead thread is needed.
+        self.prefetch = (0 if self.device.type == "cuda" else 1) if prefetch is None else prefetch
+        self.backend = "gpu-resident" if self.device.type == "cuda" else "torch-cpu"
+
+    def batch(self, key: int) -> Batch:
+        idx, p = self.params(key)
+        idx_dev = idx.to(self.device, non_blocking=True)
+        x = self.images.index_select(0, idx_dev)
+        x, y = self.augmenter(x, p), self.labels.index_select(0, idx_dev)
+        if self.out_device != self.device:  # CPU augmentation for a GPU consumer
+            x, y = _to_device(x, self.out_device), _to_device(y, self.out_device)
+        return x, y
+
+    def uint8_batch(self, key: int) -> tuple[Tensor, dict]:
+        """The geometric stage only (``uint8``) and the parameters: for comparing backends."""
+        idx, p = self.params(key)
+        x = self.images.index_select(0, idx.to(self.device))
+        return self.augmenter.geometric(x, p), p
+
+
+class FileSource(_SourceBase):
+    """Batches decoded from image files (``FileData``) in a thread pool, then augmented.
+
+    Decoding and the size-dependent first stage (random-resized crop, or resize to the output
+    size for crop recipes) run per image in the pool; flips, policies, normalisation and erasing
+    run batched. An unreadable file raises :class:`UnreadableImageError` naming it.
+    ``device``: where batches are delivered (copied from pinned memory, non-blocking).
+    """
+
+    def __init__(self, data: FileData, augmenter: Augmenter, *, batch_size: int = 128, seed: int = 0,
+                 device: str | torch.device = "cpu", drop_last: bool = False, rank: int = 0,
+                 world_size: int = 1, workers: int | None = None, prefetch: int = 2):
+        self.data = data
+        self.augmenter = augmenter
+        self.device = torch.device(device)
+        self.indexer = KeyedIndexer(len(data), batch_size, seed=seed, drop_last=drop_last, rank=rank,
+                                    world_size=world_size)
+        self.labels = torch.from_numpy(data.labels)
+        self.prefetch = prefetch
+        self._pool = ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) + 1))
+        self.backend = "torch-cpu"
+
+    def _first_stage(self, path: str, row: int, p: dict, train: bool) -> Tensor:
+        img = torch.from_numpy(decode_image(path)).permute(2, 0, 1).unsqueeze(0)  # [1, 3, H, W]
+        a = self.augmenter
+        H, W = img.shape[2:]
+        hs, ws = torch.tensor([H]), torch.tensor([W])
+        if not train:
+            box = a.test_boxes(hs, ws)
+        elif a.recipe.random_resized_crop:
+            box = a.boxes({"rrc": p["rrc"][row:row + 1]}, hs, ws)
+        else:
+            box = (torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), hs, ws)
+        if (H, W) == a.out_size and all(int(b) == v for b, v in zip(box, (0, 0, H, W))):
+            return img[0]
+        return ops.resized_crop(img, *box, a.out_size)[0]
+
+    def _decode_batch(self, idx: Tensor, p: dict | None, train: bool) -> Tensor:
+        paths = [self.data.paths[i] for i in idx.tolist()]
+        imgs = list(self._pool.map(lambda a: self._first_stage(a[1], a[0], p, train), enumerate(paths)))
+        return torch.stack(imgs)
+
+    def batch(self, key: int) -> Batch:
+        idx, p = self.params(key)
+        x = self._decode_batch(idx, p, train=True)
+        a = self.augmenter
+        if a.recipe.random_resized_crop:
+            if "flip" in p:
+                x = torch.where(p["flip"].view(-1, 1, 1, 1), x.flip(-1), x)
+        else:
+            x = a.geometric(x, p)  # already at the output size: crop/flip/rotate
+        x = a.finish(a.photometric(x, p), p)
+        return _to_device(x, self.device), _to_device(self.labels[idx], self.device)
+
+    def eval_batches(self, batch_size: int) -> Iterator[Batch]:
+        """Unaugmented, normalised batches in file order (this rank's share)."""
+        n = len(self.data)
+        for s in range(0, n, batch_size):
+            idx = torch.arange(s, min(n, s + batch_size))
+            if self.indexer.world_size > 1:
+                idx = idx[self.indexer.rank::self.indexer.world_size]
+            x = ops.normalize(self._decode_batch(idx, None, train=False), self.augmenter.mean,
+                              self.augmenter.std)
+            yield _to_device(x, self.device), _to_device(self.labels[idx], self.device)
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def tensor_eval_batches(images: Tensor, labels: Tensor, augmenter: Augmenter, batch_size: int, *,
+                        rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
+    """Unaugmented, normalised batches of device-held ``uint8 [N, 3, H, W]`` images."""
+    n = images.shape[0]
+    for s in range(0, n, batch_size):
+        idx = torch.arange(s, min(n, s + batch_size))[rank::world_size].to(images.device)
+        yield augmenter.test_transform(images.index_select(0, idx)), labels.index_select(0, idx)
+
+
+def steps_for(num_samples: int, batch_size: int, drop_last: bool) -> int:
+    """``L``: batches per epoch."""
+    return num_samples // batch_size if drop_last else math.ceil(num_samples / batch_size)
