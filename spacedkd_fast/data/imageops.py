@@ -49,37 +49,39 @@ def crop_flip(x: Tensor, top: Tensor, left: Tensor, size: tuple[int, int], flip:
 
 
 def affine_nearest(x: Tensor, inverse: Tensor, fill: float = 0) -> Tensor:
-    """Nearest-neighbour affine warp: output pixel ``(u, v)`` (column, row, pixel indices) reads
-    the input at ``inverse @ [u, v, 1]`` rounded half-up; outside the image gives ``fill``.
-
-    ``inverse``: float ``[B, 2, 3]`` (output -> input, pixel-index coordinates).
+    """Nearest-neighbour affine warp in continuous pixel coordinates (pixel ``(i, j)`` covers
+    ``[j, j+1) x [i, i+1)``, as PIL's ``Image.transform``): the output pixel centre
+    ``(u + 0.5, v + 0.5)`` reads the input pixel containing ``inverse @ [u + 0.5, v + 0.5, 1]``;
+    outside the image gives ``fill``. ``inverse``: float ``[B, 2, 3]`` (output -> input).
     """
     B, _, H, W = x.shape
     dev = x.device
-    v, u = torch.meshgrid(torch.arange(H, device=dev, dtype=torch.float32),
-                          torch.arange(W, device=dev, dtype=torch.float32), indexing="ij")
-    m = inverse.to(device=dev, dtype=torch.float32)
+    # float64: source coordinates often land exactly on pixel edges (shear 0.2 at a pixel
+    # centre), where float32 rounding would flip the nearest pixel.
+    v, u = torch.meshgrid(torch.arange(H, device=dev, dtype=torch.float64) + 0.5,
+                          torch.arange(W, device=dev, dtype=torch.float64) + 0.5, indexing="ij")
+    m = inverse.to(device=dev, dtype=torch.float64)
     sx = m[:, 0, 0, None, None] * u + m[:, 0, 1, None, None] * v + m[:, 0, 2, None, None]
     sy = m[:, 1, 0, None, None] * u + m[:, 1, 1, None, None] * v + m[:, 1, 2, None, None]
-    xs = torch.floor(sx + 0.5).long()
-    ys = torch.floor(sy + 0.5).long()
+    xs = torch.floor(sx).long()
+    ys = torch.floor(sy).long()
     valid = (xs >= 0) & (xs < W) & (ys >= 0) & (ys < H)
     return _gather_pixels(x, ys.clamp(0, H - 1), xs.clamp(0, W - 1), valid, fill)
 
 
 def rotation_inverse(angle_deg: Tensor, height: int, width: int) -> Tensor:
-    """Inverse matrices ``[B, 2, 3]`` of a counter-clockwise rotation by ``angle_deg`` about the
-    image centre ``((W-1)/2, (H-1)/2)`` (pixel indices, y pointing down)."""
+    """Inverse matrices ``[B, 2, 3]`` (continuous coordinates) of a counter-clockwise rotation by
+    ``angle_deg`` about the image centre ``(W / 2, H / 2)``, y pointing down."""
     a = torch.deg2rad(angle_deg.double())
     c, s = torch.cos(a), torch.sin(a)
-    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
-    # source = R^-1 (out - centre) + centre, with y down a CCW turn has R^-1 = [[c, -s], [s, c]]
+    cx, cy = width / 2.0, height / 2.0
+    # source = R^-1 (out - centre) + centre; with y down a CCW turn has R^-1 = [[c, -s], [s, c]]
     m = torch.zeros(angle_deg.shape[0], 2, 3, dtype=torch.float64)
     m[:, 0, 0], m[:, 0, 1] = c, -s
     m[:, 1, 0], m[:, 1, 1] = s, c
     m[:, 0, 2] = cx - c * cx + s * cy
     m[:, 1, 2] = cy - s * cx - c * cy
-    return m.float()
+    return m
 
 
 def rotate_nearest(x: Tensor, angle_deg: Tensor, fill: float = 0) -> Tensor:

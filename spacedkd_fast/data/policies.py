@@ -157,7 +157,7 @@ def _geometric_inverse(name: str, value: Tensor, height: int, width: int) -> Ten
     b = value.shape[0]
     if name == "Rotate":
         return ops.rotation_inverse(value, height, width)
-    m = torch.zeros(b, 2, 3)
+    m = torch.zeros(b, 2, 3, dtype=torch.float64)
     m[:, 0, 0] = 1.0
     m[:, 1, 1] = 1.0
     if name == "ShearX":
