@@ -136,6 +136,25 @@ def _projection_head(student_dim: int, teacher_dim: int) -> nn.Module:
                              nn.Linear(hidden, teacher_dim))
 
 
+class _BufferGuard:
+    """Preallocated copies of a module's buffers: ``save`` before a forward, ``restore`` if the
+    step is refused (forward passes in train mode write BN running statistics)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.buffers = [b for b in module.buffers()]
+        self.saved = [b.clone() for b in self.buffers]
+
+    def save(self) -> None:
+        if self.buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(self.saved, self.buffers)
+
+    def restore(self) -> None:
+        if self.buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(self.buffers, self.saved)
+
+
 class _Stats:
     """Running sums on the device; ``pop`` reads them with one host transfer per device."""
 
@@ -185,25 +204,44 @@ class _EngineBase:
         self.student_steps = 0
         self._stats = _Stats()
         self._finished = False
+        self._guards: dict[int, _BufferGuard] = {}
 
     # -- host reads -------------------------------------------------------------------------
-    def _host_read(self, loss: Tensor | None, checksum: Tensor | None,
-                   expected: Tensor | None) -> tuple[float | None, list | None, list | None]:
-        """One device-to-host transfer for what this step must decide or log."""
-        parts, want_cs = [], checksum is not None and (self.trace is not None or expected is not None)
-        if loss is not None and self.check_finite:
-            parts.append(loss.detach().reshape(1).to(torch.float64))
+    def _host_read(self, losses: list[Tensor], checksum: Tensor | None,
+                   expected: Tensor | None) -> tuple[list[float | None], list | None, list | None]:
+        """One device-to-host transfer for what this step must decide or log: the losses (when
+        ``check_finite``), the batch checksum (when tracing or verifying) and the recorded one."""
+        parts: list[Tensor] = []
+        want_cs = checksum is not None and (self.trace is not None or expected is not None)
+        if self.check_finite:
+            parts += [loss.detach().reshape(1).to(torch.float64) for loss in losses]
         if want_cs:
             parts.append(checksum)
             if expected is not None:
                 parts.append(expected.to(checksum.device))
         if not parts:
-            return None, None, None
-        vals = torch.cat(parts).tolist()
-        lossv = vals.pop(0) if (loss is not None and self.check_finite) else None
-        cs = vals[:4] if want_cs else None
-        exp = vals[4:8] if (want_cs and expected is not None) else None
+            return [None] * len(losses), None, None
+        vals = torch.cat([p.to(parts[0].device) for p in parts]).tolist()
+        nl = len(losses) if self.check_finite else 0
+        lossv = vals[:nl] if nl else [None] * len(losses)
+        cs = vals[nl:nl + 4] if want_cs else None
+        exp = vals[nl + 4:nl + 8] if (want_cs and expected is not None) else None
         return lossv, cs, exp
+
+    @contextlib.contextmanager
+    def _guard(self, *modules: nn.Module | None) -> Iterator[None]:
+        """Buffers (BN running statistics) of ``modules`` as they were on entry are put back if
+        the block raises: a refused step leaves no trace in the model."""
+        guards = [self._guards.setdefault(id(m), _BufferGuard(m)) for m in modules
+                  if m is not None]
+        for g in guards:
+            g.save()
+        try:
+            yield
+        except BaseException:
+            for g in guards:
+                g.restore()
+            raise
 
     def _check_loss(self, value: float | None, role: str, step: int, key: Any, what: str) -> None:
         if value is not None and not math.isfinite(value):
@@ -435,11 +473,12 @@ class SpacedDistiller(_EngineBase):
     def _teacher_record_step(self, key: Any, x: Tensor, y: Tensor) -> None:
         x = x.to(self.teacher_device, non_blocking=True)
         y = y.to(self.teacher_device, non_blocking=True)
-        _, z = self._teacher_forward_train(x)
-        loss = F.cross_entropy(_fp32(_ce_logits(z)), y)
-        checksum = batch_checksum(x, y)
-        lossv, cs, _ = self._host_read(loss, checksum, None)
-        self._check_loss(lossv, "teacher", self.teacher_steps + 1, key, "")
+        with self._guard(self.teacher):
+            _, z = self._teacher_forward_train(x)
+            loss = F.cross_entropy(_fp32(_ce_logits(z)), y)
+            checksum = batch_checksum(x, y)
+            (lossv,), cs, _ = self._host_read([loss], checksum, None)
+            self._check_loss(lossv, "teacher", self.teacher_steps + 1, key, "")
         self._backward_step(loss, self.teacher_opt, self.teacher_scheduler)
         self.teacher_steps += 1
         self._stats.add("teacher_loss", loss)
@@ -451,31 +490,32 @@ class SpacedDistiller(_EngineBase):
         x = x.to(self.student_device, non_blocking=True)
         y = y.to(self.student_device, non_blocking=True)
         self.student.train()
-        with _autocast(self.student_device, self.amp_dtype):
-            _, z = _split(self.student(x))
-        loss = F.cross_entropy(_fp32(_ce_logits(z)), y)
-        checksum = batch_checksum(x, y) if self.trace is not None else None
-        lossv, cs, _ = self._host_read(loss, checksum, None)
-        self._check_loss(lossv, "student", self.student_steps + 1, key, "")
+        with self._guard(self.student):
+            with _autocast(self.student_device, self.amp_dtype):
+                _, z = _split(self.student(x))
+            loss = F.cross_entropy(_fp32(_ce_logits(z)), y)
+            checksum = batch_checksum(x, y) if self.trace is not None else None
+            (lossv,), cs, _ = self._host_read([loss], checksum, None)
+            self._check_loss(lossv, "student", self.student_steps + 1, key, "")
         self._backward_step(loss, self.student_opt, self.student_scheduler)
         self._student_done_one(key, None, cs, loss, None)
 
     def _online_step(self, key: Any, x: Tensor, y: Tensor) -> None:
         xt = x.to(self.teacher_device, non_blocking=True)
         yt = y.to(self.teacher_device, non_blocking=True)
-        t_feat, t_z = self._teacher_forward_train(xt)
-        t_loss = F.cross_entropy(_fp32(_ce_logits(t_z)), yt)
-        xs = x.to(self.student_device, non_blocking=True)
-        ys = y.to(self.student_device, non_blocking=True)
-        target = _target_logits(t_z).detach().to(self.student_device)
-        feat = None if t_feat is None else t_feat.detach().to(self.student_device)
-        s_loss, parts = self._student_loss(xs, ys, target, feat)
-        checksum = batch_checksum(xt, yt) if self.trace is not None else None
-        # both losses checked before either model is updated: a bad step writes nothing
-        tv, cs, _ = self._host_read(t_loss, checksum, None)
-        self._check_loss(tv, "teacher", self.teacher_steps + 1, key, "")
-        sv, _, _ = self._host_read(s_loss, None, None)
-        self._check_loss(sv, "student", self.student_steps + 1, key, "")
+        # both losses are checked before either model is updated: a refused step writes nothing
+        with self._guard(self.teacher, self.student):
+            t_feat, t_z = self._teacher_forward_train(xt)
+            t_loss = F.cross_entropy(_fp32(_ce_logits(t_z)), yt)
+            xs = x.to(self.student_device, non_blocking=True)
+            ys = y.to(self.student_device, non_blocking=True)
+            target = _target_logits(t_z).detach().to(self.student_device)
+            feat = None if t_feat is None else t_feat.detach().to(self.student_device)
+            s_loss, parts = self._student_loss(xs, ys, target, feat)
+            checksum = batch_checksum(xt, yt) if self.trace is not None else None
+            (tv, sv), cs, _ = self._host_read([t_loss, s_loss], checksum, None)
+            self._check_loss(tv, "teacher", self.teacher_steps + 1, key, "")
+            self._check_loss(sv, "student", self.student_steps + 1, key, "")
         self._backward_step(t_loss, self.teacher_opt, self.teacher_scheduler)
         self.teacher_steps += 1
         self._stats.add("teacher_loss", t_loss)
@@ -550,16 +590,19 @@ class SpacedDistiller(_EngineBase):
         y = y.to(self.student_device, non_blocking=True)
         verify = self.replay_buffer.verifies
         checksum = batch_checksum(x, y) if (verify or self.trace is not None) else None
-        t_feat, t_z = self._soft_targets(teacher, x)
-        loss, parts = self._student_loss(x, y, t_z, t_feat)
-        lossv, cs, expected = self._host_read(loss, checksum, rec.checksum if verify else None)
-        if verify and cs != expected:
-            raise ReplayMismatchError(
-                f"the source gave back a different batch for key {rec.key!r} (checksum {cs}, "
-                f"recorded by the teacher step: {expected}); refusing to train the student on it",
-                key=rec.key, expected=expected, got=cs)
-        self._check_loss(lossv, "student", self.student_steps + 1, rec.key,
-                         f", replaying against teacher step {teacher_step}")
+        # with teacher_bn_update the soft-target forward writes the teacher's BN statistics
+        with self._guard(self.student, teacher if self.teacher_bn_update else None):
+            t_feat, t_z = self._soft_targets(teacher, x)
+            loss, parts = self._student_loss(x, y, t_z, t_feat)
+            (lossv,), cs, expected = self._host_read([loss], checksum,
+                                                     rec.checksum if verify else None)
+            if verify and cs != expected:
+                raise ReplayMismatchError(
+                    f"the source gave back a different batch for key {rec.key!r} (checksum {cs}, "
+                    f"recorded by the teacher step: {expected}); refusing to train the student "
+                    "on it", key=rec.key, expected=expected, got=cs)
+            self._check_loss(lossv, "student", self.student_steps + 1, rec.key,
+                             f", replaying against teacher step {teacher_step}")
         self._backward_step(loss, self.student_opt, self.student_scheduler)
         self._lanes.hand_over([rec.checksum, *(rec.batch or ())])
         self._student_done_one(rec.key, teacher_step, cs, loss, parts)
@@ -769,11 +812,12 @@ class SelfDistiller(_EngineBase):
         if self.mode == "self":
             self._kd_step(key, x, y, expected=None, teacher_step=self.n)
             return
-        _, logits = self._forward(x)
-        loss = F.cross_entropy(_fp32(logits[-1]), y)
-        checksum = batch_checksum(x, y)
-        lossv, cs, _ = self._host_read(loss, checksum, None)
-        self._check_loss(lossv, "teacher", self.teacher_steps + 1, key, " (deepest-exit CE)")
+        with self._guard(self.model):
+            _, logits = self._forward(x)
+            loss = F.cross_entropy(_fp32(logits[-1]), y)
+            checksum = batch_checksum(x, y)
+            (lossv,), cs, _ = self._host_read([loss], checksum, None)
+            self._check_loss(lossv, "teacher", self.teacher_steps + 1, key, " (deepest-exit CE)")
         self._backward_step(loss, self.opt, self.scheduler)
         self.teacher_steps += 1
         self._stats.add("teacher_loss", loss)
@@ -787,14 +831,15 @@ class SelfDistiller(_EngineBase):
                  teacher_step: int) -> None:
         verify = expected is not None
         checksum = batch_checksum(x, y) if (verify or self.trace is not None) else None
-        feats, logits = self._forward(x)
-        loss, parts = self.self_kd_loss(feats, logits, y)
-        lossv, cs, exp = self._host_read(loss, checksum, expected)
-        if verify and cs != exp:
-            raise ReplayMismatchError(
-                f"the source gave back a different batch for key {key!r} (checksum {cs}, "
-                f"recorded: {exp}); refusing to train on it", key=key, expected=exp, got=cs)
-        self._check_loss(lossv, "student", self.student_steps + 1, key, " (self-KD)")
+        with self._guard(self.model):
+            feats, logits = self._forward(x)
+            loss, parts = self.self_kd_loss(feats, logits, y)
+            (lossv,), cs, exp = self._host_read([loss], checksum, expected)
+            if verify and cs != exp:
+                raise ReplayMismatchError(
+                    f"the source gave back a different batch for key {key!r} (checksum {cs}, "
+                    f"recorded: {exp}); refusing to train on it", key=key, expected=exp, got=cs)
+            self._check_loss(lossv, "student", self.student_steps + 1, key, " (self-KD)")
         self._backward_step(loss, self.opt, self.scheduler)
         self.student_steps += 1
         self._stats.add("student_loss", loss)
