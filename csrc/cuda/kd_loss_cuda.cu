@@ -1,0 +1,392 @@
+// Fused temperature-softmax KL + cross-entropy + alpha blend: CUDA kernels.
+//
+// What is fused: for each row of student logits s and teacher logits t (C classes), one read of
+// both rows from global memory yields, through an online max/sum (a running maximum with the
+// sums rescaled whenever it grows),
+//   lse(s), lse(s/T), lse(t/T) and a = sum_j exp(t_j/T - max) (t_j - s_j),
+// from which CE = lse(s) - s_y and KL(q || p) = a / (T Z_t) - lse(t/T) + lse(s/T) follow.
+// The gradient (1 - alpha)(softmax(s) - onehot(y)) + alpha kd_scale / T (softmax(s/T) - q) is
+// written either by the forward (second read of the row, usually from L2) or by the backward
+// kernel from the saved log-sum-exp values.
+//
+// Preconditions (checked by the C++ glue): contiguous [B, C] rows, int64 targets, T > 0. All
+// arithmetic in float32, whatever the storage type. Offsets are 64-bit.
+// Layout: C <= 1024 -> one warp per row, 4 rows per 128-thread block; otherwise one block per
+// row (256 or 512 threads) with a shared-memory combine. 16-byte loads when rows are aligned.
+#include "kd_loss_cuda.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cfloat>
+#include <cmath>
+
+namespace spacedkd {
+namespace cuda {
+namespace {
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// 16 bytes of logits: 4 float32 or 8 half/bfloat16 values.
+template <typename T>
+struct alignas(16) Pack {
+  static constexpr int kSize = 16 / sizeof(T);
+  T v[kSize];
+};
+
+// Running sums of one thread (or, after the combine, of a whole row).
+struct Online {
+  float max_s;  // running max of s
+  float z_s;    // sum exp(s - max_s)
+  float z_sT;   // sum exp((s - max_s) / T)
+  float max_t;  // running max of t
+  float z_tT;   // sum exp((t - max_t) / T)
+  float a;      // sum exp((t - max_t) / T) * (t - s)
+};
+
+__device__ __forceinline__ Online online_init() {
+  return Online{-FLT_MAX, 0.f, 0.f, -FLT_MAX, 0.f, 0.f};
+}
+
+// exp(from - to) with from <= to; exactly 1 when equal so that two empty states stay empty.
+__device__ __forceinline__ float rescale(float from, float to, float inv_T) {
+  return from == to ? 1.f : __expf((from - to) * inv_T);
+}
+
+// Adds n values (already widened to float32) to the running sums. The maximum is raised once
+// per group, so the rescaling costs two exp() per group rather than per element.
+template <int N>
+__device__ __forceinline__ void online_add(Online& st, const float (&s)[N], const float (&t)[N],
+                                           float inv_T) {
+  float ps = s[0], pt = t[0];
+#pragma unroll
+  for (int k = 1; k < N; ++k) {
+    ps = fmaxf(ps, s[k]);
+    pt = fmaxf(pt, t[k]);
+  }
+  if (ps > st.max_s) {
+    st.z_s *= rescale(st.max_s, ps, 1.f);
+    st.z_sT *= rescale(st.max_s, ps, inv_T);
+    st.max_s = ps;
+  }
+  if (pt > st.max_t) {
+    const float f = rescale(st.max_t, pt, inv_T);
+    st.z_tT *= f;
+    st.a *= f;
+    st.max_t = pt;
+  }
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    const float ds = s[k] - st.max_s;
+    st.z_s += __expf(ds);
+    st.z_sT += __expf(ds * inv_T);
+    const float e = __expf((t[k] - st.max_t) * inv_T);
+    st.z_tT += e;
+    st.a += e * (t[k] - s[k]);
+  }
+}
+
+__device__ __forceinline__ Online online_merge(const Online& x, const Online& y, float inv_T) {
+  Online r;
+  r.max_s = fmaxf(x.max_s, y.max_s);
+  const float xs = rescale(x.max_s, r.max_s, 1.f), ys = rescale(y.max_s, r.max_s, 1.f);
+  const float xsT = rescale(x.max_s, r.max_s, inv_T), ysT = rescale(y.max_s, r.max_s, inv_T);
+  r.z_s = x.z_s * xs + y.z_s * ys;
+  r.z_sT = x.z_sT * xsT + y.z_sT * ysT;
+  r.max_t = fmaxf(x.max_t, y.max_t);
+  const float xt = rescale(x.max_t, r.max_t, inv_T), yt = rescale(y.max_t, r.max_t, inv_T);
+  r.z_tT = x.z_tT * xt + y.z_tT * yt;
+  r.a = x.a * xt + y.a * yt;
+  return r;
+}
+
+__device__ __forceinline__ Online shfl_xor(const Online& st, int mask) {
+  Online o;
+  o.max_s = __shfl_xor_sync(0xffffffffu, st.max_s, mask);
+  o.z_s = __shfl_xor_sync(0xffffffffu, st.z_s, mask);
+  o.z_sT = __shfl_xor_sync(0xffffffffu, st.z_sT, mask);
+  o.max_t = __shfl_xor_sync(0xffffffffu, st.max_t, mask);
+  o.z_tT = __shfl_xor_sync(0xffffffffu, st.z_tT, mask);
+  o.a = __shfl_xor_sync(0xffffffffu, st.a, mask);
+  return o;
+}
+
+// Combines the states of the kThreadsPerRow threads of a row; every thread of the row gets the
+// result. For a block per row, warps meet in shared memory.
+template <int kThreadsPerRow>
+__device__ __forceinline__ Online combine_row(Online st, float inv_T) {
+#pragma unroll
+  for (int mask = 16; mask > 0; mask >>= 1) st = online_merge(st, shfl_xor(st, mask), inv_T);
+  if constexpr (kThreadsPerRow > 32) {
+    constexpr int kWarps = kThreadsPerRow / 32;
+    __shared__ Online warp_states[kWarps];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) warp_states[warp] = st;
+    __syncthreads();  // all warps' partial states must be in shared memory before lane reads
+    st = lane < kWarps ? warp_states[lane] : online_init();
+#pragma unroll
+    for (int mask = 16; mask > 0; mask >>= 1) st = online_merge(st, shfl_xor(st, mask), inv_T);
+  }
+  return st;
+}
+
+struct RowLse {
+  float lse_s, lse_sT, lse_tT;
+};
+
+// Writes g_j = c_ce exp(s_j - lse_s) + c_kd (exp(s_j/T - lse_sT) - exp(t_j/T - lse_tT)) - c_ce [j == y].
+template <typename T, int kThreadsPerRow, bool kVec>
+__device__ __forceinline__ void write_grad_row(const T* s, const T* t, T* g, int64_t C, int64_t y,
+                                               RowLse lse, float inv_T, float c_ce, float c_kd,
+                                               int lane) {
+  auto grad_of = [&](float sv, float tv, int64_t j) {
+    float v = c_ce * __expf(sv - lse.lse_s) +
+              c_kd * (__expf(sv * inv_T - lse.lse_sT) - __expf(tv * inv_T - lse.lse_tT));
+    return j == y ? v - c_ce : v;
+  };
+  if constexpr (kVec) {
+    using P = Pack<T>;
+    const P* sp = reinterpret_cast<const P*>(s);
+    const P* tp = reinterpret_cast<const P*>(t);
+    P* gp = reinterpret_cast<P*>(g);
+    const int64_t packs = C / P::kSize;
+    for (int64_t i = lane; i < packs; i += kThreadsPerRow) {
+      const P sv = sp[i], tv = tp[i];
+      P out;
+#pragma unroll
+      for (int k = 0; k < P::kSize; ++k) {
+        out.v[k] = from_float<T>(
+            grad_of(to_float(sv.v[k]), to_float(tv.v[k]), i * P::kSize + k));
+      }
+      gp[i] = out;
+    }
+  } else {
+    for (int64_t j = lane; j < C; j += kThreadsPerRow) {
+      g[j] = from_float<T>(grad_of(to_float(s[j]), to_float(t[j]), j));
+    }
+  }
+}
+
+template <typename T, int kThreadsPerRow, int kRowsPerBlock, bool kVec>
+__global__ void __launch_bounds__(kThreadsPerRow * kRowsPerBlock)
+kd_forward_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
+                  const int64_t* __restrict__ target, float* __restrict__ row_loss,
+                  float* __restrict__ row_stats, T* __restrict__ grad, KDLossParams p) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreadsPerRow;
+  const int lane = threadIdx.x % kThreadsPerRow;
+  // With a block per row the whole block leaves together, so no __syncthreads is skipped.
+  if (row >= p.rows) return;
+  const int64_t C = p.cols;
+  const T* s = student + row * C;
+  const T* t = teacher + row * C;
+  const int64_t y = target[row];
+  float* stats = row_stats + row * 5;
+  const bool ignored = y == p.ignore_index;
+  const bool invalid = !ignored && (y < 0 || y >= C);
+  if (ignored || invalid) {
+    // Ignored rows contribute nothing; an out-of-range target poisons its row with NaN, which
+    // the caller turns into an error (CPU raises directly; CUDA avoids a host sync here).
+    const float fill = invalid ? __int_as_float(0x7fc00000) : 0.f;
+    if (lane == 0) {
+      row_loss[row] = fill;
+#pragma unroll
+      for (int k = 0; k < 5; ++k) stats[k] = fill;
+    }
+    if (grad != nullptr) {
+      for (int64_t j = lane; j < C; j += kThreadsPerRow) grad[row * C + j] = from_float<T>(0.f);
+    }
+    return;
+  }
+  const float inv_T = p.inv_temperature;
+  Online st = online_init();
+  if constexpr (kVec) {
+    using P = Pack<T>;
+    const P* sp = reinterpret_cast<const P*>(s);
+    const P* tp = reinterpret_cast<const P*>(t);
+    const int64_t packs = C / P::kSize;
+    for (int64_t i = lane; i < packs; i += kThreadsPerRow) {
+      const P sv = sp[i], tv = tp[i];
+      float sf[P::kSize], tf[P::kSize];
+#pragma unroll
+      for (int k = 0; k < P::kSize; ++k) {
+        sf[k] = to_float(sv.v[k]);
+        tf[k] = to_float(tv.v[k]);
+      }
+      online_add(st, sf, tf, inv_T);
+    }
+  } else {
+    for (int64_t j = lane; j < C; j += kThreadsPerRow) {
+      const float sf[1] = {to_float(s[j])};
+      const float tf[1] = {to_float(t[j])};
+      online_add(st, sf, tf, inv_T);
+    }
+  }
+  st = combine_row<kThreadsPerRow>(st, inv_T);
+  RowLse lse;
+  lse.lse_s = st.max_s + __logf(st.z_s);
+  lse.lse_sT = st.max_s * inv_T + __logf(st.z_sT);
+  lse.lse_tT = st.max_t * inv_T + __logf(st.z_tT);
+  if (lane == 0) {
+    const float ce = lse.lse_s - to_float(s[y]);
+    const float kl = st.a * inv_T / st.z_tT - lse.lse_tT + lse.lse_sT;
+    row_loss[row] = p.w_ce * ce + p.w_kd * kl;
+    stats[0] = lse.lse_s;
+    stats[1] = lse.lse_sT;
+    stats[2] = lse.lse_tT;
+    stats[3] = ce;
+    stats[4] = kl;
+  }
+  if (grad != nullptr) {
+    write_grad_row<T, kThreadsPerRow, kVec>(s, t, grad + row * C, C, y, lse, inv_T, p.w_ce,
+                                            p.w_kd * inv_T, lane);
+  }
+}
+
+template <typename T, int kThreadsPerRow, int kRowsPerBlock, bool kVec>
+__global__ void __launch_bounds__(kThreadsPerRow * kRowsPerBlock)
+kd_backward_kernel(const float* __restrict__ grad_rows, const T* __restrict__ student,
+                   const T* __restrict__ teacher, const int64_t* __restrict__ target,
+                   const float* __restrict__ row_stats, T* __restrict__ grad, KDLossParams p) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreadsPerRow;
+  const int lane = threadIdx.x % kThreadsPerRow;
+  if (row >= p.rows) return;
+  const int64_t C = p.cols;
+  const int64_t y = target[row];
+  T* g = grad + row * C;
+  if (y == p.ignore_index || y < 0 || y >= C) {
+    for (int64_t j = lane; j < C; j += kThreadsPerRow) g[j] = from_float<T>(0.f);
+    return;
+  }
+  const float* stats = row_stats + row * 5;
+  const RowLse lse{stats[0], stats[1], stats[2]};
+  const float scale = grad_rows[row];
+  const float inv_T = p.inv_temperature;
+  write_grad_row<T, kThreadsPerRow, kVec>(student + row * C, teacher + row * C, g, C, y, lse,
+                                          inv_T, scale * p.w_ce, scale * p.w_kd * inv_T, lane);
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+template <typename T>
+struct ForwardArgs {
+  using Scalar = T;
+  const T *s, *t;
+  const int64_t* y;
+  float *loss, *stats;
+  T* grad;
+  KDLossParams p;
+  cudaStream_t stream;
+  bool aligned() const { return aligned16(s) && aligned16(t) && (grad == nullptr || aligned16(grad)); }
+};
+
+template <typename T>
+struct BackwardArgs {
+  using Scalar = T;
+  const float* grad_rows;
+  const T *s, *t;
+  const int64_t* y;
+  const float* stats;
+  T* grad;
+  KDLossParams p;
+  cudaStream_t stream;
+  bool aligned() const { return aligned16(s) && aligned16(t) && aligned16(grad); }
+};
+
+template <typename T, int kThreads, int kRows, bool kVec>
+cudaError_t run(const ForwardArgs<T>& a, dim3 grid) {
+  kd_forward_kernel<T, kThreads, kRows, kVec>
+      <<<grid, kThreads * kRows, 0, a.stream>>>(a.s, a.t, a.y, a.loss, a.stats, a.grad, a.p);
+  return cudaGetLastError();
+}
+
+template <typename T, int kThreads, int kRows, bool kVec>
+cudaError_t run(const BackwardArgs<T>& a, dim3 grid) {
+  kd_backward_kernel<T, kThreads, kRows, kVec>
+      <<<grid, kThreads * kRows, 0, a.stream>>>(a.grad_rows, a.s, a.t, a.y, a.stats, a.grad, a.p);
+  return cudaGetLastError();
+}
+
+// Picks the row layout and whether 16-byte loads are legal (aligned pointers, rows a multiple
+// of 16 bytes), then launches.
+template <typename Args>
+cudaError_t dispatch_layout(const Args& a) {
+  using T = typename Args::Scalar;
+  const KDLossParams& p = a.p;
+  const bool vec = a.aligned() && (p.cols * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+  if (p.cols <= 1024) {
+    constexpr int kRows = 4;
+    const dim3 grid(static_cast<unsigned>((p.rows + kRows - 1) / kRows));
+    return vec ? run<T, 32, kRows, true>(a, grid) : run<T, 32, kRows, false>(a, grid);
+  }
+  const dim3 grid(static_cast<unsigned>(p.rows));
+  if (p.cols <= 16384) {
+    return vec ? run<T, 256, 1, true>(a, grid) : run<T, 256, 1, false>(a, grid);
+  }
+  return vec ? run<T, 512, 1, true>(a, grid) : run<T, 512, 1, false>(a, grid);
+}
+
+template <typename T>
+cudaError_t forward_typed(const void* s, const void* t, const int64_t* y, float* loss,
+                          float* stats, void* grad, const KDLossParams& p, cudaStream_t stream) {
+  return dispatch_layout(ForwardArgs<T>{static_cast<const T*>(s), static_cast<const T*>(t), y,
+                                        loss, stats, static_cast<T*>(grad), p, stream});
+}
+
+template <typename T>
+cudaError_t backward_typed(const float* gr, const void* s, const void* t, const int64_t* y,
+                           const float* stats, void* grad, const KDLossParams& p,
+                           cudaStream_t stream) {
+  return dispatch_layout(BackwardArgs<T>{gr, static_cast<const T*>(s), static_cast<const T*>(t),
+                                         y, stats, static_cast<T*>(grad), p, stream});
+}
+
+}  // namespace
+
+cudaError_t launch_kd_loss_forward(LogitsType type, const void* student, const void* teacher,
+                                   const int64_t* target, float* row_loss, float* row_stats,
+                                   void* grad, const KDLossParams& params, cudaStream_t stream) {
+  if (params.rows == 0) return cudaSuccess;
+  switch (type) {
+    case LogitsType::kFloat32:
+      return forward_typed<float>(student, teacher, target, row_loss, row_stats, grad, params, stream);
+    case LogitsType::kFloat16:
+      return forward_typed<__half>(student, teacher, target, row_loss, row_stats, grad, params, stream);
+    case LogitsType::kBFloat16:
+      return forward_typed<__nv_bfloat16>(student, teacher, target, row_loss, row_stats, grad,
+                                          params, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_kd_loss_backward(LogitsType type, const float* grad_rows, const void* student,
+                                    const void* teacher, const int64_t* target,
+                                    const float* row_stats, void* grad, const KDLossParams& params,
+                                    cudaStream_t stream) {
+  if (params.rows == 0) return cudaSuccess;
+  switch (type) {
+    case LogitsType::kFloat32:
+      return backward_typed<float>(grad_rows, student, teacher, target, row_stats, grad, params, stream);
+    case LogitsType::kFloat16:
+      return backward_typed<__half>(grad_rows, student, teacher, target, row_stats, grad, params, stream);
+    case LogitsType::kBFloat16:
+      return backward_typed<__nv_bfloat16>(grad_rows, student, teacher, target, row_stats, grad,
+                                           params, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace spacedkd

@@ -1,0 +1,91 @@
+// Schemas of the spacedkd ops and the argument checks shared by the CPU and CUDA kernels.
+// No math lives here: kernels are in cpu/ and cuda/, autograd and fake kernels in Python
+// (spacedkd_fast/ops.py).
+#include "kd_loss.h"
+
+#include <torch/library.h>
+
+namespace spacedkd {
+
+void check_kd_inputs(
+    const at::Tensor& student,
+    const at::Tensor& teacher,
+    const at::Tensor& target,
+    double temperature,
+    double alpha,
+    double kd_scale) {
+  TORCH_CHECK_VALUE(
+      student.dim() == 2,
+      "kd_loss: student logits must be 2-D [B, C], got ", student.dim(), "-D with shape ",
+      student.sizes());
+  TORCH_CHECK_VALUE(
+      student.sizes() == teacher.sizes(),
+      "kd_loss: student and teacher logits must have the same shape [B, C], got student ",
+      student.sizes(), " and teacher ", teacher.sizes());
+  const auto dtype = student.scalar_type();
+  TORCH_CHECK_TYPE(
+      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
+      "kd_loss: logits must be floating point (float32, float64, bfloat16 or float16), got ", dtype);
+  TORCH_CHECK_TYPE(
+      teacher.scalar_type() == dtype,
+      "kd_loss: student and teacher logits must have the same dtype, got ", dtype, " and ",
+      teacher.scalar_type());
+  TORCH_CHECK_VALUE(
+      student.size(1) >= 1, "kd_loss: logits need at least one class (C >= 1), got shape ",
+      student.sizes());
+  TORCH_CHECK_VALUE(
+      target.dim() == 1 && target.size(0) == student.size(0),
+      "kd_loss: target must be 1-D [B] with B = ", student.size(0), ", got shape ", target.sizes());
+  TORCH_CHECK_TYPE(
+      target.scalar_type() == at::kLong,
+      "kd_loss: target must hold int64 class indices, got ", target.scalar_type());
+  TORCH_CHECK_VALUE(
+      student.device() == teacher.device() && student.device() == target.device(),
+      "kd_loss: student, teacher and target must be on one device, got ", student.device(), ", ",
+      teacher.device(), " and ", target.device());
+  TORCH_CHECK_VALUE(
+      temperature > 0.0 && std::isfinite(temperature),
+      "kd_loss: temperature must be a finite number > 0, got ", temperature);
+  TORCH_CHECK_VALUE(
+      alpha >= 0.0 && alpha <= 1.0, "kd_loss: alpha must lie in [0, 1], got ", alpha);
+  TORCH_CHECK_VALUE(
+      std::isfinite(kd_scale), "kd_loss: kd_scale must be finite, got ", kd_scale);
+}
+
+void check_kd_backward_inputs(
+    const at::Tensor& grad_rows,
+    const at::Tensor& student,
+    const at::Tensor& row_stats) {
+  const auto acc = accumulate_type(student.scalar_type());
+  TORCH_CHECK_VALUE(
+      grad_rows.dim() == 1 && grad_rows.size(0) == student.size(0),
+      "kd_loss_backward: grad_rows must be [B] with B = ", student.size(0), ", got ",
+      grad_rows.sizes());
+  TORCH_CHECK_VALUE(
+      row_stats.dim() == 2 && row_stats.size(0) == student.size(0) &&
+          row_stats.size(1) == kNumRowStats,
+      "kd_loss_backward: row_stats must be [B, ", static_cast<int64_t>(kNumRowStats),
+      "] as returned by kd_loss_forward, got ", row_stats.sizes());
+  TORCH_CHECK_TYPE(
+      grad_rows.scalar_type() == acc && row_stats.scalar_type() == acc,
+      "kd_loss_backward: grad_rows and row_stats must be ", acc, " for ", student.scalar_type(),
+      " logits, got ", grad_rows.scalar_type(), " and ", row_stats.scalar_type());
+}
+
+}  // namespace spacedkd
+
+TORCH_LIBRARY(spacedkd, m) {
+  // Per-row fused KD loss. Returns
+  //   row_loss  [B]     (1 - alpha) * CE + alpha * kd_scale * KL(q || p), 0 for ignored rows
+  //   row_stats [B, 5]  lse(s), lse(s/T), lse(t/T), CE, KL  (see csrc/kd_loss.h)
+  //   grad      [B, C]  d row_loss / d student when write_grad, else an empty tensor
+  // in the accumulation dtype (float32, or float64 for float64 logits); grad in the logits dtype.
+  m.def(
+      "kd_loss_forward(Tensor student, Tensor teacher, Tensor target, float temperature, "
+      "float alpha, float kd_scale, int ignore_index, bool write_grad) -> (Tensor, Tensor, Tensor)");
+  // Gradient w.r.t. the student logits: grad_rows[b] * d row_loss[b] / d student[b, :],
+  // recomputed from the logits and the saved log-sum-exp values.
+  m.def(
+      "kd_loss_backward(Tensor grad_rows, Tensor student, Tensor teacher, Tensor target, "
+      "Tensor row_stats, float temperature, float alpha, float kd_scale, int ignore_index) -> Tensor");
+}
