@@ -82,11 +82,9 @@ def test_random_resized_crop_agrees_within_tolerance(pair):
         ut, _ = ts.uint8_batch(key)
         ud, _ = ds.uint8_batch(key)
         mx, frac, mean = diff_stats(ut, ud)
-        # Bilinear: torch clamps to the box edge, DALI reads just outside it; elsewhere the two
-        # differ by float rounding only.
-        assert mean < 1.0 and frac < 0.15, f"key {key}: max {mx}, {frac:.2%} differ, mean {mean:.3f}"
-        inner_t, inner_d = ut[:, :, 2:-2, 2:-2], ud[:, :, 2:-2, 2:-2]
-        assert diff_stats(inner_t, inner_d)[1] < 0.02
+        # Bilinear on the sliced box in both: float rounding of the blend only (measured: max 1
+        # grey level on 0.1-0.2 % of pixels).
+        assert mx <= 1 and frac < 0.01, f"key {key}: max {mx}, {frac:.2%} differ, mean {mean:.3f}"
 
 
 def test_test_time_resize_is_identical(pair, data):
