@@ -1,0 +1,149 @@
+"""Typed wrappers over ``torch.ops.spacedkd`` with their fake kernels and autograd.
+
+Importing this module loads the compiled extension (which registers the ops with the
+dispatcher) and registers, from Python:
+- fake kernels, so that ``torch.compile`` traces the ops without running them;
+- autograd: the gradient w.r.t. the student logits; the teacher logits and the target get none.
+
+Two ways to produce the gradient, chosen per device (see benchmarks/test_bench_kd_loss.py for
+the measurement behind the choice):
+- CPU: the forward writes ``d row_loss / d student`` while the row is still in cache, and the
+  backward only scales it by the incoming row gradient.
+- CUDA: the forward saves three log-sum-exp values per row; the backward kernel recomputes the
+  softmaxes from the logits. Forward-only calls (evaluation, logging) then cost two reads of
+  [B, C] instead of three, and nothing of size [B, C] is held between forward and backward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    from spacedkd_fast import _C
+except ImportError as exc:  # pragma: no cover - depends on the installation
+    raise ImportError(
+        "spacedkd_fast's compiled extension (spacedkd_fast._C) could not be loaded: "
+        f"{exc}. Install the package with `pip install --no-build-isolation .` into an "
+        "environment that already has the torch you run with (README, Installation)."
+    ) from exc
+
+_INFO = _C.build_info()
+if _INFO["torch_version"].split("+")[0] != torch.__version__.split("+")[0]:  # pragma: no cover
+    raise ImportError(
+        f"spacedkd_fast._C was built against torch {_INFO['torch_version']} but torch "
+        f"{torch.__version__} is running; rebuild with `pip install --no-build-isolation .`"
+    )
+
+ROW_STATS = ("lse_student", "lse_student_T", "lse_teacher_T", "ce", "kl")
+"""Columns of the ``row_stats`` output of :func:`kd_loss_forward`."""
+
+
+def build_info() -> dict:
+    """How the extension was built: version, torch version, CUDA compiled or not, arch list."""
+    return dict(_INFO)
+
+
+def cuda_compiled() -> bool:
+    """True when the CUDA kernels of the ops were compiled into this build."""
+    return bool(_INFO["cuda"])
+
+
+def kd_loss_forward(
+    student: Tensor,
+    teacher: Tensor,
+    target: Tensor,
+    temperature: float,
+    alpha: float,
+    kd_scale: float,
+    ignore_index: int = -100,
+    write_grad: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row fused KD loss.
+
+    Args:
+        student, teacher: logits ``[B, C]`` of one floating dtype.
+        target: int64 class indices ``[B]``; rows equal to ``ignore_index`` contribute nothing.
+    Returns:
+        ``row_loss [B]``, ``row_stats [B, 5]`` (columns :data:`ROW_STATS`) in the accumulation
+        dtype (float32; float64 for float64 logits), and ``d row_loss / d student`` ``[B, C]`` in
+        the logits dtype when ``write_grad`` (else an empty tensor).
+    """
+    return torch.ops.spacedkd.kd_loss_forward(
+        student, teacher, target, float(temperature), float(alpha), float(kd_scale),
+        int(ignore_index), bool(write_grad),
+    )
+
+
+def kd_loss_backward(
+    grad_rows: Tensor,
+    student: Tensor,
+    teacher: Tensor,
+    target: Tensor,
+    row_stats: Tensor,
+    temperature: float,
+    alpha: float,
+    kd_scale: float,
+    ignore_index: int = -100,
+) -> Tensor:
+    """``grad_rows[b] * d row_loss[b] / d student[b]``, ``[B, C]`` in the logits dtype."""
+    return torch.ops.spacedkd.kd_loss_backward(
+        grad_rows, student, teacher, target, row_stats, float(temperature), float(alpha),
+        float(kd_scale), int(ignore_index),
+    )
+
+
+def _accumulate_dtype(logits: Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("spacedkd::kd_loss_forward")
+def _kd_loss_forward_fake(student, teacher, target, temperature, alpha, kd_scale, ignore_index,
+                          write_grad):
+    torch._check(student.dim() == 2, lambda: "kd_loss: student logits must be 2-D [B, C]")
+    torch._check(student.shape == teacher.shape,
+                 lambda: "kd_loss: student and teacher logits must have the same shape [B, C]")
+    rows, cols = student.shape
+    acc = _accumulate_dtype(student)
+    row_loss = student.new_empty((rows,), dtype=acc)
+    row_stats = student.new_empty((rows, len(ROW_STATS)), dtype=acc)
+    grad = student.new_empty((rows, cols) if write_grad else (0, 0))
+    return row_loss, row_stats, grad
+
+
+@torch.library.register_fake("spacedkd::kd_loss_backward")
+def _kd_loss_backward_fake(grad_rows, student, teacher, target, row_stats, temperature, alpha,
+                           kd_scale, ignore_index):
+    return torch.empty_like(student, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, target, temperature, alpha, kd_scale, ignore_index, write_grad = inputs
+    _, row_stats, grad = output
+    ctx.write_grad = write_grad
+    ctx.args = (temperature, alpha, kd_scale, ignore_index)
+    if write_grad:
+        ctx.save_for_backward(grad)
+    else:
+        ctx.save_for_backward(student, teacher, target, row_stats)
+
+
+def _backward(ctx, grad_row_loss, _grad_row_stats, _grad_grad):
+    if ctx.write_grad:
+        (grad,) = ctx.saved_tensors
+        if grad_row_loss is None:
+            return (torch.zeros_like(grad),) + (None,) * 7
+        # grad holds d row_loss / d student; scale each row by its incoming gradient.
+        scaled = grad * grad_row_loss.unsqueeze(1)
+        return (scaled.to(grad.dtype),) + (None,) * 7
+    student, teacher, target, row_stats = ctx.saved_tensors
+    if grad_row_loss is None:
+        return (torch.zeros_like(student),) + (None,) * 7
+    grad = kd_loss_backward(grad_row_loss.contiguous(), student, teacher, target, row_stats,
+                            *ctx.args)
+    return (grad,) + (None,) * 7
+
+
+torch.library.register_autograd(
+    "spacedkd::kd_loss_forward", _backward, setup_context=_setup_context
+)
