@@ -580,9 +580,11 @@ class SpacedDistiller(_EngineBase):
         """Soft targets from ``teacher`` (its current mode); BN running stats untouched unless
         ``teacher_bn_update``."""
         freeze = contextlib.nullcontext() if self.teacher_bn_update else frozen_bn_stats(teacher)
-        with torch.no_grad(), freeze, _autocast(x.device, self.amp_dtype):
-            feat, z = _split(teacher(x))
-        return feat, _target_logits(z)
+        device = _model_device(teacher)  # the live teacher may sit on another GPU than x
+        with torch.no_grad(), freeze, _autocast(device, self.amp_dtype):
+            feat, z = _split(teacher(x.to(device, non_blocking=True)))
+        z = _target_logits(z).to(self.student_device, non_blocking=True)
+        return (None if feat is None else feat.to(self.student_device, non_blocking=True)), z
 
     def _replay_one(self, rec: Record, teacher: nn.Module, teacher_step: int) -> None:
         x, y = self.replay_buffer.fetch(rec)

@@ -3,7 +3,9 @@ the compat switches, replay fidelity.
 
 The engine's loss uses the package's fused ``kd_loss`` (KL plus the constant entropy term put back)
 while the references here write softCE out with plain torch ops, so weights are compared with a
-tolerance: float64, 35 steps, agreement to ~1e-12 expected; 1e-9 is far below what a wrong
+tolerance. The tiny BN network at lr 0.05 is chaotic: a 1e-16 rounding difference grows about
+100x per epoch (measured: 2e-15, 3e-12, 7e-11, 3e-8 after 1, 2, 3, 5 epochs), so weights are
+compared after 3 epochs (21 steps, two replays and a tail) at atol 1e-9, far below what a wrong
 temperature, alpha, exit or schedule would move (> 1e-4)."""
 
 import pytest
@@ -23,7 +25,8 @@ from spacedkd_fast.trace import read_trace
 
 pytest.importorskip("spacedkd_fast.losses")
 
-EPOCHS = 5
+EPOCHS = 5  # schedules
+CMP_EPOCHS = 3  # weight comparisons (see the module docstring)
 
 
 def close_weights(a, b, atol=1e-9):
@@ -31,22 +34,22 @@ def close_weights(a, b, atol=1e-9):
         torch.testing.assert_close(va, vb, rtol=0, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
 
 
-def run(mode="spaced-self", rate=1.5, trace=None, keyed=True, **kw):
+def run(mode="spaced-self", rate=1.5, trace=None, keyed=True, epochs=EPOCHS, **kw):
     src = make_source()
     torch.manual_seed(0)
     model = TinyMultiExit()
     d = SelfDistiller(model, sgd(model), mode=mode, interval_rate=rate, steps_per_epoch=7,
                       trace=trace, source=src if keyed else None, **kw)
-    for key, (x, y) in src.epochs(EPOCHS):
+    for key, (x, y) in src.epochs(epochs):
         d.step(key, x, y)
     d.finish()
     return model, d
 
 
-def reference(**kw):
+def reference(epochs=CMP_EPOCHS, **kw):
     torch.manual_seed(0)
     model = TinyMultiExit()
-    naive_self(model, [b for _, b in make_source().epochs(EPOCHS)], **kw)
+    naive_self(model, [b for _, b in make_source().epochs(epochs)], **kw)
     return model
 
 
@@ -69,25 +72,26 @@ def test_self_kd_loss_value_and_gradient_match_the_spec_formula():
 
 
 def test_self_mode_matches_naive_loop():
-    model, d = run(mode="self")
+    model, d = run(mode="self", epochs=CMP_EPOCHS)
     close_weights(model, reference(interval=None))
-    assert d.student_steps == 35 and d.teacher_steps == 0
+    assert d.student_steps == 21 and d.teacher_steps == 0
 
 
 @pytest.mark.parametrize("keyed", [True, False], ids=["keyed", "copy"])
 def test_spaced_self_matches_naive_loop(keyed):
-    model, d = run(keyed=keyed)
+    model, d = run(keyed=keyed, epochs=CMP_EPOCHS)
     close_weights(model, reference(interval=10))
-    assert d.teacher_steps == 35 and d.student_steps == 35
+    assert d.teacher_steps == 21 and d.student_steps == 21
 
 
 def test_official_switches_match_naive_loop_with_the_same_switches():
-    model, _ = run(self_kd_first_replay="one-epoch", self_kd_feature_exits="official",
-                   flush_tail=False)
+    model, d = run(self_kd_first_replay="one-epoch", self_kd_feature_exits="official",
+                   flush_tail=False, epochs=CMP_EPOCHS)
+    assert d.student_steps == 17  # replays at 7 and 17; the tail 18..21 is dropped
     close_weights(model, reference(interval=10, first_replay_at=7, feature_exits="official",
                                    flush_tail=False))
     # and they change the result: the defaults give other weights
-    default, _ = run()
+    default, _ = run(epochs=CMP_EPOCHS)
     assert not torch.allclose(model.heads[0].weight, default.heads[0].weight, atol=1e-6)
 
 
