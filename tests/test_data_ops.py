@@ -90,19 +90,25 @@ def test_rotation_matches_pil_rotate(images):
         assert frac <= 0.01, f"angle {angles[b]}: {worst(out[b], ref)}"
 
 
-def test_resized_crop_matches_interpolate_on_the_crop(images):
+@pytest.mark.parametrize("scale", [1, 5])  # 24 px sources take the matmul path, 120 px the gathers
+def test_resized_crop_matches_interpolate_on_the_crop(images, scale):
     B = images.shape[0]
-    top = torch.tensor([0, 3, 5, 0, 10, 2])
-    left = torch.tensor([0, 1, 7, 12, 2, 0])
-    h = torch.tensor([24, 10, 17, 12, 14, 5])
-    w = torch.tensor([24, 19, 9, 12, 22, 7])
+    x = images if scale == 1 else images.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+    assert (x.shape[2] * x.shape[3] <= ops.MATMUL_MAX_PIXELS) == (scale == 1)
+    top = torch.tensor([0, 3, 5, 0, 10, 2]) * scale
+    left = torch.tensor([0, 1, 7, 12, 2, 0]) * scale
+    h = torch.tensor([24, 10, 17, 12, 14, 5]) * scale
+    w = torch.tensor([24, 19, 9, 12, 22, 7]) * scale
+    flip = torch.tensor([False, True, False, True, True, False])
     for size in [(16, 16), (40, 30)]:
-        out = ops.resized_crop(images, top, left, h, w, size)
+        out = ops.resized_crop(x, top, left, h, w, size, flip=flip)
         for b in range(B):
-            crop = images[b:b + 1, :, top[b]:top[b] + h[b], left[b]:left[b] + w[b]].double()
+            crop = x[b:b + 1, :, top[b]:top[b] + h[b], left[b]:left[b] + w[b]].double()
             ref = F.interpolate(crop, size=size, mode="bilinear", align_corners=False).round()[0]
+            if flip[b]:
+                ref = ref.flip(-1)
             d = (out[b].double() - ref).abs()
-            # float32 vs float64 positions: a value on a .5 boundary may round either way.
+            # float32 two-pass blend vs float64: values near .5 may round either way.
             assert d.max() <= 1, f"box {b} size {size}: {worst(out[b], ref.to(torch.uint8))}"
             assert (d > 0).float().mean() < 0.05
 

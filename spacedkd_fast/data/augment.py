@@ -223,10 +223,7 @@ class Augmenter:
         if r.random_resized_crop:
             full = torch.full((B,), H), torch.full((B,), W)
             top, left, h, w = self.boxes(p, *full)
-            x = ops.resized_crop(x, top, left, h, w, (oh, ow))
-            if flip_dev is not None:
-                x = torch.where(flip_dev.view(B, 1, 1, 1), x.flip(-1), x)
-            return x
+            return ops.resized_crop(x, top, left, h, w, (oh, ow), flip=flip_dev)
         if (H, W) != (oh, ow):  # crop recipes work at the output size: resize whole images first
             zeros = torch.zeros(B, dtype=torch.long)
             x = ops.resized_crop(x, zeros, zeros, torch.full((B,), H), torch.full((B,), W), (oh, ow))

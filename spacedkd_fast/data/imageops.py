@@ -57,12 +57,13 @@ def affine_nearest(x: Tensor, inverse: Tensor, fill: float = 0) -> Tensor:
     B, _, H, W = x.shape
     dev = x.device
     # float64: source coordinates often land exactly on pixel edges (shear 0.2 at a pixel
-    # centre), where float32 rounding would flip the nearest pixel.
-    v, u = torch.meshgrid(torch.arange(H, device=dev, dtype=torch.float64) + 0.5,
-                          torch.arange(W, device=dev, dtype=torch.float64) + 0.5, indexing="ij")
+    # centre), where float32 rounding would flip the nearest pixel. Each coordinate is an outer
+    # sum of a row term and a column term: one pass over [B, H, W].
+    u = torch.arange(W, device=dev, dtype=torch.float64) + 0.5
+    v = torch.arange(H, device=dev, dtype=torch.float64) + 0.5
     m = inverse.to(device=dev, dtype=torch.float64)
-    sx = m[:, 0, 0, None, None] * u + m[:, 0, 1, None, None] * v + m[:, 0, 2, None, None]
-    sy = m[:, 1, 0, None, None] * u + m[:, 1, 1, None, None] * v + m[:, 1, 2, None, None]
+    sx = (m[:, 0, 0, None] * u).view(B, 1, W) + (m[:, 0, 1, None] * v + m[:, 0, 2, None]).view(B, H, 1)
+    sy = (m[:, 1, 0, None] * u).view(B, 1, W) + (m[:, 1, 1, None] * v + m[:, 1, 2, None]).view(B, H, 1)
     xs = torch.floor(sx).long()
     ys = torch.floor(sy).long()
     valid = (xs >= 0) & (xs < W) & (ys >= 0) & (ys < H)
@@ -91,46 +92,74 @@ def rotate_nearest(x: Tensor, angle_deg: Tensor, fill: float = 0) -> Tensor:
     return affine_nearest(x, inv, fill)
 
 
+# Sources up to this many pixels are resampled with two small matrix products (fast for the
+# upscaling of 32-px images to 224 px); larger ones with gathers of the two neighbours.
+MATMUL_MAX_PIXELS = 96 * 96
+
+
+def _axis_coords(start: Tensor, extent: Tensor, n: int, dev: torch.device):
+    """Bilinear taps along one axis: ``(i0, i1, frac)`` of shape ``[B, n]`` for output samples at
+    half-pixel centres of the box ``[start, start + extent)``, clamped to the box."""
+    B = start.shape[0]
+    start = start.to(dev, torch.float32).view(B, 1)
+    extent = extent.to(dev, torch.float32).view(B, 1)
+    pos = start + (torch.arange(n, device=dev, dtype=torch.float32).view(1, n) + 0.5) * (extent / n) - 0.5
+    pos = torch.minimum(torch.maximum(pos, start), start + extent - 1)
+    i0 = pos.floor()
+    frac = pos - i0
+    i0 = i0.long()
+    i1 = torch.minimum(i0 + 1, (start + extent - 1).long())
+    return i0, i1, frac
+
+
+def _tap_matrix(i0: Tensor, i1: Tensor, frac: Tensor, size: int) -> Tensor:
+    """Dense interpolation weights ``[B, n, size]`` (two taps per row)."""
+    B, n = i0.shape
+    w = torch.zeros(B, n, size, device=i0.device, dtype=torch.float32)
+    w.scatter_add_(2, i0.unsqueeze(2), (1 - frac).unsqueeze(2))
+    w.scatter_add_(2, i1.unsqueeze(2), frac.unsqueeze(2))
+    return w
+
+
 def resized_crop(x: Tensor, top: Tensor, left: Tensor, height: Tensor, width: Tensor,
-                 size: tuple[int, int]) -> Tensor:
+                 size: tuple[int, int], flip: Tensor | None = None) -> Tensor:
     """Crop the box ``(top, left, height, width)`` of each image and resize it to ``size`` with
-    bilinear interpolation (half-pixel centres, edges clamped to the box, no antialiasing).
+    bilinear interpolation (half-pixel centres, edges clamped to the box, no antialiasing), then
+    mirror the samples whose ``flip`` is true (folded into the column taps: free).
 
     ``[B, C, H, W]`` uint8 -> ``[B, C, size[0], size[1]]`` uint8 (rounded). The same function with
-    ``B = 1`` serves images of different sizes, so the batched and per-file paths agree exactly.
+    ``B = 1`` serves images of different sizes.
     """
     B, C, H, W = x.shape
     oh, ow = size
     dev = x.device
-
-    def coords(start: Tensor, extent: Tensor, n: int):
-        start = start.to(dev, torch.float32).view(B, 1)
-        extent = extent.to(dev, torch.float32).view(B, 1)
-        pos = start + (torch.arange(n, device=dev, dtype=torch.float32).view(1, n) + 0.5) * (extent / n) - 0.5
-        pos = torch.minimum(torch.maximum(pos, start), start + extent - 1)
-        i0 = pos.floor()
-        frac = pos - i0
-        i0 = i0.long()
-        i1 = torch.minimum(i0 + 1, (start + extent - 1).long())
-        return i0, i1, frac
-
-    y0, y1, fy = coords(top, height, oh)  # [B, oh]
-    x0, x1, fx = coords(left, width, ow)  # [B, ow]
+    y0, y1, fy = _axis_coords(top, height, oh, dev)  # [B, oh]
+    x0, x1, fx = _axis_coords(left, width, ow, dev)  # [B, ow]
+    if flip is not None:
+        f = flip.to(dev).view(B, 1).bool()
+        x0, x1, fx = (torch.where(f, t.flip(1), t) for t in (x0, x1, fx))
     xf = x.float()
-    r0 = torch.gather(xf, 2, y0.view(B, 1, oh, 1).expand(B, C, oh, W))
-    r1 = torch.gather(xf, 2, y1.view(B, 1, oh, 1).expand(B, C, oh, W))
-    rows = r0 + (r1 - r0) * fy.view(B, 1, oh, 1)
-    c0 = torch.gather(rows, 3, x0.view(B, 1, 1, ow).expand(B, C, oh, ow))
-    c1 = torch.gather(rows, 3, x1.view(B, 1, 1, ow).expand(B, C, oh, ow))
-    out = c0 + (c1 - c0) * fx.view(B, 1, 1, ow)
+    if H * W <= MATMUL_MAX_PIXELS:
+        wy = _tap_matrix(y0, y1, fy, H).unsqueeze(1)  # [B, 1, oh, H]
+        wx = _tap_matrix(x0, x1, fx, W).transpose(1, 2).unsqueeze(1)  # [B, 1, W, ow]
+        out = torch.matmul(torch.matmul(wy, xf), wx)
+    else:
+        r0 = torch.gather(xf, 2, y0.view(B, 1, oh, 1).expand(B, C, oh, W))
+        r1 = torch.gather(xf, 2, y1.view(B, 1, oh, 1).expand(B, C, oh, W))
+        rows = r0 + (r1 - r0) * fy.view(B, 1, oh, 1)
+        c0 = torch.gather(rows, 3, x0.view(B, 1, 1, ow).expand(B, C, oh, ow))
+        c1 = torch.gather(rows, 3, x1.view(B, 1, 1, ow).expand(B, C, oh, ow))
+        out = c0 + (c1 - c0) * fx.view(B, 1, 1, ow)
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
     """``uint8 [B, C, H, W] -> float32 (x / 255 - mean) / std`` per channel."""
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    return (x.float().div_(255.0) - m).div_(s)
+    m = torch.tensor(mean, dtype=torch.float64)
+    s = torch.tensor(std, dtype=torch.float64)
+    scale = (1.0 / (255.0 * s)).float().to(x.device).view(1, -1, 1, 1)
+    bias = (-m / s).float().to(x.device).view(1, -1, 1, 1)
+    return torch.addcmul(bias, x.float(), scale)
 
 
 def cutout(x: Tensor, cy: Tensor, cx: Tensor, length: int, value: int = 0) -> Tensor:
