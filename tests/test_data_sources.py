@@ -207,13 +207,24 @@ def test_gpu_resident_matches_cpu_path(recipe):
     cpu = TensorSource(data, Augmenter(recipe, 16, seed=5), batch_size=16, seed=2)
     gpu = TensorSource(data, Augmenter(recipe, 16, seed=5), batch_size=16, seed=2, device="cuda")
     assert gpu.backend == "gpu-resident"
+    streamed = dict(gpu.epoch(0))
     for key in (1, 4):
         xg, yg = gpu.batch(key)
-        assert torch.equal(xg, gpu.batch(key)[0])  # replay on the device
+        assert xg.is_cuda and torch.equal(xg, gpu.batch(key)[0])  # replay on the device
+        if key in streamed:
+            assert torch.equal(xg, streamed[key][0])
         xc, yc = cpu.batch(key)
         assert torch.equal(yg.cpu(), yc)
         ug, _ = gpu.uint8_batch(key)
         uc, _ = cpu.uint8_batch(key)
-        assert torch.equal(ug.cpu(), uc)  # geometric stage: the same pixels
-        if recipe != "vit":  # erasing noise comes from the device's own generator
-            assert torch.allclose(xg.cpu(), xc, atol=1e-5), recipe
+        d = (ug.cpu().int() - uc.int()).abs()
+        if RECIPES[recipe].random_resized_crop:  # bilinear: float rounding may differ by 1
+            assert d.max() <= 1 and (d > 0).float().mean() < 0.01
+        else:
+            assert torch.equal(ug.cpu(), uc)  # crop / flip / nearest rotation: the same pixels
+        close = (xg.cpu() - xc).abs() <= 1e-5
+        if recipe in ("cifar", "tiny", "none"):
+            assert close.all(), recipe
+        elif recipe != "vit":  # vit: the erasing noise comes from the device's own generator
+            # Photometric float math may round a value on a .5 boundary the other way.
+            assert close.float().mean() > 0.99, recipe
