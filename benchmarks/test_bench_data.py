@@ -99,7 +99,7 @@ def test_torchvision_dataloader(bench, digits, recipe, size, n, workers):
                         shuffle=True, num_workers=workers, persistent_workers=workers > 0)
 
     def run():
-        for x, _ in loader:
+        for _batch in loader:
             pass
 
     bench(run, group=f"data {recipe} {size}px", provider=f"torchvision DataLoader ({workers} workers)",
