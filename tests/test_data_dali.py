@@ -130,8 +130,9 @@ def test_dali_ranks_take_their_rows(data):
 
 
 def test_dali_decodes_folders_like_pil(tmp_path):
-    from spacedkd_fast.data.dali import DaliSource
     from test_data_fakes import save_jpeg
+
+    from spacedkd_fast.data.dali import DaliSource
 
     sizes = [(40, 30), (24, 48), (33, 33), (64, 20)]
     for k in range(8):
