@@ -77,14 +77,14 @@ void check_kd_backward_inputs(
 TORCH_LIBRARY(spacedkd, m) {
   // Per-row fused KD loss. Returns
   //   row_loss  [B]     (1 - alpha) * CE + alpha * kd_scale * KL(q || p), 0 for ignored rows
-  //   row_stats [B, 5]  lse(s), lse(s/T), lse(t/T), CE, KL  (see csrc/kd_loss.h)
+  //   row_stats [B, 7]  max s, max t, three log-sums, CE, KL  (see csrc/kd_loss.h)
   //   grad      [B, C]  d row_loss / d student when write_grad, else an empty tensor
   // in the accumulation dtype (float32, or float64 for float64 logits); grad in the logits dtype.
   m.def(
       "kd_loss_forward(Tensor student, Tensor teacher, Tensor target, float temperature, "
       "float alpha, float kd_scale, int ignore_index, bool write_grad) -> (Tensor, Tensor, Tensor)");
   // Gradient w.r.t. the student logits: grad_rows[b] * d row_loss[b] / d student[b, :],
-  // recomputed from the logits and the saved log-sum-exp values.
+  // recomputed from the logits and the saved row maxima and log-sums.
   m.def(
       "kd_loss_backward(Tensor grad_rows, Tensor student, Tensor teacher, Tensor target, "
       "Tensor row_stats, float temperature, float alpha, float kd_scale, int ignore_index) -> Tensor");

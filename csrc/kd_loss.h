@@ -6,10 +6,21 @@
 
 namespace spacedkd {
 
-// Columns of the [B, 5] row_stats output of kd_loss_forward, in the accumulation dtype.
-// The backward needs only the three log-sum-exp values; ce and kl are kept so that a trainer can
-// log the loss parts without another pass over the logits.
-enum RowStat : int64_t { kLseS = 0, kLseST = 1, kLseTT = 2, kCE = 3, kKL = 4, kNumRowStats = 5 };
+// Columns of the [B, 7] row_stats output of kd_loss_forward, in the accumulation dtype.
+// The backward needs the row maxima and the log-sums, kept apart rather than added into
+// log-sum-exp values: exp((s - max) - log Z) is as accurate as softmax itself at any logit
+// magnitude, while exp(s - lse) loses the digits that lse loses when rounded at |s| ~ 1e4.
+// ce and kl let a trainer log the loss parts without another pass over the logits.
+enum RowStat : int64_t {
+  kMaxS = 0,     // max_j s_j
+  kMaxT = 1,     // max_j t_j
+  kLogZS = 2,    // log sum_j exp(s_j - max_s)
+  kLogZST = 3,   // log sum_j exp((s_j - max_s) / T)
+  kLogZTT = 4,   // log sum_j exp((t_j - max_t) / T)
+  kCE = 5,
+  kKL = 6,
+  kNumRowStats = 7
+};
 
 // Throws c10::Error (ValueError/TypeError in Python) with the contract in the message when
 // the inputs of kd_loss_forward do not satisfy it. Values of targets are checked by the kernels.

@@ -112,7 +112,7 @@ def kd_loss(
         loss = loss / count
     if not return_parts:
         return loss
-    parts = row_stats.detach()[:, 3:5].sum(0) / count
+    parts = row_stats.detach()[:, 5:7].sum(0) / count  # columns ce, kl (ops.ROW_STATS)
     return KDLossParts(loss, parts[0], parts[1])
 
 

@@ -9,7 +9,7 @@ Two ways to produce the gradient, chosen per device (see benchmarks/test_bench_k
 the measurement behind the choice):
 - CPU: the forward writes ``d row_loss / d student`` while the row is still in cache, and the
   backward only scales it by the incoming row gradient.
-- CUDA: the forward saves three log-sum-exp values per row; the backward kernel recomputes the
+- CUDA: the forward saves the row maxima and log-sums; the backward kernel recomputes the
   softmaxes from the logits. Forward-only calls (evaluation, logging) then cost two reads of
   [B, C] instead of three, and nothing of size [B, C] is held between forward and backward.
 """
@@ -35,7 +35,8 @@ if _INFO["torch_version"].split("+")[0] != torch.__version__.split("+")[0]:  # p
         f"{torch.__version__} is running; rebuild with `pip install --no-build-isolation .`"
     )
 
-ROW_STATS = ("lse_student", "lse_student_T", "lse_teacher_T", "ce", "kl")
+ROW_STATS = ("max_student", "max_teacher", "log_z_student", "log_z_student_T",
+             "log_z_teacher_T", "ce", "kl")
 """Columns of the ``row_stats`` output of :func:`kd_loss_forward`."""
 
 
@@ -65,7 +66,7 @@ def kd_loss_forward(
         student, teacher: logits ``[B, C]`` of one floating dtype.
         target: int64 class indices ``[B]``; rows equal to ``ignore_index`` contribute nothing.
     Returns:
-        ``row_loss [B]``, ``row_stats [B, 5]`` (columns :data:`ROW_STATS`) in the accumulation
+        ``row_loss [B]``, ``row_stats [B, 7]`` (columns :data:`ROW_STATS`) in the accumulation
         dtype (float32; float64 for float64 logits), and ``d row_loss / d student`` ``[B, C]`` in
         the logits dtype when ``write_grad`` (else an empty tensor).
     """

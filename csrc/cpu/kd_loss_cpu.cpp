@@ -2,6 +2,7 @@
 //
 // Per row (student logits s, teacher logits t, target y, temperature T, invT = 1 / T):
 //   lse_s  = logsumexp(s)      lse_sT = logsumexp(s / T)      lse_tT = logsumexp(t / T)
+//   (saved as row maxima and log-sums apart, see csrc/kd_loss.h)
 //   CE     = lse_s - s[y]
 //   KL     = sum_j q_j (t_j - s_j) / T - lse_tT + lse_sT       with q = softmax(t / T)
 //   loss   = (1 - alpha) CE + alpha kd_scale KL                  (0 for rows with y == ignore_index)
@@ -141,16 +142,21 @@ inline RowSums<acc_t> row_sums_impl(const acc_t* s, const acc_t* t, int64_t C, a
   return r;
 }
 
-// g_j = c_ce * exp(s_j - lse_s) + c_kd * (exp(s_j/T - lse_sT) - exp(t_j/T - lse_tT)); the
-// one-hot term is subtracted by the caller.
+// Saved per-row values the gradient is computed from (csrc/kd_loss.h, RowStat).
 template <typename acc_t>
-inline void row_grad_impl(
-    const acc_t* s, const acc_t* t, acc_t* g, int64_t C, acc_t invT, acc_t lse_s, acc_t lse_sT,
-    acc_t lse_tT, acc_t c_ce, acc_t c_kd) {
+struct RowNorm {
+  acc_t max_s, max_t, log_z_s, log_z_sT, log_z_tT;
+};
+
+// g_j = c_ce softmax(s)_j + c_kd (softmax(s/T)_j - softmax(t/T)_j), each softmax as
+// exp((x_j - max) - log Z) with x_j - max exact; the one-hot term is subtracted by the caller.
+template <typename acc_t>
+inline void row_grad_impl(const acc_t* s, const acc_t* t, acc_t* g, int64_t C, acc_t invT,
+                          RowNorm<acc_t> n, acc_t c_ce, acc_t c_kd) {
   for (int64_t i = 0; i < C; ++i) {
-    const acc_t sv = s[i], tv = t[i];
-    g[i] = c_ce * exp_of(sv - lse_s) +
-        c_kd * (exp_of(sv * invT - lse_sT) - exp_of(tv * invT - lse_tT));
+    const acc_t ds = s[i] - n.max_s, dt = t[i] - n.max_t;
+    g[i] = c_ce * exp_of(ds - n.log_z_s) +
+        c_kd * (exp_of(ds * invT - n.log_z_sT) - exp_of(dt * invT - n.log_z_tT));
   }
 }
 
@@ -160,10 +166,9 @@ SPACEDKD_VECTOR_CLONES RowSums<float> row_sums_f32(
   return row_sums_impl<float>(s, t, C, invT);
 }
 
-SPACEDKD_VECTOR_CLONES void row_grad_f32(
-    const float* s, const float* t, float* g, int64_t C, float invT, float lse_s, float lse_sT,
-    float lse_tT, float c_ce, float c_kd) {
-  row_grad_impl<float>(s, t, g, C, invT, lse_s, lse_sT, lse_tT, c_ce, c_kd);
+SPACEDKD_VECTOR_CLONES void row_grad_f32(const float* s, const float* t, float* g, int64_t C,
+                                         float invT, RowNorm<float> n, float c_ce, float c_kd) {
+  row_grad_impl<float>(s, t, g, C, invT, n, c_ce, c_kd);
 }
 
 inline RowSums<float> row_sums(const float* s, const float* t, int64_t C, float invT) {
@@ -172,15 +177,13 @@ inline RowSums<float> row_sums(const float* s, const float* t, int64_t C, float 
 inline RowSums<double> row_sums(const double* s, const double* t, int64_t C, double invT) {
   return row_sums_impl<double>(s, t, C, invT);
 }
-inline void row_grad(
-    const float* s, const float* t, float* g, int64_t C, float invT, float lse_s, float lse_sT,
-    float lse_tT, float c_ce, float c_kd) {
-  row_grad_f32(s, t, g, C, invT, lse_s, lse_sT, lse_tT, c_ce, c_kd);
+inline void row_grad(const float* s, const float* t, float* g, int64_t C, float invT,
+                     RowNorm<float> n, float c_ce, float c_kd) {
+  row_grad_f32(s, t, g, C, invT, n, c_ce, c_kd);
 }
-inline void row_grad(
-    const double* s, const double* t, double* g, int64_t C, double invT, double lse_s,
-    double lse_sT, double lse_tT, double c_ce, double c_kd) {
-  row_grad_impl<double>(s, t, g, C, invT, lse_s, lse_sT, lse_tT, c_ce, c_kd);
+inline void row_grad(const double* s, const double* t, double* g, int64_t C, double invT,
+                     RowNorm<double> n, double c_ce, double c_kd) {
+  row_grad_impl<double>(s, t, g, C, invT, n, c_ce, c_kd);
 }
 
 // Rows handed to one task of the thread pool: enough work (~64k elements) to pay for the
@@ -273,20 +276,23 @@ void forward_kernel(
         if (write_grad) std::fill(g_out, g_out + C, static_cast<scalar_t>(nan));
         continue;
       }
-      const acc_t lse_s = r.max_s + std::log(r.z_s);
-      const acc_t lse_sT = r.max_s * invT + std::log(r.z_sT);
-      const acc_t lse_tT = r.max_t * invT + std::log(r.z_tT);
-      const acc_t ce = lse_s - s[y];
-      const acc_t kl = r.a * invT / r.z_tT - lse_tT + lse_sT;
-      st[kLseS] = lse_s;
-      st[kLseST] = lse_sT;
-      st[kLseTT] = lse_tT;
+      const RowNorm<acc_t> n{r.max_s, r.max_t, std::log(r.z_s), std::log(r.z_sT),
+                             std::log(r.z_tT)};
+      // CE = lse(s) - s_y; KL = sum q (t - s)/T - lse(t/T) + lse(s/T), written with the maxima
+      // apart so that no large value is rounded before the subtraction.
+      const acc_t ce = (n.max_s - s[y]) + n.log_z_s;
+      const acc_t kl = r.a * invT / r.z_tT + (n.max_s - n.max_t) * invT + n.log_z_sT - n.log_z_tT;
+      st[kMaxS] = n.max_s;
+      st[kMaxT] = n.max_t;
+      st[kLogZS] = n.log_z_s;
+      st[kLogZST] = n.log_z_sT;
+      st[kLogZTT] = n.log_z_tT;
       st[kCE] = ce;
       st[kKL] = kl;
       loss_ptr[b] = w_ce * ce + w_kd * kl;
       if (write_grad) {
         acc_t* g = rows.grad_row(g_out, C);
-        row_grad(s, t, g, C, invT, lse_s, lse_sT, lse_tT, w_ce, w_kd * invT);
+        row_grad(s, t, g, C, invT, n, w_ce, w_kd * invT);
         g[y] -= w_ce;
         rows.store_grad(g_out, g, C);
       }
@@ -330,8 +336,8 @@ void backward_kernel(
       const acc_t* s = rows.view(s_ptr + b * C, C, 0);
       const acc_t* t = rows.view(t_ptr + b * C, C, 1);
       acc_t* g = rows.grad_row(g_out, C);
-      row_grad(s, t, g, C, invT, st[kLseS], st[kLseST], st[kLseTT], scale * w_ce,
-               scale * w_kd * invT);
+      const RowNorm<acc_t> n{st[kMaxS], st[kMaxT], st[kLogZS], st[kLogZST], st[kLogZTT]};
+      row_grad(s, t, g, C, invT, n, scale * w_ce, scale * w_kd * invT);
       g[y] -= scale * w_ce;
       rows.store_grad(g_out, g, C);
     }

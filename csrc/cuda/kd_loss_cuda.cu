@@ -4,10 +4,11 @@
 // both rows from global memory yields, through an online max/sum (a running maximum with the
 // sums rescaled whenever it grows),
 //   lse(s), lse(s/T), lse(t/T) and a = sum_j exp(t_j/T - max) (t_j - s_j),
-// from which CE = lse(s) - s_y and KL(q || p) = a / (T Z_t) - lse(t/T) + lse(s/T) follow.
+// from which CE = lse(s) - s_y and KL(q || p) = a / (T Z_t) - lse(t/T) + lse(s/T) follow
+// (computed with the maxima and log-sums kept apart; those are what the backward reads).
 // The gradient (1 - alpha)(softmax(s) - onehot(y)) + alpha kd_scale / T (softmax(s/T) - q) is
 // written either by the forward (second read of the row, usually from L2) or by the backward
-// kernel from the saved log-sum-exp values.
+// kernel from the saved row maxima and log-sums.
 //
 // Preconditions (checked by the C++ glue): contiguous [B, C] rows, int64 targets, T > 0. All
 // arithmetic in float32, whatever the storage type. Offsets are 64-bit.
@@ -24,6 +25,9 @@
 namespace spacedkd {
 namespace cuda {
 namespace {
+
+// Columns of row_stats: max s, max t, log Z_s, log Z_s/T, log Z_t/T, CE, KL (csrc/kd_loss.h).
+constexpr int kStats = 7;
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -143,18 +147,21 @@ __device__ __forceinline__ Online combine_row(Online st, float inv_T) {
   return st;
 }
 
-struct RowLse {
-  float lse_s, lse_sT, lse_tT;
+// Row maxima and log-sums (csrc/kd_loss.h, RowStat): softmax(x)_j = exp((x_j - max) - log Z)
+// with x_j - max exact, as accurate as a softmax at any logit magnitude.
+struct RowNorm {
+  float max_s, max_t, log_z_s, log_z_sT, log_z_tT;
 };
 
-// Writes g_j = c_ce exp(s_j - lse_s) + c_kd (exp(s_j/T - lse_sT) - exp(t_j/T - lse_tT)) - c_ce [j == y].
+// Writes g_j = c_ce softmax(s)_j + c_kd (softmax(s/T)_j - softmax(t/T)_j) - c_ce [j == y].
 template <typename T, int kThreadsPerRow, bool kVec>
 __device__ __forceinline__ void write_grad_row(const T* s, const T* t, T* g, int64_t C, int64_t y,
-                                               RowLse lse, float inv_T, float c_ce, float c_kd,
+                                               RowNorm n, float inv_T, float c_ce, float c_kd,
                                                int lane) {
   auto grad_of = [&](float sv, float tv, int64_t j) {
-    float v = c_ce * __expf(sv - lse.lse_s) +
-              c_kd * (__expf(sv * inv_T - lse.lse_sT) - __expf(tv * inv_T - lse.lse_tT));
+    const float ds = sv - n.max_s, dt = tv - n.max_t;
+    float v = c_ce * __expf(ds - n.log_z_s) +
+              c_kd * (__expf(ds * inv_T - n.log_z_sT) - __expf(dt * inv_T - n.log_z_tT));
     return j == y ? v - c_ce : v;
   };
   if constexpr (kVec) {
@@ -193,7 +200,7 @@ kd_forward_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
   const T* s = student + row * C;
   const T* t = teacher + row * C;
   const int64_t y = target[row];
-  float* stats = row_stats + row * 5;
+  float* stats = row_stats + row * kStats;
   const bool ignored = y == p.ignore_index;
   const bool invalid = !ignored && (y < 0 || y >= C);
   if (ignored || invalid) {
@@ -203,7 +210,7 @@ kd_forward_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
     if (lane == 0) {
       row_loss[row] = fill;
 #pragma unroll
-      for (int k = 0; k < 5; ++k) stats[k] = fill;
+      for (int k = 0; k < kStats; ++k) stats[k] = fill;
     }
     if (grad != nullptr) {
       for (int64_t j = lane; j < C; j += kThreadsPerRow) grad[row * C + j] = from_float<T>(0.f);
@@ -235,22 +242,22 @@ kd_forward_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
     }
   }
   st = combine_row<kThreadsPerRow>(st, inv_T);
-  RowLse lse;
-  lse.lse_s = st.max_s + __logf(st.z_s);
-  lse.lse_sT = st.max_s * inv_T + __logf(st.z_sT);
-  lse.lse_tT = st.max_t * inv_T + __logf(st.z_tT);
+  const RowNorm n{st.max_s, st.max_t, logf(st.z_s), logf(st.z_sT), logf(st.z_tT)};
   if (lane == 0) {
-    const float ce = lse.lse_s - to_float(s[y]);
-    const float kl = st.a * inv_T / st.z_tT - lse.lse_tT + lse.lse_sT;
+    // CE = lse(s) - s_y and KL = sum q (t - s)/T - lse(t/T) + lse(s/T), maxima kept apart.
+    const float ce = (n.max_s - to_float(s[y])) + n.log_z_s;
+    const float kl = st.a * inv_T / st.z_tT + (n.max_s - n.max_t) * inv_T + n.log_z_sT - n.log_z_tT;
     row_loss[row] = p.w_ce * ce + p.w_kd * kl;
-    stats[0] = lse.lse_s;
-    stats[1] = lse.lse_sT;
-    stats[2] = lse.lse_tT;
-    stats[3] = ce;
-    stats[4] = kl;
+    stats[0] = n.max_s;
+    stats[1] = n.max_t;
+    stats[2] = n.log_z_s;
+    stats[3] = n.log_z_sT;
+    stats[4] = n.log_z_tT;
+    stats[5] = ce;
+    stats[6] = kl;
   }
   if (grad != nullptr) {
-    write_grad_row<T, kThreadsPerRow, kVec>(s, t, grad + row * C, C, y, lse, inv_T, p.w_ce,
+    write_grad_row<T, kThreadsPerRow, kVec>(s, t, grad + row * C, C, y, n, inv_T, p.w_ce,
                                             p.w_kd * inv_T, lane);
   }
 }
@@ -270,11 +277,11 @@ kd_backward_kernel(const float* __restrict__ grad_rows, const T* __restrict__ st
     for (int64_t j = lane; j < C; j += kThreadsPerRow) g[j] = from_float<T>(0.f);
     return;
   }
-  const float* stats = row_stats + row * 5;
-  const RowLse lse{stats[0], stats[1], stats[2]};
+  const float* stats = row_stats + row * kStats;
+  const RowNorm n{stats[0], stats[1], stats[2], stats[3], stats[4]};
   const float scale = grad_rows[row];
   const float inv_T = p.inv_temperature;
-  write_grad_row<T, kThreadsPerRow, kVec>(student + row * C, teacher + row * C, g, C, y, lse,
+  write_grad_row<T, kThreadsPerRow, kVec>(student + row * C, teacher + row * C, g, C, y, n,
                                           inv_T, scale * p.w_ce, scale * p.w_kd * inv_T, lane);
 }
 

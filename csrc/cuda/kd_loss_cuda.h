@@ -20,7 +20,7 @@ struct KDLossParams {
   int64_t ignore_index;
 };
 
-// row_loss [B] and row_stats [B, 5] are float32; grad [B, C] has the logits' type and may be
+// row_loss [B] and row_stats [B, 7] are float32; grad [B, C] has the logits' type and may be
 // null (no gradient written). Returns the launch status (cudaGetLastError after the launch).
 cudaError_t launch_kd_loss_forward(
     LogitsType type, const void* student, const void* teacher, const int64_t* target,
