@@ -228,3 +228,24 @@ def test_gpu_resident_matches_cpu_path(recipe):
         elif recipe != "vit":  # vit: the erasing noise comes from the device's own generator
             # Photometric float math may round a value on a .5 boundary the other way.
             assert close.float().mean() > 0.99, recipe
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_augmentation_delivers_to_cuda_through_the_copy_stream():
+    auto = build_data("digits", device="cuda", batch_size=64)
+    assert auto.backend == "gpu-resident" and "gpu-resident" in auto.announcement
+    b = build_data("digits", device="cuda", backend="cpu", batch_size=64)
+    ref = build_data("digits", device="cpu", batch_size=64)
+    assert b.backend == "torch-cpu"
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):  # the consumer may train on a stream of its own
+        streamed = dict(b.train.epoch(0))
+        for key in (1, 7, 23):
+            x, y = streamed[key]
+            assert x.is_cuda and y.is_cuda
+            x = x * 1.0  # queued on the side stream after the wait for the copy
+            assert torch.equal(x.cpu(), ref.train.batch(key)[0])
+            assert torch.equal(b.train.batch(key)[0].cpu(), ref.train.batch(key)[0])
+    xt, _ = next(iter(b.test()))
+    assert xt.is_cuda

@@ -224,7 +224,7 @@ class DaliSource(_SourceBase):
         idx, p = self.params(key)
         return self._run(self._host_inputs(idx, p)), p
 
-    def batch(self, key: int) -> Batch:
+    def _produce(self, key: int):
         idx, p = self.params(key)
         x = self._run(self._host_inputs(idx, p))
         return self._finish(x, p), self.labels[idx].to(self.device)

@@ -98,8 +98,19 @@ class _SourceBase:
     def seed(self) -> int:
         return self.indexer.seed
 
-    def batch(self, key: int) -> Batch:  # pragma: no cover - abstract
+    _copier: _DeviceCopier | None = None
+
+    def _produce(self, key: int):  # pragma: no cover - abstract
+        """Make batch ``key`` (any thread); returns what :meth:`_ready` turns into ``(x, y)``."""
         raise NotImplementedError
+
+    def _ready(self, item) -> Batch:
+        """In the consuming thread: order its CUDA stream after the batch's host-to-device copy."""
+        return self._copier.ready(item) if self._copier is not None else item
+
+    def batch(self, key: int) -> Batch:
+        """The batch ``key`` (bit-identical every time): ``(x float32 [b, 3, S, S], y int64 [b])``."""
+        return self._ready(self._produce(key))
 
     def params(self, key: int) -> tuple[Tensor, dict]:
         """``(indices, parameters)`` of this rank's share of batch ``key`` (CPU tensors)."""
@@ -128,7 +139,40 @@ class _SourceBase:
             for k in keys:
                 yield k, self.batch(k)
             return
-        yield from _prefetched(keys, self.batch, self.prefetch)
+        for k, item in _prefetched(keys, self._produce, self.prefetch):
+            yield k, self._ready(item)
+
+
+class _DeviceCopier:
+    """Host-to-device copies of finished CPU batches on a side CUDA stream.
+
+    ``copy`` (any thread) pins the tensors and queues non-blocking copies on the copy stream, so
+    they overlap the consumer's compute; ``ready`` (the consuming thread) makes the consumer's
+    current stream wait for them and tells the caching allocator that the tensors are used there.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+
+    def copy(self, *tensors: Tensor):
+        with torch.cuda.stream(self.stream):
+            out = tuple(t.pin_memory().to(self.device, non_blocking=True) for t in tensors)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return out, event
+
+    def ready(self, item) -> Batch:
+        tensors, event = item
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(event)
+        for t in tensors:
+            t.record_stream(current)
+        return tensors
+
+
+def _copier_for(device: torch.device) -> _DeviceCopier | None:
+    return _DeviceCopier(device) if device.type == "cuda" else None
 
 
 def _prefetched(keys, make, depth: int):
@@ -170,7 +214,8 @@ class TensorSource(_SourceBase):
 
     ``data``: an :class:`ArrayData` (``[N, H, W, 3]``); stored once as ``[N, 3, H, W]`` on
     ``device``. ``batch(key)`` -> ``(x float32 [b, 3, S, S], y int64 [b])`` on ``device``.
-    On CPU, batches of a CUDA consumer can be moved with ``pin_memory=True`` + ``out_device``.
+    ``out_device``: where batches are delivered when it differs from ``device`` (CPU augmentation
+    for a CUDA consumer: pinned, non-blocking copies on a side stream, overlapping compute).
     """
 
     def __init__(self, data: ArrayData, augmenter: Augmenter, *, batch_size: int = 128, seed: int = 0,
@@ -187,15 +232,15 @@ class TensorSource(_SourceBase):
         # On a GPU the augmentation is queued asynchronously: no look-ahead thread is needed.
         self.prefetch = (0 if self.device.type == "cuda" else 1) if prefetch is None else prefetch
         self.backend = "gpu-resident" if self.device.type == "cuda" else "torch-cpu"
+        if self.out_device != self.device:  # CPU augmentation for a GPU consumer
+            self._copier = _copier_for(self.out_device)
 
-    def batch(self, key: int) -> Batch:
+    def _produce(self, key: int):
         idx, p = self.params(key)
         idx_dev = idx.to(self.device, non_blocking=True)
         x = self.images.index_select(0, idx_dev)
         x, y = self.augmenter(x, p), self.labels.index_select(0, idx_dev)
-        if self.out_device != self.device:  # CPU augmentation for a GPU consumer
-            x, y = _to_device(x, self.out_device), _to_device(y, self.out_device)
-        return x, y
+        return self._copier.copy(x, y) if self._copier is not None else (x, y)
 
     def uint8_batch(self, key: int) -> tuple[Tensor, dict]:
         """The geometric stage only (``uint8``) and the parameters: for comparing backends."""
@@ -225,6 +270,7 @@ class FileSource(_SourceBase):
         self.prefetch = prefetch
         self._pool = ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) + 1))
         self.backend = "torch-cpu"
+        self._copier = _copier_for(self.device)
 
     def _first_stage(self, path: str, row: int, p: dict, train: bool) -> Tensor:
         img = torch.from_numpy(decode_image(path)).permute(2, 0, 1).unsqueeze(0)  # [1, 3, H, W]
@@ -246,7 +292,7 @@ class FileSource(_SourceBase):
         imgs = list(self._pool.map(lambda a: self._first_stage(a[1], a[0], p, train), enumerate(paths)))
         return torch.stack(imgs)
 
-    def batch(self, key: int) -> Batch:
+    def _produce(self, key: int):
         idx, p = self.params(key)
         x = self._decode_batch(idx, p, train=True)
         a = self.augmenter
@@ -255,8 +301,8 @@ class FileSource(_SourceBase):
                 x = torch.where(p["flip"].view(-1, 1, 1, 1), x.flip(-1), x)
         else:
             x = a.geometric(x, p)  # already at the output size: crop/flip/rotate
-        x = a.finish(a.photometric(x, p), p)
-        return _to_device(x, self.device), _to_device(self.labels[idx], self.device)
+        x, y = a.finish(a.photometric(x, p), p), self.labels[idx]
+        return self._copier.copy(x, y) if self._copier is not None else (x, y)
 
     def eval_batches(self, batch_size: int) -> Iterator[Batch]:
         """Unaugmented, normalised batches in file order (this rank's share)."""
@@ -267,13 +313,7 @@ class FileSource(_SourceBase):
                 idx = idx[self.indexer.rank::self.indexer.world_size]
             x = ops.normalize(self._decode_batch(idx, None, train=False), self.augmenter.mean,
                               self.augmenter.std)
-            yield _to_device(x, self.device), _to_device(self.labels[idx], self.device)
-
-
-def _to_device(t: Tensor, device: torch.device) -> Tensor:
-    if device.type == "cpu":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
+            yield self._ready(self._copier.copy(x, self.labels[idx])) if self._copier else (x, self.labels[idx])
 
 
 def tensor_eval_batches(images: Tensor, labels: Tensor, augmenter: Augmenter, batch_size: int, *,
