@@ -219,7 +219,7 @@ class Augmenter:
         B, _, H, W = x.shape
         oh, ow = self.out_size
         flip = p.get("flip")
-        flip_dev = flip.to(x.device, non_blocking=True) if flip is not None else None
+        flip_dev = ops.h2d(flip, x.device) if flip is not None else None
         if r.random_resized_crop:
             full = torch.full((B,), H), torch.full((B,), W)
             top, left, h, w = self.boxes(p, *full)
@@ -229,7 +229,7 @@ class Augmenter:
             x = ops.resized_crop(x, zeros, zeros, torch.full((B,), H), torch.full((B,), W), (oh, ow))
         if r.crop_padding is not None:
             top, left = self.crop_offsets(p)
-            x = ops.crop_flip(x, top.to(x.device, non_blocking=True), left.to(x.device, non_blocking=True),
+            x = ops.crop_flip(x, ops.h2d(top, x.device), ops.h2d(left, x.device),
                               (oh, ow), flip_dev, fill=r.crop_fill)
         elif flip_dev is not None:
             x = torch.where(flip_dev.view(B, 1, 1, 1), x.flip(-1), x)
@@ -244,7 +244,7 @@ class Augmenter:
             x = apply_rounds(x, p["policy"], fill=r.policy_fill)
         if r.cutout_length:
             H, W = x.shape[2:]
-            c = torch.floor(p["cutout"] * torch.tensor([H, W])).long().to(x.device, non_blocking=True)
+            c = ops.h2d(torch.floor(p["cutout"] * torch.tensor([H, W])).long(), x.device)
             x = ops.cutout(x, c[:, 0], c[:, 1], r.cutout_length, value=0)
         return x
 
@@ -267,8 +267,8 @@ class Augmenter:
         xs = torch.arange(W).view(1, W)
         t, l_, hh, ww = (v[rows].view(-1, 1) for v in (top, left, h, w))
         mask = ((ys >= t) & (ys < t + hh)).view(-1, 1, H, 1) & ((xs >= l_) & (xs < l_ + ww)).view(-1, 1, 1, W)
-        rows_dev = rows.to(y.device, non_blocking=True)
-        sub = torch.where(mask.to(y.device, non_blocking=True), noise, y.index_select(0, rows_dev))
+        rows_dev = ops.h2d(rows, y.device)
+        sub = torch.where(ops.h2d(mask, y.device), noise, y.index_select(0, rows_dev))
         return y.index_copy(0, rows_dev, sub)
 
     def __call__(self, x: Tensor, p: dict) -> Tensor:

@@ -12,6 +12,16 @@ import torch
 from torch import Tensor
 
 
+def h2d(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device``; CPU -> CUDA goes through pinned memory so the copy is asynchronous
+    (a copy from pageable memory would stall the host until the GPU queue drains)."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _gather_pixels(x: Tensor, ys: Tensor, xs: Tensor, valid: Tensor | None, fill: float) -> Tensor:
     """``out[b, c, i, j] = x[b, c, ys[b, i, j], xs[b, i, j]]`` (``fill`` where not ``valid``).
 
@@ -61,7 +71,7 @@ def affine_nearest(x: Tensor, inverse: Tensor, fill: float = 0) -> Tensor:
     # sum of a row term and a column term: one pass over [B, H, W].
     u = torch.arange(W, device=dev, dtype=torch.float64) + 0.5
     v = torch.arange(H, device=dev, dtype=torch.float64) + 0.5
-    m = inverse.to(device=dev, dtype=torch.float64)
+    m = h2d(inverse, dev).double()
     sx = (m[:, 0, 0, None] * u).view(B, 1, W) + (m[:, 0, 1, None] * v + m[:, 0, 2, None]).view(B, H, 1)
     sy = (m[:, 1, 0, None] * u).view(B, 1, W) + (m[:, 1, 1, None] * v + m[:, 1, 2, None]).view(B, H, 1)
     xs = torch.floor(sx).long()
@@ -88,7 +98,7 @@ def rotation_inverse(angle_deg: Tensor, height: int, width: int) -> Tensor:
 def rotate_nearest(x: Tensor, angle_deg: Tensor, fill: float = 0) -> Tensor:
     """Rotate each image counter-clockwise by ``angle_deg[b]`` degrees about its centre, nearest
     neighbour, corners filled with ``fill`` (as ``RandomRotation`` with its default interpolation)."""
-    inv = rotation_inverse(angle_deg.cpu(), x.shape[2], x.shape[3]).to(x.device, non_blocking=True)
+    inv = h2d(rotation_inverse(angle_deg.cpu(), x.shape[2], x.shape[3]), x.device)
     return affine_nearest(x, inv, fill)
 
 
@@ -101,8 +111,8 @@ def _axis_coords(start: Tensor, extent: Tensor, n: int, dev: torch.device):
     """Bilinear taps along one axis: ``(i0, i1, frac)`` of shape ``[B, n]`` for output samples at
     half-pixel centres of the box ``[start, start + extent)``, clamped to the box."""
     B = start.shape[0]
-    start = start.to(dev, torch.float32).view(B, 1)
-    extent = extent.to(dev, torch.float32).view(B, 1)
+    start = h2d(start, dev).float().view(B, 1)
+    extent = h2d(extent, dev).float().view(B, 1)
     pos = start + (torch.arange(n, device=dev, dtype=torch.float32).view(1, n) + 0.5) * (extent / n) - 0.5
     pos = torch.minimum(torch.maximum(pos, start), start + extent - 1)
     i0 = pos.floor()
@@ -136,7 +146,7 @@ def resized_crop(x: Tensor, top: Tensor, left: Tensor, height: Tensor, width: Te
     y0, y1, fy = _axis_coords(top, height, oh, dev)  # [B, oh]
     x0, x1, fx = _axis_coords(left, width, ow, dev)  # [B, ow]
     if flip is not None:
-        f = flip.to(dev).view(B, 1).bool()
+        f = h2d(flip, dev).view(B, 1).bool()
         x0, x1, fx = (torch.where(f, t.flip(1), t) for t in (x0, x1, fx))
     xf = x.float()
     if H * W <= MATMUL_MAX_PIXELS:
@@ -170,8 +180,8 @@ def cutout(x: Tensor, cy: Tensor, cx: Tensor, length: int, value: int = 0) -> Te
     half = length // 2
     ys = torch.arange(H, device=dev).view(1, H)
     xs = torch.arange(W, device=dev).view(1, W)
-    cy = cy.to(dev).view(B, 1).long()
-    cx = cx.to(dev).view(B, 1).long()
+    cy = h2d(cy, dev).view(B, 1).long()
+    cx = h2d(cx, dev).view(B, 1).long()
     in_y = (ys >= cy - half) & (ys < cy - half + length)
     in_x = (xs >= cx - half) & (xs < cx - half + length)
     hole = (in_y.view(B, 1, H, 1) & in_x.view(B, 1, 1, W))
@@ -181,7 +191,7 @@ def cutout(x: Tensor, cy: Tensor, cx: Tensor, length: int, value: int = 0) -> Te
 # ------------------------------------------------------------------------ photometric (uint8 -> uint8)
 def _blend(a: Tensor, b: Tensor, factor: Tensor) -> Tensor:
     """``factor * a + (1 - factor) * b``, clamped and rounded to uint8; ``factor`` is ``[B]``."""
-    f = factor.to(a.device, torch.float32).view(-1, 1, 1, 1)
+    f = h2d(factor, a.device).float().view(-1, 1, 1, 1)
     out = b.float() + f * (a.float() - b.float())
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
@@ -222,20 +232,20 @@ def sharpness(x: Tensor, factor: Tensor) -> Tensor:
 
 def posterize(x: Tensor, bits: Tensor) -> Tensor:
     """Keep the top ``bits[b]`` (1..8) bits of every channel value."""
-    shift = (8 - bits.to(x.device).long().clamp(0, 8)).view(-1, 1, 1, 1)
+    shift = (8 - h2d(bits, x.device).long().clamp(0, 8)).view(-1, 1, 1, 1)
     mask = ((255 >> shift) << shift).to(torch.uint8)
     return x & mask
 
 
 def solarize(x: Tensor, threshold: Tensor) -> Tensor:
     """Invert every value ``>= threshold[b]``."""
-    t = threshold.to(x.device, torch.float32).view(-1, 1, 1, 1)
+    t = h2d(threshold, x.device).float().view(-1, 1, 1, 1)
     return torch.where(x.float() >= t, 255 - x, x)
 
 
 def solarize_add(x: Tensor, addition: Tensor, threshold: int = 128) -> Tensor:
     """Add ``addition[b]`` to values below ``threshold`` (clamped to 255)."""
-    a = addition.to(x.device, torch.float32).view(-1, 1, 1, 1)
+    a = h2d(addition, x.device).float().view(-1, 1, 1, 1)
     added = (x.float() + a).clamp_(0, 255).to(torch.uint8)
     return torch.where(x < threshold, added, x)
 

@@ -173,7 +173,7 @@ def _geometric_inverse(name: str, value: Tensor, height: int, width: int) -> Ten
 
 def _apply_op(name: str, x: Tensor, value: Tensor, fill: int) -> Tensor:
     if name in _GEOMETRIC:
-        inv = _geometric_inverse(name, value, x.shape[2], x.shape[3]).to(x.device, non_blocking=True)
+        inv = ops.h2d(_geometric_inverse(name, value, x.shape[2], x.shape[3]), x.device)
         return ops.affine_nearest(x, inv, fill)
     if name == "Color":
         return ops.color(x, value)
@@ -211,7 +211,7 @@ def apply_rounds(x: Tensor, rounds: list[tuple[Tensor, Tensor, Tensor]], fill: i
             if name == "Identity":
                 continue
             rows = (active == op_id).nonzero().flatten()
-            rows_dev = rows.to(x.device, non_blocking=True)
+            rows_dev = ops.h2d(rows, x.device)
             sub = x.index_select(0, rows_dev)
             x.index_copy_(0, rows_dev, _apply_op(name, sub, value[rows], fill))
     return x
