@@ -212,6 +212,6 @@ def apply_rounds(x: Tensor, rounds: list[tuple[Tensor, Tensor, Tensor]], fill: i
                 continue
             rows = (active == op_id).nonzero().flatten()
             rows_dev = ops.h2d(rows, x.device)
-            sub = x.index_select(0, rows_dev)
+            sub = x[rows_dev]  # advanced indexing: several times faster than index_select for uint8 on CPU
             x.index_copy_(0, rows_dev, _apply_op(name, sub, value[rows], fill))
     return x

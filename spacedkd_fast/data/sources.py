@@ -238,8 +238,7 @@ class TensorSource(_SourceBase):
     def _produce(self, key: int):
         idx, p = self.params(key)
         idx_dev = ops.h2d(idx, self.device)
-        x = self.images.index_select(0, idx_dev)
-        x, y = self.augmenter(x, p), self.labels.index_select(0, idx_dev)
+        x, y = self.augmenter(self.images[idx_dev], p), self.labels[idx_dev]
         return self._copier.copy(x, y) if self._copier is not None else (x, y)
 
     def uint8_batch(self, key: int) -> tuple[Tensor, dict]:
