@@ -67,12 +67,16 @@ class ReplayMismatchError(RuntimeError):
         self.key, self.expected, self.got = key, expected, got
 
 
+def _tracking_bns(module: nn.Module) -> list[_BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+
 @contextlib.contextmanager
-def frozen_bn_stats(module: nn.Module) -> Iterator[None]:
+def frozen_bn_stats(module: nn.Module, bns: list[_BatchNorm] | None = None) -> Iterator[None]:
     """BatchNorm layers of ``module`` normalise with batch statistics in train mode but leave
     ``running_mean``, ``running_var`` and ``num_batches_tracked`` untouched (they briefly stop
-    tracking; no buffer is copied or written)."""
-    changed = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    tracking; no buffer is copied or written). ``bns``: the layers, if already collected."""
+    changed = _tracking_bns(module) if bns is None else bns
     for m in changed:
         m.track_running_stats = False
     try:
@@ -80,6 +84,13 @@ def frozen_bn_stats(module: nn.Module) -> Iterator[None]:
     finally:
         for m in changed:
             m.track_running_stats = True
+
+
+def _train(model: nn.Module) -> None:
+    """Train mode, set only when the model is not in it (a per-step ``train()`` walks every
+    module, and would undo a submodule the user keeps in eval mode on purpose)."""
+    if not model.training:
+        model.train()
 
 
 def _split(out: Any) -> tuple[Tensor | None, Any]:
@@ -102,6 +113,11 @@ def _target_logits(z: Any) -> Tensor:
     return (z[0] + z[1]) / 2 if isinstance(z, tuple | list) else z
 
 
+def _to(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device`` (no call at all when it is there already: this runs every step)."""
+    return t if t.device == device else t.to(device, non_blocking=True)
+
+
 def _fp32(t: Tensor) -> Tensor:
     """Half-precision tensors go to fp32 for losses; fp32 / fp64 stay as they are."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
@@ -111,6 +127,14 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _norm_device(device: torch.device | str) -> torch.device:
+    """``cuda`` -> ``cuda:<current>`` so that device comparisons mean what they say."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -156,32 +180,32 @@ class _BufferGuard:
 
 
 class _Stats:
-    """Running sums on the device; ``pop`` reads them with one host transfer per device."""
+    """Detached loss values kept on the device (folded into one sum every 256 values, so the
+    list stays short); ``pop`` reads their means with one host transfer per device."""
+
+    FOLD = 256
 
     def __init__(self) -> None:
-        self.sums: dict[str, Tensor] = {}
+        self.values: dict[str, list[Tensor]] = {}
         self.counts: dict[str, int] = {}
 
     def add(self, name: str, value: Tensor) -> None:
-        v = value.detach().to(torch.float64)
-        if name in self.sums:
-            self.sums[name] += v.to(self.sums[name].device)
-        else:
-            self.sums[name] = v.clone()
+        vals = self.values.setdefault(name, [])
+        vals.append(value.detach())
         self.counts[name] = self.counts.get(name, 0) + 1
+        if len(vals) >= self.FOLD:
+            self.values[name] = [torch.stack([v.to(torch.float64) for v in vals]).sum()]
 
     def pop(self) -> dict[str, float]:
-        if not self.sums:
-            return {}
-        names = list(self.sums)
         by_device: dict[torch.device, list[str]] = {}
-        for name in names:
-            by_device.setdefault(self.sums[name].device, []).append(name)
+        for name, vals in self.values.items():
+            by_device.setdefault(vals[0].device, []).append(name)
         out: dict[str, float] = {}
-        for _, group in by_device.items():
-            values = torch.stack([self.sums[n] for n in group]).tolist()
-            out.update({n: v / self.counts[n] for n, v in zip(group, values)})
-        self.sums, self.counts = {}, {}
+        for device, names in by_device.items():
+            sums = torch.stack([torch.stack([v.to(device, torch.float64).reshape(())
+                                             for v in self.values[n]]).sum() for n in names])
+            out.update({n: v / self.counts[n] for n, v in zip(names, sums.tolist())})
+        self.values, self.counts = {}, {}
         return out
 
 
@@ -213,15 +237,17 @@ class _EngineBase:
         ``check_finite``), the batch checksum (when tracing or verifying) and the recorded one."""
         parts: list[Tensor] = []
         want_cs = checksum is not None and (self.trace is not None or expected is not None)
+        if not want_cs and self.check_finite and len(losses) == 1:
+            return [losses[0].item()], None, None  # the common case: one scalar, one read
         if self.check_finite:
             parts += [loss.detach().reshape(1).to(torch.float64) for loss in losses]
         if want_cs:
             parts.append(checksum)
             if expected is not None:
-                parts.append(expected.to(checksum.device))
+                parts.append(_to(expected, checksum.device))
         if not parts:
             return [None] * len(losses), None, None
-        vals = torch.cat([p.to(parts[0].device) for p in parts]).tolist()
+        vals = torch.cat([_to(p, parts[0].device) for p in parts]).tolist()
         nl = len(losses) if self.check_finite else 0
         lossv = vals[:nl] if nl else [None] * len(losses)
         cs = vals[nl:nl + 4] if want_cs else None
@@ -249,6 +275,9 @@ class _EngineBase:
                 f"non-finite {role} loss ({value}) at {role} step {step} (key {key!r}{what}); "
                 "no optimizer step was taken, the weights are those after the last good step",
                 step=step, role=role, key=key)
+
+    def _need_checksum(self) -> bool:
+        return self.trace is not None or self.replay_buffer.verifies
 
     def _write(self, event: str, **fields: Any) -> None:
         if self.trace is not None:
@@ -363,12 +392,12 @@ class SpacedDistiller(_EngineBase):
         self.beta = float(beta)
         self.projector_seed = int(projector_seed)
 
-        self.student_device = torch.device(student_device) if student_device is not None \
+        self.student_device = _norm_device(student_device) if student_device is not None \
             else _model_device(student)
         if student_device is not None:
             student.to(self.student_device)
         if teacher is not None:
-            self.teacher_device = torch.device(teacher_device) if teacher_device is not None \
+            self.teacher_device = _norm_device(teacher_device) if teacher_device is not None \
                 else _model_device(teacher)
             if teacher_device is not None:
                 teacher.to(self.teacher_device)
@@ -392,6 +421,7 @@ class SpacedDistiller(_EngineBase):
         self.overlap = self._want_overlap(overlap)
         self._snapshot: nn.Module | None = None
         self._lanes = Lanes(self.teacher_device, self.student_device, self.overlap)
+        self._bn_cache: dict[int, list[_BatchNorm]] = {}
         self._queue: list[Record] = []  # overlap: student work of the last interval, not issued
         self._queue_teacher_step = 0
 
@@ -466,17 +496,17 @@ class SpacedDistiller(_EngineBase):
                 self._replay("interval")
 
     def _teacher_forward_train(self, x: Tensor) -> tuple[Tensor | None, Any]:
-        self.teacher.train()
+        _train(self.teacher)
         with _autocast(self.teacher_device, self.amp_dtype):
             return _split(self.teacher(x))
 
     def _teacher_record_step(self, key: Any, x: Tensor, y: Tensor) -> None:
-        x = x.to(self.teacher_device, non_blocking=True)
-        y = y.to(self.teacher_device, non_blocking=True)
+        x = _to(x, self.teacher_device)
+        y = _to(y, self.teacher_device)
         with self._guard(self.teacher):
             _, z = self._teacher_forward_train(x)
             loss = F.cross_entropy(_fp32(_ce_logits(z)), y)
-            checksum = batch_checksum(x, y)
+            checksum = batch_checksum(x, y) if self._need_checksum() else None
             (lossv,), cs, _ = self._host_read([loss], checksum, None)
             self._check_loss(lossv, "teacher", self.teacher_steps + 1, key, "")
         self._backward_step(loss, self.teacher_opt, self.teacher_scheduler)
@@ -487,9 +517,9 @@ class SpacedDistiller(_EngineBase):
                     key=self._key_json(key), checksum=cs)
 
     def _base_step(self, key: Any, x: Tensor, y: Tensor) -> None:
-        x = x.to(self.student_device, non_blocking=True)
-        y = y.to(self.student_device, non_blocking=True)
-        self.student.train()
+        x = _to(x, self.student_device)
+        y = _to(y, self.student_device)
+        _train(self.student)
         with self._guard(self.student):
             with _autocast(self.student_device, self.amp_dtype):
                 _, z = _split(self.student(x))
@@ -501,16 +531,16 @@ class SpacedDistiller(_EngineBase):
         self._student_done_one(key, None, cs, loss, None)
 
     def _online_step(self, key: Any, x: Tensor, y: Tensor) -> None:
-        xt = x.to(self.teacher_device, non_blocking=True)
-        yt = y.to(self.teacher_device, non_blocking=True)
+        xt = _to(x, self.teacher_device)
+        yt = _to(y, self.teacher_device)
         # both losses are checked before either model is updated: a refused step writes nothing
         with self._guard(self.teacher, self.student):
             t_feat, t_z = self._teacher_forward_train(xt)
             t_loss = F.cross_entropy(_fp32(_ce_logits(t_z)), yt)
-            xs = x.to(self.student_device, non_blocking=True)
-            ys = y.to(self.student_device, non_blocking=True)
-            target = _target_logits(t_z).detach().to(self.student_device)
-            feat = None if t_feat is None else t_feat.detach().to(self.student_device)
+            xs = _to(x, self.student_device)
+            ys = _to(y, self.student_device)
+            target = _to(_target_logits(t_z).detach(), self.student_device)
+            feat = None if t_feat is None else _to(t_feat.detach(), self.student_device)
             s_loss, parts = self._student_loss(xs, ys, target, feat)
             checksum = batch_checksum(xt, yt) if self.trace is not None else None
             (tv, sv), cs, _ = self._host_read([t_loss, s_loss], checksum, None)
@@ -527,7 +557,7 @@ class SpacedDistiller(_EngineBase):
     # -- the student's KD step --------------------------------------------------------------
     def _student_loss(self, x: Tensor, y: Tensor, t_logits: Tensor, t_feat: Tensor | None
                       ) -> tuple[Tensor, dict[str, Tensor]]:
-        self.student.train()
+        _train(self.student)
         with _autocast(self.student_device, self.amp_dtype):
             s_feat, s_z = _split(self.student(x))
         kd_logits = s_z[1] if isinstance(s_z, tuple | list) else s_z
@@ -579,17 +609,23 @@ class SpacedDistiller(_EngineBase):
     def _soft_targets(self, teacher: nn.Module, x: Tensor) -> tuple[Tensor | None, Tensor]:
         """Soft targets from ``teacher`` (its current mode); BN running stats untouched unless
         ``teacher_bn_update``."""
-        freeze = contextlib.nullcontext() if self.teacher_bn_update else frozen_bn_stats(teacher)
+        if self.teacher_bn_update:
+            freeze = contextlib.nullcontext()
+        else:
+            bns = self._bn_cache.get(id(teacher))
+            if bns is None:  # collected once per module (teacher or snapshot)
+                bns = self._bn_cache[id(teacher)] = _tracking_bns(teacher)
+            freeze = frozen_bn_stats(teacher, bns)
         device = _model_device(teacher)  # the live teacher may sit on another GPU than x
         with torch.no_grad(), freeze, _autocast(device, self.amp_dtype):
-            feat, z = _split(teacher(x.to(device, non_blocking=True)))
-        z = _target_logits(z).to(self.student_device, non_blocking=True)
-        return (None if feat is None else feat.to(self.student_device, non_blocking=True)), z
+            feat, z = _split(teacher(_to(x, device)))
+        z = _to(_target_logits(z), self.student_device)
+        return (None if feat is None else _to(feat, self.student_device)), z
 
     def _replay_one(self, rec: Record, teacher: nn.Module, teacher_step: int) -> None:
         x, y = self.replay_buffer.fetch(rec)
-        x = x.to(self.student_device, non_blocking=True)
-        y = y.to(self.student_device, non_blocking=True)
+        x = _to(x, self.student_device)
+        y = _to(y, self.student_device)
         verify = self.replay_buffer.verifies
         checksum = batch_checksum(x, y) if (verify or self.trace is not None) else None
         # with teacher_bn_update the soft-target forward writes the teacher's BN statistics
@@ -757,7 +793,7 @@ class SelfDistiller(_EngineBase):
             else CopyReplay(copy_device, copy_dtype)
 
     def _forward(self, x: Tensor) -> tuple[list[Tensor] | None, list[Tensor]]:
-        self.model.train()
+        _train(self.model)
         with _autocast(self.device, self.amp_dtype):
             out = self.model(x)
         feats, logits = _split(out)
@@ -809,15 +845,15 @@ class SelfDistiller(_EngineBase):
         if self._finished:
             raise RuntimeError("step() after finish(); build a new distiller for a new run")
         self.n += 1
-        x = x.to(self.device, non_blocking=True)
-        y = y.to(self.device, non_blocking=True)
+        x = _to(x, self.device)
+        y = _to(y, self.device)
         if self.mode == "self":
             self._kd_step(key, x, y, expected=None, teacher_step=self.n)
             return
         with self._guard(self.model):
             _, logits = self._forward(x)
             loss = F.cross_entropy(_fp32(logits[-1]), y)
-            checksum = batch_checksum(x, y)
+            checksum = batch_checksum(x, y) if self._need_checksum() else None
             (lossv,), cs, _ = self._host_read([loss], checksum, None)
             self._check_loss(lossv, "teacher", self.teacher_steps + 1, key, " (deepest-exit CE)")
         self._backward_step(loss, self.opt, self.scheduler)
@@ -860,8 +896,8 @@ class SelfDistiller(_EngineBase):
                     reason=reason)
         for rec in records:
             x, y = self.replay_buffer.fetch(rec)
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
+            x = _to(x, self.device)
+            y = _to(y, self.device)
             expected = rec.checksum if self.replay_buffer.verifies else None
             self._kd_step(rec.key, x, y, expected, self.teacher_steps)
         self._write("replay_end", teacher_step=self.teacher_steps, count=len(records),

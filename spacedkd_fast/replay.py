@@ -5,7 +5,7 @@
 - :class:`CopyReplay` keeps a copy of every batch it is handed (on a device and in a dtype the user
   picks), for sources that cannot regenerate a batch. This is what the official code does
   (float32 pixels on the host).
-- :class:`TensorSource` is a small in-memory replayable source (tensors + a keyed permutation and a
+- :class:`InMemorySource` is a small in-memory replayable source (tensors + a keyed permutation and a
   keyed "augmentation"), for tests, examples and benchmarks.
 
 Byte accounting (``bytes_held`` / ``bytes_per_sample``) counts what a buffer holds for its pending
@@ -28,16 +28,19 @@ KEY_BYTES = 8  # a key is an int; count it as an int64
 
 @dataclass
 class Record:
-    """One pending batch: its key, batch size, checksum ``[4]`` float64 (teacher side) and, for
-    ``CopyReplay``, the stored batch."""
+    """One pending batch: its key, batch size, checksum ``[4]`` float64 (teacher side; ``None``
+    when nothing will read it: a ``CopyReplay`` without a trace) and, for ``CopyReplay``, the
+    stored batch."""
 
     key: Any
     size: int
-    checksum: Tensor
+    checksum: Tensor | None
     batch: Batch | None = None
 
     def nbytes(self) -> int:
-        n = KEY_BYTES + self.checksum.numel() * self.checksum.element_size()
+        n = KEY_BYTES
+        if self.checksum is not None:
+            n += self.checksum.numel() * self.checksum.element_size()
         if self.batch is not None:
             n += sum(t.numel() * t.element_size() for t in self.batch)
         return n
@@ -55,7 +58,7 @@ class _ReplayBuffer:
     def __len__(self) -> int:
         return len(self.pending)
 
-    def record(self, key: Any, x: Tensor, y: Tensor, checksum: Tensor) -> None:
+    def record(self, key: Any, x: Tensor, y: Tensor, checksum: Tensor | None) -> None:
         raise NotImplementedError
 
     def fetch(self, rec: Record) -> Batch:
@@ -83,7 +86,7 @@ class _ReplayBuffer:
         return {
             "keys": [r.key for r in self.pending],
             "sizes": [r.size for r in self.pending],
-            "checksums": [r.checksum.cpu() for r in self.pending],
+            "checksums": [None if r.checksum is None else r.checksum.cpu() for r in self.pending],
             "batches": [None if r.batch is None else tuple(t.cpu() for t in r.batch)
                         for r in self.pending],
         }
@@ -95,7 +98,8 @@ class _ReplayBuffer:
                                         state["batches"]):
             if batch is not None:
                 batch = tuple(t.to(self._store_device(t, device)) for t in batch)
-            self.pending.append(Record(key, int(size), cs.to(device or "cpu"), batch))
+            cs = None if cs is None else cs.to(device or "cpu")
+            self.pending.append(Record(key, int(size), cs, batch))
 
     def _store_device(self, t: Tensor, default):
         return default or t.device
@@ -114,7 +118,9 @@ class KeyedReplay(_ReplayBuffer):
             )
         self.source = source
 
-    def record(self, key: Any, x: Tensor, y: Tensor, checksum: Tensor) -> None:
+    def record(self, key: Any, x: Tensor, y: Tensor, checksum: Tensor | None) -> None:
+        if checksum is None:
+            raise ValueError("keyed replay needs the batch checksum to verify the replay")
         self.pending.append(Record(key, int(x.shape[0]), checksum))
 
     def fetch(self, rec: Record) -> Batch:
@@ -141,7 +147,7 @@ class CopyReplay(_ReplayBuffer):
         self.device = None if device is None else torch.device(device)
         self.dtype = dtype
 
-    def record(self, key: Any, x: Tensor, y: Tensor, checksum: Tensor) -> None:
+    def record(self, key: Any, x: Tensor, y: Tensor, checksum: Tensor | None) -> None:
         dtype = self.dtype if (self.dtype is not None and x.is_floating_point()) else x.dtype
         xs = x.detach().to(device=self.device or x.device, dtype=dtype, copy=True)
         ys = y.detach().to(device=self.device or y.device, copy=True)
@@ -155,7 +161,7 @@ class CopyReplay(_ReplayBuffer):
         return self.device or default or t.device
 
 
-class TensorSource:
+class InMemorySource:
     """An in-memory :class:`ReplayableSource` over ``x: [N, ...]``, ``y: [N]``.
 
     Key ``n = epoch * L + i + 1`` for batch ``i`` of an epoch. The epoch permutation comes from a
@@ -174,12 +180,20 @@ class TensorSource:
         self.seed, self.noise, self.shuffle = int(seed), float(noise), shuffle
         self.num_samples = int(x.shape[0])
         self.steps_per_epoch = -(-self.num_samples // self.batch_size)
+        self._perms: dict[int, Tensor] = {}  # the last few epochs' permutations
 
     def _perm(self, epoch: int) -> Tensor:
-        if not self.shuffle:
-            return torch.arange(self.num_samples)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.num_samples, generator=g)
+        perm = self._perms.get(epoch)
+        if perm is None:
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                perm = torch.randperm(self.num_samples, generator=g)
+            else:
+                perm = torch.arange(self.num_samples)
+            if len(self._perms) >= 4:
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = perm
+        return perm
 
     def _make(self, key: int, perm: Tensor) -> Batch:
         i = (key - 1) % self.steps_per_epoch

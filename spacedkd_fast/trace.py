@@ -22,21 +22,44 @@ import torch
 from torch import Tensor
 
 
+_WEIGHTS: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def _weights(n: int, device: torch.device) -> Tensor:
+    """``[n, 2]`` float64: a column of ones and a column ``1..n``, cached per (n, device)
+    (checksums run every step; cached tensors are never freed, as any stream may read them)."""
+    key = (n, device)
+    w = _WEIGHTS.get(key)
+    if w is None:
+        pos = torch.arange(1, n + 1, device=device, dtype=torch.float64)
+        w = torch.stack([torch.ones_like(pos), pos], dim=1)
+        if len(_WEIGHTS) < 16:
+            _WEIGHTS[key] = w
+    return w
+
+
 def batch_checksum(x: Tensor, y: Tensor) -> Tensor:
-    """Float64 digest ``[4]`` of a batch ``x: [B, ...]``, ``y: [B, ...]``, on their device.
+    """Float64 digest ``[4]`` of a batch ``x: [B, ...]``, ``y: [B, ...]``, on their device:
+    ``[sum(x), sum_i (i+1) sum(x[i]), sum(y), sum_i (i+1) sum(y[i])]`` from one small matmul.
 
     No host synchronisation: the caller decides when (and whether) to read it.
     """
     if x.dim() == 0 or y.dim() == 0:
         raise ValueError(f"a batch needs a leading batch dimension, got x {tuple(x.shape)}, "
                          f"y {tuple(y.shape)}")
-    parts = []
-    for t in (x, y):
-        rows = t.detach().reshape(t.shape[0], -1).to(torch.float64).sum(dim=1)
-        weights = torch.arange(1, rows.numel() + 1, device=rows.device, dtype=torch.float64)
-        parts.append(rows.sum())
-        parts.append(torch.dot(rows, weights))
-    return torch.stack(parts)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must have the same batch size, got {x.shape[0]} and "
+                         f"{y.shape[0]}")
+    b = x.shape[0]
+    # row sums accumulated in float64 directly (no float64 copy of the batch)
+    rows = torch.stack([x.detach().reshape(b, -1).sum(dim=1, dtype=torch.float64),
+                        _to_device(y.detach().reshape(b, -1), x.device).sum(dim=1,
+                                                                            dtype=torch.float64)])
+    return (rows @ _weights(b, x.device)).reshape(4)
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    return t if t.device == device else t.to(device)
 
 
 class TraceWriter:

@@ -11,10 +11,6 @@ import copy
 
 import pytest
 import torch
-
-from spacedkd_fast.distill import SpacedDistiller
-from spacedkd_fast.trace import read_trace
-
 from test_distill_toys import (
     BETA,
     DTYPE,
@@ -29,6 +25,9 @@ from test_distill_toys import (
     ref_kd_loss,
     sgd,
 )
+
+from spacedkd_fast.distill import SpacedDistiller
+from spacedkd_fast.trace import read_trace
 
 EPOCHS = 5
 

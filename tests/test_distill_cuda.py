@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from test_distill_toys import TinyNet, assert_same_weights, ref_kd_loss, sgd
 
 from spacedkd_fast.distill import SpacedDistiller
-from spacedkd_fast.replay import TensorSource
+from spacedkd_fast.replay import InMemorySource
 from spacedkd_fast.trace import read_trace
 
 pytestmark = [
@@ -25,7 +25,7 @@ def make_source(device, n=2000, batch=256):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, IN_DIM, generator=g).to(device)
     y = torch.randint(0, 10, (n,), generator=g).to(device)
-    return TensorSource(x, y, batch, seed=0, noise=0.05)
+    return InMemorySource(x, y, batch, seed=0, noise=0.05)
 
 
 def run(overlap, *, keyed=True, epochs=4, trace=None, teacher_device="cuda",

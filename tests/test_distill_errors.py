@@ -22,7 +22,7 @@ from spacedkd_fast.distill import (
     SelfDistiller,
     SpacedDistiller,
 )
-from spacedkd_fast.replay import TensorSource
+from spacedkd_fast.replay import InMemorySource
 
 
 def make(mode="spaced", **kw):
@@ -42,7 +42,7 @@ def test_negative_interval_rate(rate):
         SelfDistiller(model, sgd(model), interval_rate=rate, steps_per_epoch=7)
 
 
-class _Drifting(TensorSource):
+class _Drifting(InMemorySource):
     """Gives back a different batch for one key (as a source with an unseeded augmentation
     would)."""
 

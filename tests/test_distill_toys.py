@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spacedkd_fast.replay import TensorSource
+from spacedkd_fast.replay import InMemorySource
 
 DTYPE = torch.float64
 
@@ -72,12 +72,12 @@ class TinyMultiExit(nn.Module):
         return feats, logits
 
 
-def make_source(n: int = 50, batch: int = 8, seed: int = 0, noise: float = 0.1) -> TensorSource:
+def make_source(n: int = 50, batch: int = 8, seed: int = 0, noise: float = 0.1) -> InMemorySource:
     """50 samples in batches of 8: L = 7 with a last batch of 2."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, IN_DIM, generator=g, dtype=DTYPE)
     y = torch.randint(0, CLASSES, (n,), generator=g)
-    return TensorSource(x, y, batch, seed=seed, noise=noise)
+    return InMemorySource(x, y, batch, seed=seed, noise=noise)
 
 
 def make_pair(seed: int = 0, teacher_hidden: int = 10, student_hidden: int = 6, **kw):
@@ -260,7 +260,7 @@ def naive_self(model, batches, interval=None, first_replay_at=None, beta=BETA,
             kd_step(bx, by)
 
 
-def batches_of(source: TensorSource, epochs: int):
+def batches_of(source: InMemorySource, epochs: int):
     return [b for _, b in source.epochs(epochs)]
 
 

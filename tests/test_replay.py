@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from spacedkd_fast.replay import KEY_BYTES, CopyReplay, KeyedReplay, TensorSource
+from spacedkd_fast.replay import KEY_BYTES, CopyReplay, KeyedReplay, InMemorySource
 from spacedkd_fast.replay_protocol import ReplayableSource
 from spacedkd_fast.trace import batch_checksum
 
@@ -12,7 +12,7 @@ def _source(noise=0.1):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(50, 3, 4, 4, generator=g)
     y = torch.randint(0, 5, (50,), generator=g)
-    return TensorSource(x, y, batch_size=8, seed=3, noise=noise)
+    return InMemorySource(x, y, batch_size=8, seed=3, noise=noise)
 
 
 def test_tensor_source_is_replayable_and_regenerates_bitwise():

@@ -1,0 +1,278 @@
+"""The spacing engine: per-step overhead against a bare hand-written loop, bytes held per buffered
+sample, and (CUDA) spaced vs online step time with overlap on and off.
+
+- ``engine-overhead-cpu``: one round = 20 batches of spaced KD with ``I = 10`` (20 teacher steps,
+  two replays of 10 student steps), toy MLPs with BatchNorm (512 -> 1024 teacher, 512 -> 512
+  student, 100 classes, batch 128). Baseline: a bare loop that does the same work the way the
+  official code does (pixel copies, teacher in train mode). The engine's target is under 5 %
+  overhead. Without ``SPACEDKD_BENCH_QUICK`` each engine row's note also gives the ratio from
+  rounds run alternately with the bare loop (robust to a shared machine's changing load).
+- ``replay-bytes-*``: recording and fetching a few CIFAR-100 / ImageNet-shaped batches with keyed
+  replay vs ``CopyReplay`` on the host in float32 (the official buffer); each row's note gives the
+  bytes held per buffered sample measured from the buffer and computed, and the whole interval's
+  buffer at s = 1.5 (CIFAR-100: L = 391, I = 586, batch 128; ImageNet: L = 5,005, I = 7,507,
+  batch 256).
+- ``engine-cuda-resnet18`` (CUDA only): CIFAR ResNet-18 teacher and student, batch 128; time per
+  step of online, spaced (overlap off / on), with and without the per-step finite check.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spacedkd_fast.distill import SpacedDistiller
+from spacedkd_fast.replay import CopyReplay, InMemorySource, KeyedReplay
+from spacedkd_fast.trace import batch_checksum
+
+QUICK = os.environ.get("SPACEDKD_BENCH_QUICK", "0") not in ("", "0")
+
+
+def _toys():
+    """The tests' toy models and reference loss (one definition of "the reference")."""
+    path = Path(__file__).resolve().parent.parent / "tests" / "test_distill_toys.py"
+    spec = importlib.util.spec_from_file_location("_engine_toys", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+toys = _toys()
+
+
+def _kd_loss():
+    """The package's fused loss where it runs on this build, else the plain-torch reference
+    (``SPACEDKD_BENCH_ENGINE_LOSS=plain`` forces the reference)."""
+    if os.environ.get("SPACEDKD_BENCH_ENGINE_LOSS") == "plain":
+        return toys.ref_kd_loss, "plain-torch loss"
+    try:
+        from spacedkd_fast.losses import KDLoss
+
+        kd = KDLoss(temperature=3.0, alpha=0.3, kd_scale=1.0)
+        z = torch.randn(4, 5)
+        kd(z, z, torch.zeros(4, dtype=torch.long))
+        return kd, "fused KDLoss"
+    except Exception:  # noqa: BLE001 (no compiled op here: fall back, and say so)
+        return toys.ref_kd_loss, "plain-torch loss"
+
+
+# ---------------------------------------------------------------------------------------------
+# per-step overhead on CPU
+IN, HID_T, HID_S, CLASSES, BATCH, INTERVAL, ROUND = 512, 1024, 512, 100, 128, 10, 20
+
+
+def _cpu_setup():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(BATCH * 40, IN, generator=g)
+    y = torch.randint(0, CLASSES, (BATCH * 40,), generator=g)
+    src = InMemorySource(x, y, BATCH, seed=0)
+    torch.manual_seed(0)
+    teacher = toys.TinyNet(HID_T, classes=CLASSES, in_dim=IN, dtype=torch.float32)
+    student = toys.TinyNet(HID_S, classes=CLASSES, in_dim=IN, dtype=torch.float32)
+    return src, teacher, student
+
+
+def _keys(src):
+    return itertools.chain.from_iterable(src.epoch(e) for e in itertools.count())
+
+
+def _bare_loop_round(kd):
+    """The official way: teacher step, keep a pixel copy, replay every I steps."""
+    src, teacher, student = _cpu_setup()
+    t_opt, s_opt = toys.sgd(teacher), toys.sgd(student)
+    proj = toys.seeded_projector(HID_S, HID_T)
+    s_opt.add_param_group({"params": list(proj.parameters())})
+    it, buffer = _keys(src), []
+
+    def run_round():
+        for _ in range(ROUND):
+            _, (x, y) = next(it)
+            _, t_z = teacher(x)
+            loss = F.cross_entropy(t_z, y)
+            t_opt.zero_grad()
+            loss.backward()
+            t_opt.step()
+            buffer.append((x.clone(), y.clone()))
+            if len(buffer) == INTERVAL:
+                for bx, by in buffer:
+                    with torch.no_grad():
+                        t_f, t_z = teacher(bx)
+                    s_f, s_z = student(bx)
+                    s_loss = kd(s_z, t_z, by) + 0.03 * torch.dist(proj(s_f), t_f)
+                    s_opt.zero_grad()
+                    s_loss.backward()
+                    s_opt.step()
+                buffer.clear()
+
+    return run_round
+
+
+def _engine_round(kd, keyed, check_finite=True):
+    src, teacher, student = _cpu_setup()
+    d = SpacedDistiller(teacher, student, toys.sgd(teacher), toys.sgd(student), mode="spaced",
+                        interval_rate=INTERVAL / src.steps_per_epoch,
+                        steps_per_epoch=src.steps_per_epoch, loss=kd, beta=0.03,
+                        feature_loss=torch.dist, source=src if keyed else None,
+                        check_finite=check_finite)
+    assert d.schedule.interval == INTERVAL
+    it = _keys(src)
+
+    def run_round():
+        for _ in range(ROUND):
+            key, (x, y) = next(it)
+            d.step(key, x, y)
+
+    return run_round
+
+
+def _interleaved_ratio(kd, make_engine, pairs: int) -> float:
+    """Median over ``pairs`` of (engine round time / bare round time), the two run alternately,
+    so that a shared machine's changing load hits both alike."""
+    bare, engine = _bare_loop_round(kd), make_engine()
+    bare()
+    engine()
+    ratios = []
+    for _ in range(pairs):
+        t0 = time.perf_counter()
+        bare()
+        t1 = time.perf_counter()
+        engine()
+        t2 = time.perf_counter()
+        ratios.append((t2 - t1) / (t1 - t0))
+    return statistics.median(ratios)
+
+
+@pytest.mark.parametrize("provider", ["bare-loop", "engine-keyed", "engine-copy",
+                                      "engine-keyed-unchecked"])
+def test_engine_overhead_cpu(bench, provider):
+    kd, kd_name = _kd_loss()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # steadier numbers on a shared machine; the same for every provider
+    try:
+        note = f"{ROUND} batches/round, {kd_name}, 1 thread"
+        if provider == "bare-loop":
+            fn = _bare_loop_round(kd)
+        else:
+            def make():
+                return _engine_round(kd, keyed=provider != "engine-copy",
+                                     check_finite=provider != "engine-keyed-unchecked")
+            fn = make()
+            if not QUICK:
+                note += f"; interleaved A/B engine/bare = {_interleaved_ratio(kd, make, 6):.3f}"
+        bench(fn, group="engine-overhead-cpu", provider=provider,
+              baseline=provider == "bare-loop", device="cpu", rounds=3 if QUICK else 12,
+              warmup=1, note=note)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# bytes held per buffered sample
+CASES = {
+    # name: (sample shape, batch, L, measured batches)
+    "cifar100-s1.5": ((3, 32, 32), 128, 391, 8),
+    "imagenet-s1.5": ((3, 224, 224), 256, 5005, 1),
+}
+
+
+def official_bytes_per_sample(shape) -> int:
+    """The official host buffer: float32 pixels plus an int64 label per sample."""
+    return 4 * shape[0] * shape[1] * shape[2] + 8
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("provider", ["copy-host-f32 (official)", "keyed"])
+def test_replay_bytes(bench, case, provider):
+    shape, batch, steps_per_epoch, count = CASES[case]
+    interval = int(steps_per_epoch * 1.5)
+    if QUICK and count > 2:
+        count = 2
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *shape, generator=g)
+    y = torch.randint(0, 100, (batch,), generator=g)
+    cs = batch_checksum(x, y)
+
+    class _Same:  # a replayable source that gives back this one batch for every key
+        def batch(self, key):
+            return x, y
+
+    def fill_and_drain():
+        buf = KeyedReplay(_Same()) if provider == "keyed" else CopyReplay(device="cpu")
+        for k in range(count):
+            buf.record(k + 1, x, y, cs)
+        held = buf.bytes_held() / buf.samples_held
+        stored = sum(t.untyped_storage().nbytes() for r in buf.pending for t in (r.batch or ()))
+        for rec in buf.take():
+            buf.fetch(rec)
+        return held, stored / (count * batch)
+
+    held, stored = fill_and_drain()
+    computed = (official_bytes_per_sample(shape) + 40 / batch if provider != "keyed"
+                else 40 / batch)  # 8-byte key + 4 float64 checksum per batch
+    assert held == pytest.approx(computed)
+    interval_gb = held * interval * batch / 1e9
+    bench(fill_and_drain, group=f"replay-bytes-{case}", provider=provider,
+          baseline=provider.startswith("copy"), device="cpu", rounds=3 if QUICK else 10,
+          bytes_per_sample=held, pixel_bytes_per_sample=stored,
+          note=(f"{held:,.2f} B/sample held (computed {computed:,.2f}; tensor storage "
+                f"{stored:,.0f}); s=1.5 interval of {interval} x {batch}: {interval_gb:,.4g} GB"))
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: overlap on / off
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _cuda_models():
+    from spacedkd_fast.models import create
+
+    torch.manual_seed(0)
+    return create("resnet18", num_classes=100).cuda(), create("resnet18", num_classes=100).cuda()
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("provider", ["spaced overlap-off", "spaced overlap-on", "online",
+                                      "spaced overlap-off unchecked",
+                                      "spaced overlap-on unchecked"])
+def test_engine_cuda_overlap(bench, provider):
+    torch.backends.cudnn.benchmark = True
+    g = torch.Generator().manual_seed(0)
+    n, batch = 16 * 128, 128
+    x = torch.randn(n, 3, 32, 32, generator=g).cuda()
+    y = torch.randint(0, 100, (n,), generator=g).cuda()
+    src = InMemorySource(x, y, batch, seed=0)  # L = 16, I = 24
+    teacher, student = _cuda_models()
+    kd, kd_name = _kd_loss()
+    if kd_name.startswith("fused"):
+        try:
+            kd(torch.randn(2, 5, device="cuda"), torch.randn(2, 5, device="cuda"),
+               torch.zeros(2, dtype=torch.long, device="cuda"))
+        except Exception:  # noqa: BLE001 (a CPU-only build of the op)
+            kd, kd_name = toys.ref_kd_loss, "plain-torch loss"
+    mode = "online" if provider == "online" else "spaced"
+    d = SpacedDistiller(teacher, student, toys.sgd(teacher), toys.sgd(student), mode=mode,
+                        interval_rate=1.5, steps_per_epoch=src.steps_per_epoch, loss=kd,
+                        beta=0.03, feature_loss=torch.dist, source=src,
+                        overlap="overlap-on" in provider,
+                        check_finite="unchecked" not in provider)
+    it = _keys(src)
+    steps = 2 * 24
+
+    def run_round():
+        for _ in range(steps):
+            key, (xb, yb) = next(it)
+            d.step(key, xb, yb)
+        torch.cuda.synchronize()
+
+    bench(run_round, group="engine-cuda-resnet18", provider=provider,
+          baseline=provider == "spaced overlap-off", device="cuda", rounds=3 if QUICK else 8,
+          warmup=1, note=f"{steps} batches of {batch}/round, {kd_name}")
