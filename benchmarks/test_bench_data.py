@@ -2,7 +2,8 @@
 transforms in a ``DataLoader`` (the official code's pipeline), measured in one run.
 
 Each round produces one epoch of ``N`` images in batches of 128 (``N`` = 1,024 at 32 px, 256 at
-224 px; halved with ``SPACEDKD_BENCH_QUICK=1``, which also skips the 0-worker loader at 224 px): images per second = ``N / median``. Providers:
+224 px; halved with ``SPACEDKD_BENCH_QUICK=1``, which also skips the 0-worker loaders and DALI
+at 224 px): images per second = ``N / median``. Providers:
 ``torchvision DataLoader (2 workers)`` (baseline), ``torchvision DataLoader (0 workers)``,
 ``torch-cpu batched`` (``TensorSource``, with its look-ahead thread), ``DALI CPU mode``
 (``DaliSource`` streaming through ``DALIGenericIterator``). CUDA: ``gpu-resident`` on a GPU.
@@ -92,8 +93,8 @@ def _n(n: int) -> int:
 @pytest.mark.parametrize("recipe,size,n", CASES)
 @pytest.mark.parametrize("workers", [2, 0])
 def test_torchvision_dataloader(bench, digits, recipe, size, n, workers):
-    if QUICK and workers == 0 and size > 32:
-        pytest.skip("quick run: the single-process 224 px loader takes seconds per round")
+    if QUICK and workers == 0:
+        pytest.skip("quick run: the baseline is the 2-worker loader")
     data = subset(digits, _n(n))
     loader = DataLoader(PilDataset(data, torchvision_transform(recipe, size)), batch_size=BATCH,
                         shuffle=True, num_workers=workers, persistent_workers=workers > 0)
@@ -125,6 +126,8 @@ def test_torch_cpu_batched(bench, digits, recipe, size, n):
 def test_dali_cpu(bench, digits, recipe, size, n):
     from spacedkd_fast.data.dali import DaliSource
 
+    if QUICK and size > 32:
+        pytest.skip("quick run: DALI CPU mode at 224 px takes seconds per round")
     data = subset(digits, _n(n))
     src = DaliSource(data, Augmenter(recipe, size, seed=0), batch_size=BATCH, seed=0, num_threads=2)
     state = {"epoch": 0}
