@@ -424,6 +424,7 @@ class SpacedDistiller(_EngineBase):
         self._bn_cache: dict[int, list[_BatchNorm]] = {}
         self._queue: list[Record] = []  # overlap: student work of the last interval, not issued
         self._queue_teacher_step = 0
+        self._queue_count = 0
 
     # -- construction helpers ---------------------------------------------------------------
     @staticmethod
@@ -657,19 +658,22 @@ class SpacedDistiller(_EngineBase):
                 self._snapshot = make_snapshot(self.teacher, self.student_device)
             self._lanes.publish_snapshot(self._snapshot, self.teacher)
             self._queue, self._queue_teacher_step = records, self.teacher_steps
+            self._queue_count = len(records)
             self._write("replay_start", teacher_step=self.teacher_steps, count=len(records),
                         reason=reason)
             return
         self._write("replay_start", teacher_step=self.teacher_steps, count=len(records),
                     reason=reason)
         teacher = unwrap(self.teacher)
-        was_training = teacher.training
-        teacher.train(reason != "offline")  # offline: the final teacher in eval mode
+        was_training, want = teacher.training, reason != "offline"  # offline: eval mode
+        if was_training != want:
+            teacher.train(want)
         try:
             for rec in records:
                 self._replay_one(rec, teacher, self.teacher_steps)
         finally:
-            teacher.train(was_training)
+            if was_training != want:
+                teacher.train(was_training)
         self._write("replay_end", teacher_step=self.teacher_steps, count=len(records),
                     reason=reason)
 
@@ -684,8 +688,8 @@ class SpacedDistiller(_EngineBase):
                 self._replay_one(rec, self._snapshot, self._queue_teacher_step)
         if not self._queue:
             self._lanes.mark_student_done()
-            self._write("replay_end", teacher_step=self._queue_teacher_step, count=None,
-                        reason="interval")
+            self._write("replay_end", teacher_step=self._queue_teacher_step,
+                        count=self._queue_count, reason="interval")
 
     def _join(self) -> None:
         self._issue_queued(len(self._queue))
