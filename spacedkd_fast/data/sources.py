@@ -16,7 +16,6 @@ Distributed: ``batch_size`` is the *global* batch; rank ``r`` of ``world_size`` 
 
 from __future__ import annotations
 
-import math
 import os
 import queue
 import threading
@@ -322,8 +321,3 @@ def tensor_eval_batches(images: Tensor, labels: Tensor, augmenter: Augmenter, ba
     for s in range(0, n, batch_size):
         idx = torch.arange(s, min(n, s + batch_size))[rank::world_size].to(images.device)
         yield augmenter.test_transform(images.index_select(0, idx)), labels.index_select(0, idx)
-
-
-def steps_for(num_samples: int, batch_size: int, drop_last: bool) -> int:
-    """``L``: batches per epoch."""
-    return num_samples // batch_size if drop_last else math.ceil(num_samples / batch_size)
