@@ -370,7 +370,7 @@ class Run:
             "metrics": self.rows, "best": dict(self.best),
             "epoch_sums": epoch_sums.state(), "epoch_images": epoch_images,
             "epoch_wall": epoch_wall, "wall_s": self.wall_before + self.elapsed(),
-            "torch": torch.__version__, "spacedkd_fast": __version__,
+            "torch": str(torch.__version__), "spacedkd_fast": __version__,
         })
 
     def restore(self, state: dict[str, Any]) -> None:
