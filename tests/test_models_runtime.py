@@ -84,3 +84,45 @@ def test_torch_compile_inductor_resnet18_matches_eager():
         ref_features, ref_logits = model(x)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(features, ref_features, rtol=1e-4, atol=1e-4)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("name", ["resnet18", "byot_resnet18", "deit_tiny_distilled", "pvt_v2_b0"])
+def test_cuda_outputs_match_cpu_and_bf16_channels_last_trains(name, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    kw = {"downsample_factor": 4} if "resnet" in name else {}
+    model = create(name, 5, **kw).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        reference = _first(model(x)[1])
+        on_gpu = _first(model.cuda()(x.cuda())[1]).cpu()
+    torch.testing.assert_close(on_gpu, reference, rtol=1e-3, atol=1e-3)
+    model = model.to(memory_format=torch.channels_last).train()
+    x = x.cuda().contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        _, logits = model(x)
+    parts = logits if isinstance(logits, (list, tuple)) else [logits]
+    sum(z.float().logsumexp(1).mean() for z in parts).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_inductor_resnet18_train_step_matches_eager():
+    torch._dynamo.reset()
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = create("resnet18", 5).cuda().train()
+    eager = create("resnet18", 5).cuda().train()
+    eager.load_state_dict(model.state_dict())
+    x, y = torch.randn(8, 3, 32, 32, device="cuda"), torch.randint(0, 5, (8,), device="cuda")
+    nn.functional.cross_entropy(torch.compile(model)(x)[1], y).backward()
+    nn.functional.cross_entropy(eager(x)[1], y).backward()
+    for (n, p), q in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4, msg=n)
