@@ -12,8 +12,9 @@ sample, and (CUDA) spaced vs online step time with overlap on and off.
   bytes held per buffered sample measured from the buffer and computed, and the whole interval's
   buffer at s = 1.5 (CIFAR-100: L = 391, I = 586, batch 128; ImageNet: L = 5,005, I = 7,507,
   batch 256).
-- ``engine-cuda-resnet18`` (CUDA only): CIFAR ResNet-18 teacher and student, batch 128; time per
-  step of online, spaced (overlap off / on), with and without the per-step finite check.
+- ``engine-cuda-resnet18`` (CUDA only): CIFAR ResNet-18 teacher and student, batch 128
+  (``SPACEDKD_BENCH_ENGINE_CUDA_BATCH`` changes it); time per round of 48 batches for online,
+  spaced with overlap off / on, with and without the per-step finite check.
 """
 
 from __future__ import annotations
@@ -246,7 +247,8 @@ def _cuda_models():
 def test_engine_cuda_overlap(bench, provider):
     torch.backends.cudnn.benchmark = True
     g = torch.Generator().manual_seed(0)
-    n, batch = 16 * 128, 128
+    batch = int(os.environ.get("SPACEDKD_BENCH_ENGINE_CUDA_BATCH", "128"))
+    n = 16 * batch
     x = torch.randn(n, 3, 32, 32, generator=g).cuda()
     y = torch.randint(0, 100, (n,), generator=g).cuda()
     src = InMemorySource(x, y, batch, seed=0)  # L = 16, I = 24
