@@ -9,8 +9,8 @@ sample, and (CUDA) spaced vs online step time with overlap on and off.
   rounds run alternately with the bare loop (robust to a shared machine's changing load).
 - ``replay-bytes-*``: recording and fetching a few CIFAR-100 / ImageNet-shaped batches with keyed
   replay vs ``CopyReplay`` on the host in float32 (the official buffer); each row's note gives the
-  bytes held per buffered sample measured from the buffer and computed, and the whole interval's
-  buffer at s = 1.5 (CIFAR-100: L = 391, I = 586, batch 128; ImageNet: L = 5,005, I = 7,507,
+  bytes held per buffered sample measured from the buffer and computed, the keyed record's
+  resident memory with its Python objects (Linux), and the whole interval's buffer at s = 1.5 (CIFAR-100: L = 391, I = 586, batch 128; ImageNet: L = 5,005, I = 7,507,
   batch 256).
 - ``engine-cuda-resnet18`` (CUDA only): CIFAR ResNet-18 teacher and student, batch 128
   (``SPACEDKD_BENCH_ENGINE_CUDA_BATCH`` changes it); time per round of 48 batches for online,
@@ -19,10 +19,13 @@ sample, and (CUDA) spaced vs online step time with overlap on and off.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import itertools
 import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -216,6 +219,7 @@ def test_replay_bytes(bench, case, provider):
         return held, stored / (count * batch)
 
     held, stored = fill_and_drain()
+    rss = _rss_per_keyed_record() if provider == "keyed" else None
     computed = (official_bytes_per_sample(shape) + 40 / batch if provider != "keyed"
                 else 40 / batch)  # 8-byte key + 4 float64 checksum per batch
     assert held == pytest.approx(computed)
@@ -223,8 +227,40 @@ def test_replay_bytes(bench, case, provider):
     bench(fill_and_drain, group=f"replay-bytes-{case}", provider=provider,
           baseline=provider.startswith("copy"), device="cpu", rounds=3 if QUICK else 10,
           bytes_per_sample=held, pixel_bytes_per_sample=stored,
+          rss_bytes_per_record=rss,
           note=(f"{held:,.2f} B/sample held (computed {computed:,.2f}; tensor storage "
-                f"{stored:,.0f}); s=1.5 interval of {interval} x {batch}: {interval_gb:,.4g} GB"))
+                f"{stored:,.0f}); s=1.5 interval of {interval} x {batch}: {interval_gb:,.4g} GB"
+                + ("" if rss is None else
+                   f"; process memory per record {rss:,.0f} B = {rss / batch:,.2f} B/sample")))
+
+
+_RSS_SCRIPT = """
+import gc, os, torch
+from spacedkd_fast.replay import InMemorySource, KeyedReplay
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+buf = KeyedReplay(InMemorySource(torch.zeros(1, 1), torch.zeros(1), 1))
+x, y = torch.zeros(256, 1), torch.zeros(256)
+gc.collect()
+before = rss()
+for k in range(100_000):
+    buf.record(k + 1, x, y, (1.0 * k, 2.0 * k, 3.0 * k, 4.0 * k))
+gc.collect()
+print((rss() - before) / 100_000)
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def _rss_per_keyed_record() -> float | None:
+    """Resident memory per keyed record as the engine keeps it (key + host checksum tuple, the
+    Python objects included), measured in a fresh process from /proc (Linux); None elsewhere."""
+    if not Path("/proc/self/statm").exists():
+        return None
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT], capture_output=True, text=True,
+                         env=env, timeout=120, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -232,27 +232,40 @@ class _EngineBase:
 
     # -- host reads -------------------------------------------------------------------------
     def _host_read(self, losses: list[Tensor], checksum: Tensor | None,
-                   expected: Tensor | None) -> tuple[list[float | None], list | None, list | None]:
+                   expected: Tensor | tuple[float, ...] | None, read_checksum: bool = False
+                   ) -> tuple[list[float | None], list | None, list | None]:
         """One device-to-host transfer for what this step must decide or log: the losses (when
-        ``check_finite``), the batch checksum (when tracing or verifying) and the recorded one."""
-        parts: list[Tensor] = []
-        want_cs = checksum is not None and (self.trace is not None or expected is not None)
+        ``check_finite``), the batch checksum (when tracing, verifying or ``read_checksum``) and
+        the recorded one (``expected``: on the device, or already on the host as a tuple)."""
+        want_cs = checksum is not None and (read_checksum or self.trace is not None
+                                            or expected is not None)
         if not want_cs and self.check_finite and len(losses) == 1:
             return [losses[0].item()], None, None  # the common case: one scalar, one read
+        exp_dev = expected if isinstance(expected, Tensor) else None
+        parts: list[Tensor] = []
         if self.check_finite:
             parts += [loss.detach().reshape(1).to(torch.float64) for loss in losses]
         if want_cs:
             parts.append(checksum)
-            if expected is not None:
-                parts.append(_to(expected, checksum.device))
+            if exp_dev is not None:
+                parts.append(_to(exp_dev, checksum.device))
         if not parts:
             return [None] * len(losses), None, None
         vals = torch.cat([_to(p, parts[0].device) for p in parts]).tolist()
         nl = len(losses) if self.check_finite else 0
         lossv = vals[:nl] if nl else [None] * len(losses)
         cs = vals[nl:nl + 4] if want_cs else None
-        exp = vals[nl + 4:nl + 8] if (want_cs and expected is not None) else None
+        if exp_dev is not None and want_cs:
+            exp = vals[nl + 4:nl + 8]
+        else:
+            exp = None if expected is None or exp_dev is not None else list(expected)
         return lossv, cs, exp
+
+    @staticmethod
+    def _record_checksum(device_cs: Tensor | None, host_cs: list | None):
+        """What a record keeps: the host copy when this step read it anyway (a tuple of four
+        floats: no tensor object per record), else the device tensor (no sync was wanted)."""
+        return tuple(host_cs) if host_cs is not None else device_cs
 
     @contextlib.contextmanager
     def _guard(self, *modules: nn.Module | None) -> Iterator[None]:
@@ -508,12 +521,13 @@ class SpacedDistiller(_EngineBase):
             _, z = self._teacher_forward_train(x)
             loss = F.cross_entropy(_fp32(_ce_logits(z)), y)
             checksum = batch_checksum(x, y) if self._need_checksum() else None
-            (lossv,), cs, _ = self._host_read([loss], checksum, None)
+            (lossv,), cs, _ = self._host_read([loss], checksum, None,
+                                              read_checksum=self.check_finite)
             self._check_loss(lossv, "teacher", self.teacher_steps + 1, key, "")
         self._backward_step(loss, self.teacher_opt, self.teacher_scheduler)
         self.teacher_steps += 1
         self._stats.add("teacher_loss", loss)
-        self.replay_buffer.record(key, x, y, checksum)
+        self.replay_buffer.record(key, x, y, self._record_checksum(checksum, cs))
         self._write("teacher_step", n=self.teacher_steps, epoch=(self.n - 1) // self.steps_per_epoch,
                     key=self._key_json(key), checksum=cs)
 
@@ -643,7 +657,8 @@ class SpacedDistiller(_EngineBase):
             self._check_loss(lossv, "student", self.student_steps + 1, rec.key,
                              f", replaying against teacher step {teacher_step}")
         self._backward_step(loss, self.student_opt, self.student_scheduler)
-        self._lanes.hand_over([rec.checksum, *(rec.batch or ())])
+        self._lanes.hand_over([rec.checksum if isinstance(rec.checksum, Tensor) else None,
+                               *(rec.batch or ())])
         self._student_done_one(rec.key, teacher_step, cs, loss, parts)
 
     # -- replays ----------------------------------------------------------------------------
@@ -858,18 +873,19 @@ class SelfDistiller(_EngineBase):
             _, logits = self._forward(x)
             loss = F.cross_entropy(_fp32(logits[-1]), y)
             checksum = batch_checksum(x, y) if self._need_checksum() else None
-            (lossv,), cs, _ = self._host_read([loss], checksum, None)
+            (lossv,), cs, _ = self._host_read([loss], checksum, None,
+                                              read_checksum=self.check_finite)
             self._check_loss(lossv, "teacher", self.teacher_steps + 1, key, " (deepest-exit CE)")
         self._backward_step(loss, self.opt, self.scheduler)
         self.teacher_steps += 1
         self._stats.add("teacher_loss", loss)
-        self.replay_buffer.record(key, x, y, checksum)
+        self.replay_buffer.record(key, x, y, self._record_checksum(checksum, cs))
         self._write("teacher_step", n=self.teacher_steps, epoch=(self.n - 1) // self.steps_per_epoch,
                     key=self._key_json(key), checksum=cs)
         if self.schedule.replay_due(self.n):
             self._replay("interval")
 
-    def _kd_step(self, key: Any, x: Tensor, y: Tensor, expected: Tensor | None,
+    def _kd_step(self, key: Any, x: Tensor, y: Tensor, expected: Tensor | tuple | None,
                  teacher_step: int) -> None:
         verify = expected is not None
         checksum = batch_checksum(x, y) if (verify or self.trace is not None) else None

@@ -26,21 +26,24 @@ from .replay_protocol import Batch, ReplayableSource
 KEY_BYTES = 8  # a key is an int; count it as an int64
 
 
-@dataclass
+@dataclass(slots=True)
 class Record:
-    """One pending batch: its key, batch size, checksum ``[4]`` float64 (teacher side; ``None``
+    """One pending batch: its key, batch size, checksum (teacher side: four float64 numbers, as a
+    host tuple when the teacher step read them anyway, else a ``[4]`` device tensor; ``None``
     when nothing will read it: a ``CopyReplay`` without a trace) and, for ``CopyReplay``, the
     stored batch."""
 
     key: Any
     size: int
-    checksum: Tensor | None
+    checksum: Tensor | tuple[float, ...] | None
     batch: Batch | None = None
 
     def nbytes(self) -> int:
         n = KEY_BYTES
-        if self.checksum is not None:
+        if isinstance(self.checksum, Tensor):
             n += self.checksum.numel() * self.checksum.element_size()
+        elif self.checksum is not None:
+            n += 8 * len(self.checksum)
         if self.batch is not None:
             n += sum(t.numel() * t.element_size() for t in self.batch)
         return n
@@ -58,7 +61,7 @@ class _ReplayBuffer:
     def __len__(self) -> int:
         return len(self.pending)
 
-    def record(self, key: Any, x: Tensor, y: Tensor, checksum: Tensor | None) -> None:
+    def record(self, key: Any, x: Tensor, y: Tensor, checksum: Tensor | tuple | None) -> None:
         raise NotImplementedError
 
     def fetch(self, rec: Record) -> Batch:
@@ -86,7 +89,8 @@ class _ReplayBuffer:
         return {
             "keys": [r.key for r in self.pending],
             "sizes": [r.size for r in self.pending],
-            "checksums": [None if r.checksum is None else r.checksum.cpu() for r in self.pending],
+            "checksums": [r.checksum.cpu() if isinstance(r.checksum, Tensor) else r.checksum
+                          for r in self.pending],
             "batches": [None if r.batch is None else tuple(t.cpu() for t in r.batch)
                         for r in self.pending],
         }
@@ -98,7 +102,10 @@ class _ReplayBuffer:
                                         state["batches"]):
             if batch is not None:
                 batch = tuple(t.to(self._store_device(t, device)) for t in batch)
-            cs = None if cs is None else cs.to(device or "cpu")
+            if isinstance(cs, Tensor):
+                cs = cs.to(device or "cpu")
+            elif cs is not None:
+                cs = tuple(float(v) for v in cs)
             self.pending.append(Record(key, int(size), cs, batch))
 
     def _store_device(self, t: Tensor, default):
@@ -118,7 +125,7 @@ class KeyedReplay(_ReplayBuffer):
             )
         self.source = source
 
-    def record(self, key: Any, x: Tensor, y: Tensor, checksum: Tensor | None) -> None:
+    def record(self, key: Any, x: Tensor, y: Tensor, checksum: Tensor | tuple | None) -> None:
         if checksum is None:
             raise ValueError("keyed replay needs the batch checksum to verify the replay")
         self.pending.append(Record(key, int(x.shape[0]), checksum))
@@ -147,7 +154,7 @@ class CopyReplay(_ReplayBuffer):
         self.device = None if device is None else torch.device(device)
         self.dtype = dtype
 
-    def record(self, key: Any, x: Tensor, y: Tensor, checksum: Tensor | None) -> None:
+    def record(self, key: Any, x: Tensor, y: Tensor, checksum: Tensor | tuple | None) -> None:
         dtype = self.dtype if (self.dtype is not None and x.is_floating_point()) else x.dtype
         xs = x.detach().to(device=self.device or x.device, dtype=dtype, copy=True)
         ys = y.detach().to(device=self.device or y.device, copy=True)

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-
 _WEIGHTS: dict[tuple[int, torch.device], Tensor] = {}
 
 
