@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from spacedkd_fast.replay import KEY_BYTES, CopyReplay, KeyedReplay, InMemorySource
+from spacedkd_fast.replay import KEY_BYTES, CopyReplay, InMemorySource, KeyedReplay
 from spacedkd_fast.replay_protocol import ReplayableSource
 from spacedkd_fast.trace import batch_checksum
 
