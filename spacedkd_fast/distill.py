@@ -585,7 +585,8 @@ class SpacedDistiller(_EngineBase):
         if self.beta > 0 and s_feat is not None and t_feat is not None:
             if self.projector is None:
                 self._make_projector(s_feat.shape[-1], t_feat.shape[-1])
-            feat = self.feature_loss(_fp32(self.projector(s_feat)), _fp32(t_feat))
+            # the small head runs in fp32 (its input may come out of autocast in half precision)
+            feat = self.feature_loss(self.projector(_fp32(s_feat)), _fp32(t_feat))
             parts["feat"] = feat
             loss = loss + self.beta * feat
         return loss, parts
@@ -852,7 +853,8 @@ class SelfDistiller(_EngineBase):
                 shallow = range(len(feats) - 2)
             feat = deep.new_zeros(())
             for i in shallow:
-                f = feats[i] if adapters is None else adapters[i](feats[i])
+                f = _fp32(feats[i])  # adapters run in fp32 (autocast may give half features)
+                f = f if adapters is None else adapters[i](f)
                 feat = feat + torch.dist(_fp32(f), f_deep)
             parts["feat"] = feat.detach()
             loss = loss + self.beta * feat

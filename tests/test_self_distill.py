@@ -160,3 +160,17 @@ def test_bad_self_kd_input():
     x, y = make_source().batch(1)
     with pytest.raises(TypeError, match="multi-exit"):
         d.step(1, x, y)
+
+
+def test_bfloat16_autocast_self_kd_runs():
+    src = make_source()
+    src.x = src.x.float()
+    torch.manual_seed(0)
+    model = TinyMultiExit(dtype=torch.float32)
+    d = SelfDistiller(model, sgd(model), interval_rate=1.5, steps_per_epoch=7, source=src,
+                      amp_dtype=torch.bfloat16)
+    for key, (x, y) in src.epochs(2):
+        d.step(key, x, y)
+    d.finish()
+    assert d.student_steps == 14
+    assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.parameters())
