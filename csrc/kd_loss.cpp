@@ -52,6 +52,12 @@ void check_kd_inputs(
       std::isfinite(kd_scale), "kd_loss: kd_scale must be finite, got ", kd_scale);
 }
 
+void check_reduction(int64_t reduction) {
+  TORCH_CHECK_VALUE(
+      reduction == kReductionNone || reduction == kReductionMean || reduction == kReductionSum,
+      "kd_loss: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+}
+
 void check_kd_backward_inputs(
     const at::Tensor& grad_rows,
     const at::Tensor& student,
@@ -75,14 +81,18 @@ void check_kd_backward_inputs(
 }  // namespace spacedkd
 
 TORCH_LIBRARY(spacedkd, m) {
-  // Per-row fused KD loss. Returns
-  //   row_loss  [B]     (1 - alpha) * CE + alpha * kd_scale * KL(q || p), 0 for ignored rows
+  // Fused KD loss. Per row: (1 - alpha) * CE + alpha * kd_scale * KL(q || p), 0 for ignored
+  // rows; reduction 0 (none), 1 (mean over non-ignored rows) or 2 (sum). Returns
+  //   loss      [B] for none, [] otherwise
   //   row_stats [B, 7]  max s, max t, three log-sums, CE, KL  (see csrc/kd_loss.h)
-  //   grad      [B, C]  d row_loss / d student when write_grad, else an empty tensor
+  //   grad      [B, C]  d loss / d student when write_grad, else an empty tensor
+  //                     (for none: d row_loss[b] / d student[b])
+  //   count     []      number of non-ignored rows
   // in the accumulation dtype (float32, or float64 for float64 logits); grad in the logits dtype.
   m.def(
       "kd_loss_forward(Tensor student, Tensor teacher, Tensor target, float temperature, "
-      "float alpha, float kd_scale, int ignore_index, bool write_grad) -> (Tensor, Tensor, Tensor)");
+      "float alpha, float kd_scale, int ignore_index, int reduction, bool write_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   // Gradient w.r.t. the student logits: grad_rows[b] * d row_loss[b] / d student[b, :],
   // recomputed from the logits and the saved row maxima and log-sums.
   m.def(

@@ -22,6 +22,9 @@ enum RowStat : int64_t {
   kNumRowStats = 7
 };
 
+// The reduction argument of kd_loss_forward.
+enum Reduction : int64_t { kReductionNone = 0, kReductionMean = 1, kReductionSum = 2 };
+
 // Throws c10::Error (ValueError/TypeError in Python) with the contract in the message when
 // the inputs of kd_loss_forward do not satisfy it. Values of targets are checked by the kernels.
 void check_kd_inputs(
@@ -31,6 +34,8 @@ void check_kd_inputs(
     double temperature,
     double alpha,
     double kd_scale);
+
+void check_reduction(int64_t reduction);
 
 // Checks grad_rows / row_stats of kd_loss_backward against the forward inputs.
 void check_kd_backward_inputs(

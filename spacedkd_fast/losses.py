@@ -80,6 +80,10 @@ def kd_loss(
     ``[0, 1]`` raise. On CPU a target outside ``[0, C)`` raises an ``IndexError``; on CUDA it makes
     that row's loss NaN (checking it on the host would cost a synchronisation per step), which
     the trainer stops on with the step named. Non-finite logits give a NaN loss.
+
+    On CPU the gradient is computed during the forward and handed to autograd as it is when the
+    loss is backpropagated with gradient 1; backpropagating twice through a retained graph
+    after modifying ``.grad`` in place in between is refused by autograd's version check.
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"kd_loss: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -98,21 +102,14 @@ def kd_loss(
         and torch.is_grad_enabled()
         and student_logits.requires_grad
     )
-    row_loss, row_stats, _ = ops.kd_loss_forward(
+    loss, row_stats, _, count = ops.kd_loss_forward(
         student_logits, teacher_logits.detach(), target, temperature, alpha, kd_scale,
-        ignore_index, write_grad,
+        ignore_index, reduction, write_grad,
     )
-    if reduction == "none":
-        loss = row_loss
-    else:
-        loss = row_loss.sum()
-    if reduction == "mean" or return_parts:
-        count = (target != ignore_index).sum().clamp(min=1).to(row_loss.dtype)
-    if reduction == "mean":
-        loss = loss / count
     if not return_parts:
         return loss
-    parts = row_stats.detach()[:, 5:7].sum(0) / count  # columns ce, kl (ops.ROW_STATS)
+    # Columns ce, kl of ops.ROW_STATS (0 on ignored rows), averaged over the counted rows.
+    parts = row_stats.detach()[:, 5:7].sum(0) / count.clamp(min=1)
     return KDLossParts(loss, parts[0], parts[1])
 
 

@@ -50,6 +50,10 @@ def cuda_compiled() -> bool:
     return bool(_INFO["cuda"])
 
 
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+"""Codes of the ``reduction`` argument of the op."""
+
+
 def kd_loss_forward(
     student: Tensor,
     teacher: Tensor,
@@ -58,21 +62,25 @@ def kd_loss_forward(
     alpha: float,
     kd_scale: float,
     ignore_index: int = -100,
+    reduction: str = "none",
     write_grad: bool = False,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row fused KD loss.
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused KD loss, one kernel call.
 
     Args:
         student, teacher: logits ``[B, C]`` of one floating dtype.
         target: int64 class indices ``[B]``; rows equal to ``ignore_index`` contribute nothing.
+        reduction: ``"none"``, ``"mean"`` (over non-ignored rows) or ``"sum"``.
+        write_grad: also write ``d loss / d student`` (for ``"none"``: of each row's loss).
     Returns:
-        ``row_loss [B]``, ``row_stats [B, 7]`` (columns :data:`ROW_STATS`) in the accumulation
-        dtype (float32; float64 for float64 logits), and ``d row_loss / d student`` ``[B, C]`` in
-        the logits dtype when ``write_grad`` (else an empty tensor).
+        ``loss`` (``[B]`` or ``[]``), ``row_stats [B, 7]`` (columns :data:`ROW_STATS`) and
+        ``count`` (``[]``, non-ignored rows) in the accumulation dtype (float32; float64 for
+        float64 logits), and the gradient ``[B, C]`` in the logits dtype (empty unless
+        ``write_grad``), returned as ``(loss, row_stats, grad, count)``.
     """
     return torch.ops.spacedkd.kd_loss_forward(
         student, teacher, target, float(temperature), float(alpha), float(kd_scale),
-        int(ignore_index), bool(write_grad),
+        int(ignore_index), REDUCTIONS[reduction], bool(write_grad),
     )
 
 
@@ -100,16 +108,17 @@ def _accumulate_dtype(logits: Tensor) -> torch.dtype:
 
 @torch.library.register_fake("spacedkd::kd_loss_forward")
 def _kd_loss_forward_fake(student, teacher, target, temperature, alpha, kd_scale, ignore_index,
-                          write_grad):
+                          reduction, write_grad):
     torch._check(student.dim() == 2, lambda: "kd_loss: student logits must be 2-D [B, C]")
     torch._check(student.shape == teacher.shape,
                  lambda: "kd_loss: student and teacher logits must have the same shape [B, C]")
     rows, cols = student.shape
     acc = _accumulate_dtype(student)
-    row_loss = student.new_empty((rows,), dtype=acc)
+    loss = student.new_empty((rows,) if reduction == REDUCTIONS["none"] else (), dtype=acc)
     row_stats = student.new_empty((rows, len(ROW_STATS)), dtype=acc)
     grad = student.new_empty((rows, cols) if write_grad else (0, 0))
-    return row_loss, row_stats, grad
+    count = student.new_empty((), dtype=acc)
+    return loss, row_stats, grad, count
 
 
 @torch.library.register_fake("spacedkd::kd_loss_backward")
@@ -118,31 +127,62 @@ def _kd_loss_backward_fake(grad_rows, student, teacher, target, row_stats, tempe
     return torch.empty_like(student, memory_format=torch.contiguous_format)
 
 
+_NO_GRAD_FOR_THE_REST = (None,) * 8
+
+
+def _is_eager_cpu(t: Tensor) -> bool:
+    """A real CPU tensor outside any tracing (compile, fake or proxy modes): its value can be read."""
+    return (
+        t.device.type == "cpu"
+        and type(t) is torch.Tensor
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch.compiler.is_compiling()
+    )
+
+
 def _setup_context(ctx, inputs, output):
-    student, teacher, target, temperature, alpha, kd_scale, ignore_index, write_grad = inputs
-    _, row_stats, grad = output
+    (student, teacher, target, temperature, alpha, kd_scale, ignore_index, reduction,
+     write_grad) = inputs
+    _, row_stats, grad, count = output
     ctx.write_grad = write_grad
+    ctx.reduction = reduction
+    ctx.grad_handed_out = False
     ctx.args = (temperature, alpha, kd_scale, ignore_index)
     if write_grad:
         ctx.save_for_backward(grad)
     else:
-        ctx.save_for_backward(student, teacher, target, row_stats)
+        ctx.save_for_backward(student, teacher, target, row_stats, count)
 
 
-def _backward(ctx, grad_row_loss, _grad_row_stats, _grad_grad):
+def _backward(ctx, grad_loss, _grad_row_stats, _grad_grad, _grad_count):
     if ctx.write_grad:
         (grad,) = ctx.saved_tensors
-        if grad_row_loss is None:
-            return (torch.zeros_like(grad),) + (None,) * 7
-        # grad holds d row_loss / d student; scale each row by its incoming gradient.
-        scaled = grad * grad_row_loss.unsqueeze(1)
-        return (scaled.to(grad.dtype),) + (None,) * 7
-    student, teacher, target, row_stats = ctx.saved_tensors
-    if grad_row_loss is None:
-        return (torch.zeros_like(student),) + (None,) * 7
-    grad = kd_loss_backward(grad_row_loss.contiguous(), student, teacher, target, row_stats,
-                            *ctx.args)
-    return (grad,) + (None,) * 7
+        if grad_loss is None:
+            return (torch.zeros_like(grad),) + _NO_GRAD_FOR_THE_REST
+        if ctx.reduction == REDUCTIONS["none"]:
+            return ((grad * grad_loss.unsqueeze(1)).to(grad.dtype),) + _NO_GRAD_FOR_THE_REST
+        # grad already is d loss / d student. For the usual loss.backward() (grad_output 1)
+        # hand it out as it is: reading one CPU scalar costs nothing, a multiply costs a pass
+        # over [B, C]. (Not while tracing: there the value is unknown.)
+        if not ctx.grad_handed_out and _is_eager_cpu(grad_loss) and grad_loss.item() == 1.0:
+            # Autograd may keep this tensor as .grad and add into it; a second backward through
+            # a retained graph must then get a fresh tensor.
+            ctx.grad_handed_out = True
+            return (grad,) + _NO_GRAD_FOR_THE_REST
+        return ((grad * grad_loss).to(grad.dtype),) + _NO_GRAD_FOR_THE_REST
+    student, teacher, target, row_stats, count = ctx.saved_tensors
+    if grad_loss is None:
+        return (torch.zeros_like(student),) + _NO_GRAD_FOR_THE_REST
+    rows = student.shape[0]
+    if ctx.reduction == REDUCTIONS["none"]:
+        grad_rows = grad_loss
+    elif ctx.reduction == REDUCTIONS["mean"]:
+        grad_rows = (grad_loss / count.clamp(min=1)).expand(rows)
+    else:
+        grad_rows = grad_loss.expand(rows)
+    grad = kd_loss_backward(grad_rows.to(row_stats.dtype).contiguous(), student, teacher, target,
+                            row_stats, *ctx.args)
+    return (grad,) + _NO_GRAD_FOR_THE_REST
 
 
 torch.library.register_autograd(

@@ -164,6 +164,22 @@ def test_parts_match_reference(device, dtype):
     assert not ce.requires_grad and not kl.requires_grad
 
 
+def test_second_backward_through_retained_graph():
+    """The CPU path hands its saved gradient to autograd (no extra pass over [B, C]). Through a
+    retained graph a second backward accumulates correctly; if .grad was modified in place in
+    between, autograd's version check raises instead of returning a wrong gradient."""
+    s, t, y = make_inputs((8, 20), torch.float32, "cpu")
+    s.requires_grad_(True)
+    loss = sk.kd_loss(s, t, y, temperature=2.0)
+    loss.backward(retain_graph=True)
+    first = s.grad.clone()
+    loss.backward(retain_graph=True)
+    assert torch.allclose(s.grad, 2 * first)
+    s.grad.zero_()  # in place, as optimizer.zero_grad(set_to_none=False) does
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_teacher_gets_no_gradient():
     s, t, y = make_inputs((8, 20), torch.float32, "cpu")
     s.requires_grad_(True)
@@ -177,7 +193,7 @@ def test_both_gradient_paths_agree_with_reference(write_grad):
     """The two ways the op produces the gradient (ops.py docstring), each through autograd."""
     s, t, y = make_inputs((37, 515), torch.float32, "cpu", ignore_every=6)
     s.requires_grad_(True)
-    row_loss, _, _ = ops.kd_loss_forward(s, t, y, 2.0, 0.3, 4.0, -100, write_grad)
+    row_loss, _, _, _ = ops.kd_loss_forward(s, t, y, 2.0, 0.3, 4.0, -100, "none", write_grad)
     weight = torch.randn(37)
     (grad,) = torch.autograd.grad((row_loss * weight).sum(), s)
     s_r = s.detach().double().requires_grad_(True)
@@ -210,10 +226,11 @@ def test_gradcheck_float64():
         y[1] = -100
         s.requires_grad_(True)
 
-        def rows(x, write_grad=write_grad):
-            return ops.kd_loss_forward(x, t, y, 1.7, 0.35, 2.0, -100, write_grad)[0]
+        for reduction in ("none", "mean", "sum"):
+            def loss(x, write_grad=write_grad, reduction=reduction):
+                return ops.kd_loss_forward(x, t, y, 1.7, 0.35, 2.0, -100, reduction, write_grad)[0]
 
-        assert torch.autograd.gradcheck(rows, (s,), eps=1e-6, atol=1e-8)
+            assert torch.autograd.gradcheck(loss, (s,), eps=1e-6, atol=1e-8)
         assert torch.autograd.gradcheck(
             lambda x: sk.kd_loss(x, t, y, temperature=0.8, alpha=0.6), (s,), eps=1e-6, atol=1e-8)
 
@@ -223,12 +240,13 @@ def test_opcheck(device):
     dtypes = [torch.float32, torch.float64] if device == "cpu" else [torch.float32, torch.bfloat16]
     for dtype in dtypes:
         for write_grad in (True, False):
-            s, t, y = make_inputs((6, 11), dtype, device, ignore_every=4)
-            s.requires_grad_(True)
-            torch.library.opcheck(torch.ops.spacedkd.kd_loss_forward,
-                                  (s, t, y, 2.0, 0.3, 4.0, -100, write_grad))
+            for reduction in ops.REDUCTIONS.values():
+                s, t, y = make_inputs((6, 11), dtype, device, ignore_every=4)
+                s.requires_grad_(True)
+                torch.library.opcheck(torch.ops.spacedkd.kd_loss_forward,
+                                      (s, t, y, 2.0, 0.3, 4.0, -100, reduction, write_grad))
         s, t, y = make_inputs((6, 11), dtype, device, ignore_every=4)
-        _, stats, _ = ops.kd_loss_forward(s, t, y, 2.0, 0.3, 4.0, -100, False)
+        _, stats, _, _ = ops.kd_loss_forward(s, t, y, 2.0, 0.3, 4.0, -100)
         grad_rows = torch.rand(6, dtype=stats.dtype, device=device)
         torch.library.opcheck(torch.ops.spacedkd.kd_loss_backward,
                               (grad_rows, s, t, y, stats, 2.0, 0.3, 4.0, -100))
@@ -338,9 +356,11 @@ def test_op_level_checks_hold_without_the_python_wrapper():
         ops.kd_loss_forward(s, t, y, 0.0, 0.5, 1.0)
     with pytest.raises(ValueError, match=r"alpha must lie in \[0, 1\]"):
         ops.kd_loss_forward(s, t, y, 1.0, 2.0, 1.0)
-    _, stats, _ = ops.kd_loss_forward(s, t, y, 1.0, 0.5, 1.0)
+    _, stats, _, _ = ops.kd_loss_forward(s, t, y, 1.0, 0.5, 1.0)
     with pytest.raises(ValueError, match="row_stats must be"):
         ops.kd_loss_backward(torch.ones(4), s, t, y, stats[:, :3], 1.0, 0.5, 1.0)
+    with pytest.raises(ValueError, match="reduction must be 0"):
+        torch.ops.spacedkd.kd_loss_forward(s, t, y, 1.0, 0.5, 1.0, -100, 7, False)
 
 
 def test_non_finite_logits_give_nan_loss_not_garbage():

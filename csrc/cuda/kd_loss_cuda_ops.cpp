@@ -1,7 +1,10 @@
 // CUDA dispatch of the spacedkd ops: argument checks, output allocation, and a launch on the
 // current stream under a device guard. The math is in kd_loss_cuda.cu.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/clamp_min.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/ne.h>
+#include <ATen/ops/sum.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -39,10 +42,12 @@ cuda::KDLossParams make_params(const at::Tensor& student, double temperature, do
   return p;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_forward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_loss_forward_cuda(
     const at::Tensor& student_in, const at::Tensor& teacher_in, const at::Tensor& target_in,
-    double temperature, double alpha, double kd_scale, int64_t ignore_index, bool write_grad) {
+    double temperature, double alpha, double kd_scale, int64_t ignore_index, int64_t reduction,
+    bool write_grad) {
   check_kd_inputs(student_in, teacher_in, target_in, temperature, alpha, kd_scale);
+  check_reduction(reduction);
   const auto type = logits_type(student_in);
   const c10::cuda::CUDAGuard guard(student_in.device());
   const at::Tensor student = student_in.contiguous();
@@ -59,7 +64,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_forward_cuda(
       write_grad ? grad.mutable_data_ptr() : nullptr,
       make_params(student, temperature, alpha, kd_scale, ignore_index),
       c10::cuda::getCurrentCUDAStream().stream()));
-  return {row_loss, row_stats, grad};
+  // Reduction with ATen ops on the same stream: no host synchronisation.
+  at::Tensor count = at::ne(target, ignore_index).sum().to(at::kFloat);
+  if (reduction == kReductionNone) {
+    return {row_loss, row_stats, grad, count};
+  }
+  at::Tensor loss = row_loss.sum();
+  if (reduction == kReductionMean) {
+    const at::Tensor denom = at::clamp_min(count, 1.0);
+    loss = loss.div(denom);
+    if (write_grad) grad.div_(denom);
+  }
+  return {loss, row_stats, grad, count};
 }
 
 at::Tensor kd_loss_backward_cuda(
