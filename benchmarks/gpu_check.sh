@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# GPU check for a lent GPU machine: no network there; its python3 carries torch (CUDA),
+# pytest and pytest-benchmark. Builds the extension in place against that torch, runs the CUDA
+# tests and the CUDA benchmarks, and writes logs and a short table to $OUT (default
+# ./gpu_results). Each step has its own time limit so that one slow step cannot eat the rest;
+# the whole script stays under 8 minutes.
+#   bash benchmarks/gpu_check.sh            (from the repository root)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_results}"
+mkdir -p "$OUT"
+PY="${PY:-python3}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+export MAX_JOBS="${MAX_JOBS:-16}"
+export SPACEDKD_BENCH_QUICK="${SPACEDKD_BENCH_QUICK:-1}"
+summary="$OUT/summary.txt"
+: > "$summary"
+note() { echo "$*" | tee -a "$summary"; }
+
+note "== GPU check $(date -u +%FT%TZ)"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$summary"
+$PY -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)" 2>&1 | tee -a "$summary"
+
+note "== build (in place, against this machine's torch)"
+t0=$(date +%s)
+timeout 240 $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1
+rc=$?
+note "build rc=$rc in $(( $(date +%s) - t0 ))s"
+grep -E "spacedkd_fast build" "$OUT/build.log" | sort -u | tee -a "$summary"
+if [ $rc -ne 0 ]; then tail -40 "$OUT/build.log"; exit $rc; fi
+$PY -m spacedkd_fast.info 2>&1 | tee -a "$summary"
+
+note "== CUDA tests"
+timeout 150 $PY -m pytest tests/test_kd_loss.py tests/test_distill*.py -m cuda -q -p no:cacheprovider \
+  > "$OUT/tests_cuda.log" 2>&1
+note "cuda tests rc=$?: $(tail -1 "$OUT/tests_cuda.log")"
+grep -E "^(FAILED|ERROR)" "$OUT/tests_cuda.log" | head -20 | tee -a "$summary"
+
+note "== CUDA benchmarks (fused KD loss vs eager, bf16)"
+timeout 150 $PY -m pytest benchmarks/test_bench_kd_loss.py -k cuda -q -p no:cacheprovider \
+  --benchmark-json="$OUT/bench_kd_loss.json" > "$OUT/bench_kd_loss.log" 2>&1
+note "bench rc=$?"
+sed -n '/ratio tables/,/^---/p' "$OUT/bench_kd_loss.log" | grep -v "^---" | tee -a "$summary"
+exit 0
