@@ -271,8 +271,14 @@ class _EngineBase:
     def _guard(self, *modules: nn.Module | None) -> Iterator[None]:
         """Buffers (BN running statistics) of ``modules`` as they were on entry are put back if
         the block raises: a refused step leaves no trace in the model."""
-        guards = [self._guards.setdefault(id(m), _BufferGuard(m)) for m in modules
-                  if m is not None]
+        guards = []
+        for m in modules:
+            if m is None:
+                continue
+            guard = self._guards.get(id(m))
+            if guard is None:  # built once per module: preallocated copies of its buffers
+                guard = self._guards[id(m)] = _BufferGuard(m)
+            guards.append(guard)
         for g in guards:
             g.save()
         try:
