@@ -52,6 +52,16 @@ def test_exit_branches_are_sepconv_stacks_to_512e():
     assert all(isinstance(a, AttentionMask) for a in model.attentions)
 
 
+def test_width_factor_that_does_not_divide_evenly():
+    model = create("byot_resnet18", 10, downsample_factor=3).eval()
+    widths = [int(c / 3**0.5) for c in (64, 128, 256, 512)]  # 36, 73, 147, 295
+    assert model.feature_dim == widths[3]
+    assert [b.op[-2].num_features for b in model.branches[0]] == widths[1:]
+    with torch.no_grad():
+        features, _ = model(torch.randn(1, 3, 32, 32))
+    assert all(f.shape == (1, widths[3]) for f in features)
+
+
 def test_deepest_exit_is_last_and_equals_the_plain_resnet(byot18):
     """Exit 4 must be layer4 + pool + fc: load the shared weights into a plain CIFAR ResNet."""
     plain = create("resnet18", 10, downsample_factor=4)

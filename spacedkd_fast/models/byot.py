@@ -3,8 +3,9 @@
 A CIFAR ResNet trunk with four exits. After ``layer1``, ``layer2`` and ``layer3`` an attention mask
 (a depthwise-separable convolution with stride 2, BatchNorm, ReLU, bilinear upsampling x2 and a
 sigmoid) multiplies the stage's features; a stack of stride-2 SepConv blocks then doubles the
-channels until they reach ``512 * expansion``, global average pooling gives the exit's feature vector
-and a linear classifier its logits. Exit 4 is ``layer4`` + pooling + ``fc``, the ordinary ResNet.
+channels through the widths of the deeper stages (64e -> 128e -> 256e -> 512e) until they reach
+``512 * expansion``, global average pooling gives the exit's feature vector and a linear classifier
+its logits. Exit 4 is ``layer4`` + pooling + ``fc``, the ordinary ResNet.
 
 The official code pools with ``AvgPool2d(4)``, which equals global pooling at 32x32 inputs; global
 pooling keeps the feature size independent of the image size (64 px Tiny-ImageNet). The official
@@ -60,18 +61,11 @@ class AttentionMask(nn.Module):
         return self.mask(x) * x
 
 
-def _exit_branch(in_channels: int, out_channels: int) -> nn.Sequential:
-    """SepConv blocks doubling the channels from ``in_channels`` up to ``out_channels``."""
-    blocks = []
-    c = in_channels
-    while c < out_channels:
-        blocks.append(SepConv(c, c * 2, stride=2))
-        c *= 2
-    if c != out_channels:
-        raise ValueError(
-            f"exit branch cannot go from {in_channels} to {out_channels} channels by doubling"
-        )
-    return nn.Sequential(*blocks)
+def _exit_branch(widths: list[int]) -> nn.Sequential:
+    """Stride-2 SepConv blocks through ``widths`` (the channel counts of the deeper stages, ending
+    at ``512 * expansion``): at full width each block doubles the channels, as in the official code,
+    and a width factor that does not divide evenly still lands on the last stage's width."""
+    return nn.Sequential(*(SepConv(cin, cout, stride=2) for cin, cout in zip(widths, widths[1:])))
 
 
 class MultiExitResNet(ResNetTrunk):
@@ -92,7 +86,7 @@ class MultiExitResNet(ResNetTrunk):
         stage_out = [w * e for w in self.widths]  # channels leaving layer1..layer4
         self.feature_dim = stage_out[3]
         self.attentions = nn.ModuleList(AttentionMask(c) for c in stage_out[:3])
-        self.branches = nn.ModuleList(_exit_branch(c, self.feature_dim) for c in stage_out[:3])
+        self.branches = nn.ModuleList(_exit_branch(stage_out[i:]) for i in range(3))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifiers = nn.ModuleList(
             nn.Linear(self.feature_dim, num_classes) for _ in range(self.num_exits)
