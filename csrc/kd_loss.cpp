@@ -59,23 +59,39 @@ void check_reduction(int64_t reduction) {
 }
 
 void check_kd_backward_inputs(
-    const at::Tensor& grad_rows,
+    const at::Tensor& grad_loss,
     const at::Tensor& student,
-    const at::Tensor& row_stats) {
+    const at::Tensor& row_stats,
+    const at::Tensor& count,
+    int64_t reduction) {
+  check_reduction(reduction);
   const auto acc = accumulate_type(student.scalar_type());
-  TORCH_CHECK_VALUE(
-      grad_rows.dim() == 1 && grad_rows.size(0) == student.size(0),
-      "kd_loss_backward: grad_rows must be [B] with B = ", student.size(0), ", got ",
-      grad_rows.sizes());
+  if (reduction == kReductionNone) {
+    TORCH_CHECK_VALUE(
+        grad_loss.dim() == 1 && grad_loss.size(0) == student.size(0),
+        "kd_loss_backward: grad_loss must be [B] with B = ", student.size(0),
+        " for reduction none, got ", grad_loss.sizes());
+  } else {
+    TORCH_CHECK_VALUE(
+        grad_loss.dim() == 0, "kd_loss_backward: grad_loss must be a scalar for reduction mean "
+        "or sum, got shape ", grad_loss.sizes());
+  }
   TORCH_CHECK_VALUE(
       row_stats.dim() == 2 && row_stats.size(0) == student.size(0) &&
           row_stats.size(1) == kNumRowStats,
       "kd_loss_backward: row_stats must be [B, ", static_cast<int64_t>(kNumRowStats),
       "] as returned by kd_loss_forward, got ", row_stats.sizes());
+  TORCH_CHECK_VALUE(count.dim() == 0, "kd_loss_backward: count must be a scalar, got shape ",
+                    count.sizes());
   TORCH_CHECK_TYPE(
-      grad_rows.scalar_type() == acc && row_stats.scalar_type() == acc,
-      "kd_loss_backward: grad_rows and row_stats must be ", acc, " for ", student.scalar_type(),
-      " logits, got ", grad_rows.scalar_type(), " and ", row_stats.scalar_type());
+      grad_loss.scalar_type() == acc && row_stats.scalar_type() == acc &&
+          count.scalar_type() == acc,
+      "kd_loss_backward: grad_loss, row_stats and count must be ", acc, " for ",
+      student.scalar_type(), " logits, got ", grad_loss.scalar_type(), ", ",
+      row_stats.scalar_type(), " and ", count.scalar_type());
+  TORCH_CHECK_VALUE(
+      grad_loss.device() == student.device() && count.device() == student.device(),
+      "kd_loss_backward: grad_loss and count must be on the logits' device ", student.device());
 }
 
 }  // namespace spacedkd
@@ -93,9 +109,11 @@ TORCH_LIBRARY(spacedkd, m) {
       "kd_loss_forward(Tensor student, Tensor teacher, Tensor target, float temperature, "
       "float alpha, float kd_scale, int ignore_index, int reduction, bool write_grad) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
-  // Gradient w.r.t. the student logits: grad_rows[b] * d row_loss[b] / d student[b, :],
-  // recomputed from the logits and the saved row maxima and log-sums.
+  // Gradient w.r.t. the student logits, recomputed from the logits and the saved row maxima and
+  // log-sums: grad_loss is the gradient of the forward's loss ([B] for reduction none, [] else),
+  // count the forward's count; the kernel scales each row itself (no extra launches).
   m.def(
-      "kd_loss_backward(Tensor grad_rows, Tensor student, Tensor teacher, Tensor target, "
-      "Tensor row_stats, float temperature, float alpha, float kd_scale, int ignore_index) -> Tensor");
+      "kd_loss_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor target, "
+      "Tensor row_stats, Tensor count, float temperature, float alpha, float kd_scale, "
+      "int ignore_index, int reduction) -> Tensor");
 }

@@ -37,11 +37,13 @@ void check_kd_inputs(
 
 void check_reduction(int64_t reduction);
 
-// Checks grad_rows / row_stats of kd_loss_backward against the forward inputs.
+// Checks grad_loss / row_stats / count of kd_loss_backward against the forward inputs.
 void check_kd_backward_inputs(
-    const at::Tensor& grad_rows,
+    const at::Tensor& grad_loss,
     const at::Tensor& student,
-    const at::Tensor& row_stats);
+    const at::Tensor& row_stats,
+    const at::Tensor& count,
+    int64_t reduction);
 
 // float64 logits accumulate in float64 (gradcheck); every other dtype accumulates in float32.
 inline at::ScalarType accumulate_type(at::ScalarType logits) {

@@ -85,20 +85,26 @@ def kd_loss_forward(
 
 
 def kd_loss_backward(
-    grad_rows: Tensor,
+    grad_loss: Tensor,
     student: Tensor,
     teacher: Tensor,
     target: Tensor,
     row_stats: Tensor,
+    count: Tensor,
     temperature: float,
     alpha: float,
     kd_scale: float,
     ignore_index: int = -100,
+    reduction: str = "none",
 ) -> Tensor:
-    """``grad_rows[b] * d row_loss[b] / d student[b]``, ``[B, C]`` in the logits dtype."""
+    """Gradient of :func:`kd_loss_forward`'s loss w.r.t. the student logits, ``[B, C]``.
+
+    ``grad_loss`` is the gradient of that loss (``[B]`` for ``"none"``, a scalar otherwise);
+    ``row_stats`` and ``count`` are the forward's outputs.
+    """
     return torch.ops.spacedkd.kd_loss_backward(
-        grad_rows, student, teacher, target, row_stats, float(temperature), float(alpha),
-        float(kd_scale), int(ignore_index),
+        grad_loss, student, teacher, target, row_stats, count, float(temperature), float(alpha),
+        float(kd_scale), int(ignore_index), REDUCTIONS[reduction],
     )
 
 
@@ -122,8 +128,8 @@ def _kd_loss_forward_fake(student, teacher, target, temperature, alpha, kd_scale
 
 
 @torch.library.register_fake("spacedkd::kd_loss_backward")
-def _kd_loss_backward_fake(grad_rows, student, teacher, target, row_stats, temperature, alpha,
-                           kd_scale, ignore_index):
+def _kd_loss_backward_fake(grad_loss, student, teacher, target, row_stats, count, temperature,
+                           alpha, kd_scale, ignore_index, reduction):
     return torch.empty_like(student, memory_format=torch.contiguous_format)
 
 
@@ -173,15 +179,10 @@ def _backward(ctx, grad_loss, _grad_row_stats, _grad_grad, _grad_count):
     student, teacher, target, row_stats, count = ctx.saved_tensors
     if grad_loss is None:
         return (torch.zeros_like(student),) + _NO_GRAD_FOR_THE_REST
-    rows = student.shape[0]
-    if ctx.reduction == REDUCTIONS["none"]:
-        grad_rows = grad_loss
-    elif ctx.reduction == REDUCTIONS["mean"]:
-        grad_rows = (grad_loss / count.clamp(min=1)).expand(rows)
-    else:
-        grad_rows = grad_loss.expand(rows)
-    grad = kd_loss_backward(grad_rows.to(row_stats.dtype).contiguous(), student, teacher, target,
-                            row_stats, *ctx.args)
+    # The kernel scales each row by grad_loss (and 1 / count for the mean) itself.
+    grad = torch.ops.spacedkd.kd_loss_backward(
+        grad_loss.to(row_stats.dtype).contiguous(), student, teacher, target, row_stats, count,
+        *ctx.args, ctx.reduction)
     return (grad,) + _NO_GRAD_FOR_THE_REST
 
 

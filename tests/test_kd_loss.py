@@ -245,11 +245,13 @@ def test_opcheck(device):
                 s.requires_grad_(True)
                 torch.library.opcheck(torch.ops.spacedkd.kd_loss_forward,
                                       (s, t, y, 2.0, 0.3, 4.0, -100, reduction, write_grad))
-        s, t, y = make_inputs((6, 11), dtype, device, ignore_every=4)
-        _, stats, _, _ = ops.kd_loss_forward(s, t, y, 2.0, 0.3, 4.0, -100)
-        grad_rows = torch.rand(6, dtype=stats.dtype, device=device)
-        torch.library.opcheck(torch.ops.spacedkd.kd_loss_backward,
-                              (grad_rows, s, t, y, stats, 2.0, 0.3, 4.0, -100))
+        for reduction, code in ops.REDUCTIONS.items():
+            s, t, y = make_inputs((6, 11), dtype, device, ignore_every=4)
+            _, stats, _, count = ops.kd_loss_forward(s, t, y, 2.0, 0.3, 4.0, -100, reduction)
+            shape = (6,) if reduction == "none" else ()
+            grad_loss = torch.rand(shape, dtype=stats.dtype, device=device)
+            torch.library.opcheck(torch.ops.spacedkd.kd_loss_backward,
+                                  (grad_loss, s, t, y, stats, count, 2.0, 0.3, 4.0, -100, code))
 
 
 def test_torch_compile_fullgraph():
@@ -356,9 +358,11 @@ def test_op_level_checks_hold_without_the_python_wrapper():
         ops.kd_loss_forward(s, t, y, 0.0, 0.5, 1.0)
     with pytest.raises(ValueError, match=r"alpha must lie in \[0, 1\]"):
         ops.kd_loss_forward(s, t, y, 1.0, 2.0, 1.0)
-    _, stats, _, _ = ops.kd_loss_forward(s, t, y, 1.0, 0.5, 1.0)
+    _, stats, _, count = ops.kd_loss_forward(s, t, y, 1.0, 0.5, 1.0)
     with pytest.raises(ValueError, match="row_stats must be"):
-        ops.kd_loss_backward(torch.ones(4), s, t, y, stats[:, :3], 1.0, 0.5, 1.0)
+        ops.kd_loss_backward(torch.ones(4), s, t, y, stats[:, :3], count, 1.0, 0.5, 1.0)
+    with pytest.raises(ValueError, match="grad_loss must be a scalar"):
+        ops.kd_loss_backward(torch.ones(4), s, t, y, stats, count, 1.0, 0.5, 1.0, -100, "mean")
     with pytest.raises(ValueError, match="reduction must be 0"):
         torch.ops.spacedkd.kd_loss_forward(s, t, y, 1.0, 0.5, 1.0, -100, 7, False)
 

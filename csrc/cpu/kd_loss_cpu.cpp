@@ -407,17 +407,22 @@ void forward_kernel(const at::Tensor& student, const at::Tensor& teacher,
 }
 
 template <typename scalar_t>
-void backward_kernel(const at::Tensor& grad_rows, const at::Tensor& student,
+void backward_kernel(const at::Tensor& grad_loss, const at::Tensor& student,
                      const at::Tensor& teacher, const at::Tensor& target,
-                     const at::Tensor& row_stats, at::Tensor& grad, double temperature,
-                     double alpha, double kd_scale, int64_t ignore_index) {
+                     const at::Tensor& row_stats, const at::Tensor& count, at::Tensor& grad,
+                     double temperature, double alpha, double kd_scale, int64_t ignore_index,
+                     int64_t reduction) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t B = student.size(0), C = student.size(1);
   const scalar_t* s_ptr = student.const_data_ptr<scalar_t>();
   const scalar_t* t_ptr = teacher.const_data_ptr<scalar_t>();
   const int64_t* y_ptr = target.const_data_ptr<int64_t>();
-  const acc_t* gr_ptr = grad_rows.const_data_ptr<acc_t>();
+  const acc_t* gl_ptr = grad_loss.const_data_ptr<acc_t>();
   const acc_t* stats_ptr = row_stats.const_data_ptr<acc_t>();
+  // d loss / d row_loss[b]: the incoming gradient, per row (none) or shared (sum, mean / count).
+  const acc_t shared_scale = reduction == kReductionNone ? acc_t(0)
+      : reduction == kReductionSum ? gl_ptr[0]
+      : gl_ptr[0] / std::max(count.const_data_ptr<acc_t>()[0], acc_t(1));
   scalar_t* g_ptr = grad.mutable_data_ptr<scalar_t>();
   const acc_t invT = static_cast<acc_t>(1.0 / temperature);
   const acc_t w_ce = static_cast<acc_t>(1.0 - alpha);
@@ -434,7 +439,7 @@ void backward_kernel(const at::Tensor& grad_rows, const at::Tensor& student,
         continue;
       }
       const acc_t* st = stats_ptr + b * kNumRowStats;
-      const acc_t scale = gr_ptr[b];
+      const acc_t scale = reduction == kReductionNone ? gl_ptr[b] : shared_scale;
       const acc_t* s = scratch.view(s_ptr + b * C, 0);
       const acc_t* t = scratch.view(t_ptr + b * C, 1);
       acc_t* g = scratch.grad_row(g_out);
@@ -488,22 +493,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_loss_forward_cpu(
   return {loss, row_stats, grad, count};
 }
 
-at::Tensor kd_loss_backward_cpu(const at::Tensor& grad_rows_in, const at::Tensor& student_in,
+at::Tensor kd_loss_backward_cpu(const at::Tensor& grad_loss_in, const at::Tensor& student_in,
                                 const at::Tensor& teacher_in, const at::Tensor& target_in,
-                                const at::Tensor& row_stats_in, double temperature, double alpha,
-                                double kd_scale, int64_t ignore_index) {
+                                const at::Tensor& row_stats_in, const at::Tensor& count,
+                                double temperature, double alpha, double kd_scale,
+                                int64_t ignore_index, int64_t reduction) {
   check_kd_inputs(student_in, teacher_in, target_in, temperature, alpha, kd_scale);
-  check_kd_backward_inputs(grad_rows_in, student_in, row_stats_in);
+  check_kd_backward_inputs(grad_loss_in, student_in, row_stats_in, count, reduction);
   const at::Tensor student = student_in.contiguous();
   const at::Tensor teacher = teacher_in.contiguous();
   const at::Tensor target = target_in.contiguous();
-  const at::Tensor grad_rows = grad_rows_in.contiguous();
+  const at::Tensor grad_loss = grad_loss_in.contiguous();
   const at::Tensor row_stats = row_stats_in.contiguous();
   at::Tensor grad = at::empty(student.sizes(), student.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, student.scalar_type(), "kd_loss_backward_cpu", [&] {
-        backward_kernel<scalar_t>(grad_rows, student, teacher, target, row_stats, grad,
-                                  temperature, alpha, kd_scale, ignore_index);
+        backward_kernel<scalar_t>(grad_loss, student, teacher, target, row_stats, count, grad,
+                                  temperature, alpha, kd_scale, ignore_index, reduction);
       });
   return grad;
 }

@@ -264,9 +264,10 @@ kd_forward_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
 
 template <typename T, int kThreadsPerRow, int kRowsPerBlock, bool kVec>
 __global__ void __launch_bounds__(kThreadsPerRow * kRowsPerBlock)
-kd_backward_kernel(const float* __restrict__ grad_rows, const T* __restrict__ student,
-                   const T* __restrict__ teacher, const int64_t* __restrict__ target,
-                   const float* __restrict__ row_stats, T* __restrict__ grad, KDLossParams p) {
+kd_backward_kernel(const float* __restrict__ grad_loss, const float* __restrict__ count,
+                   int reduction, const T* __restrict__ student, const T* __restrict__ teacher,
+                   const int64_t* __restrict__ target, const float* __restrict__ row_stats,
+                   T* __restrict__ grad, KDLossParams p) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreadsPerRow;
   const int lane = threadIdx.x % kThreadsPerRow;
   if (row >= p.rows) return;
@@ -279,7 +280,9 @@ kd_backward_kernel(const float* __restrict__ grad_rows, const T* __restrict__ st
   }
   const float* stats = row_stats + row * kStats;
   const RowNorm n{stats[0], stats[1], stats[2], stats[3], stats[4]};
-  const float scale = grad_rows[row];
+  const float scale = reduction == 0 ? grad_loss[row]
+                      : reduction == 2 ? grad_loss[0]
+                                       : grad_loss[0] / fmaxf(count[0], 1.f);
   const float inv_T = p.inv_temperature;
   write_grad_row<T, kThreadsPerRow, kVec>(student + row * C, teacher + row * C, g, C, y, n,
                                           inv_T, scale * p.w_ce, scale * p.w_kd * inv_T, lane);
@@ -302,7 +305,9 @@ struct ForwardArgs {
 template <typename T>
 struct BackwardArgs {
   using Scalar = T;
-  const float* grad_rows;
+  const float* grad_loss;
+  const float* count;
+  int reduction;
   const T *s, *t;
   const int64_t* y;
   const float* stats;
@@ -322,7 +327,8 @@ cudaError_t run(const ForwardArgs<T>& a, dim3 grid) {
 template <typename T, int kThreads, int kRows, bool kVec>
 cudaError_t run(const BackwardArgs<T>& a, dim3 grid) {
   kd_backward_kernel<T, kThreads, kRows, kVec>
-      <<<grid, kThreads * kRows, 0, a.stream>>>(a.grad_rows, a.s, a.t, a.y, a.stats, a.grad, a.p);
+      <<<grid, kThreads * kRows, 0, a.stream>>>(a.grad_loss, a.count, a.reduction, a.s, a.t, a.y,
+                                                a.stats, a.grad, a.p);
   return cudaGetLastError();
 }
 
@@ -353,11 +359,56 @@ cudaError_t forward_typed(const void* s, const void* t, const int64_t* y, float*
 }
 
 template <typename T>
-cudaError_t backward_typed(const float* gr, const void* s, const void* t, const int64_t* y,
-                           const float* stats, void* grad, const KDLossParams& p,
-                           cudaStream_t stream) {
-  return dispatch_layout(BackwardArgs<T>{gr, static_cast<const T*>(s), static_cast<const T*>(t),
-                                         y, stats, static_cast<T*>(grad), p, stream});
+cudaError_t backward_typed(const float* grad_loss, const float* count, int reduction,
+                           const void* s, const void* t, const int64_t* y, const float* stats,
+                           void* grad, const KDLossParams& p, cudaStream_t stream) {
+  return dispatch_layout(BackwardArgs<T>{grad_loss, count, reduction, static_cast<const T*>(s),
+                                         static_cast<const T*>(t), y, stats,
+                                         static_cast<T*>(grad), p, stream});
+}
+
+// One block sums the row losses of the non-ignored rows in a fixed order: each thread a strided
+// slice, then a shuffle tree per warp and one over the warps. NaN rows (bad targets, non-finite
+// logits) propagate into the sum on purpose.
+constexpr int kReduceThreads = 1024;
+
+__global__ void __launch_bounds__(kReduceThreads)
+kd_reduce_kernel(const float* __restrict__ row_loss, const int64_t* __restrict__ target,
+                 int64_t rows, int64_t ignore_index, int reduction, float* __restrict__ loss,
+                 float* __restrict__ count) {
+  float sum = 0.f, n = 0.f;
+  for (int64_t i = threadIdx.x; i < rows; i += kReduceThreads) {
+    if (target[i] != ignore_index) {
+      sum += row_loss[i];
+      n += 1.f;
+    }
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    sum += __shfl_down_sync(0xffffffffu, sum, offset);
+    n += __shfl_down_sync(0xffffffffu, n, offset);
+  }
+  __shared__ float warp_sum[kReduceThreads / 32], warp_n[kReduceThreads / 32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+    warp_sum[warp] = sum;
+    warp_n[warp] = n;
+  }
+  __syncthreads();  // every warp's partial sums must be visible to warp 0
+  if (warp == 0) {
+    sum = warp_sum[lane];
+    n = warp_n[lane];
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      sum += __shfl_down_sync(0xffffffffu, sum, offset);
+      n += __shfl_down_sync(0xffffffffu, n, offset);
+    }
+    if (lane == 0) {
+      count[0] = n;
+      if (reduction == 2) loss[0] = sum;
+      if (reduction == 1) loss[0] = sum / fmaxf(n, 1.f);
+    }
+  }
 }
 
 }  // namespace
@@ -378,21 +429,31 @@ cudaError_t launch_kd_loss_forward(LogitsType type, const void* student, const v
   return cudaErrorInvalidValue;
 }
 
-cudaError_t launch_kd_loss_backward(LogitsType type, const float* grad_rows, const void* student,
-                                    const void* teacher, const int64_t* target,
-                                    const float* row_stats, void* grad, const KDLossParams& params,
-                                    cudaStream_t stream) {
+cudaError_t launch_kd_loss_backward(LogitsType type, const float* grad_loss, const float* count,
+                                    int reduction, const void* student, const void* teacher,
+                                    const int64_t* target, const float* row_stats, void* grad,
+                                    const KDLossParams& params, cudaStream_t stream) {
   if (params.rows == 0) return cudaSuccess;
   switch (type) {
     case LogitsType::kFloat32:
-      return backward_typed<float>(grad_rows, student, teacher, target, row_stats, grad, params, stream);
+      return backward_typed<float>(grad_loss, count, reduction, student, teacher, target,
+                                   row_stats, grad, params, stream);
     case LogitsType::kFloat16:
-      return backward_typed<__half>(grad_rows, student, teacher, target, row_stats, grad, params, stream);
+      return backward_typed<__half>(grad_loss, count, reduction, student, teacher, target,
+                                    row_stats, grad, params, stream);
     case LogitsType::kBFloat16:
-      return backward_typed<__nv_bfloat16>(grad_rows, student, teacher, target, row_stats, grad,
-                                           params, stream);
+      return backward_typed<__nv_bfloat16>(grad_loss, count, reduction, student, teacher, target,
+                                           row_stats, grad, params, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_kd_loss_reduce(const float* row_loss, const int64_t* target, int64_t rows,
+                                  int64_t ignore_index, int reduction, float* loss, float* count,
+                                  cudaStream_t stream) {
+  kd_reduce_kernel<<<1, kReduceThreads, 0, stream>>>(row_loss, target, rows, ignore_index,
+                                                     reduction, loss, count);
+  return cudaGetLastError();
 }
 
 }  // namespace cuda

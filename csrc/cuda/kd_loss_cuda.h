@@ -27,11 +27,20 @@ cudaError_t launch_kd_loss_forward(
     float* row_loss, float* row_stats, void* grad, const KDLossParams& params,
     cudaStream_t stream);
 
-// grad[b, :] = grad_rows[b] * d row_loss[b] / d student[b, :], from the saved row_stats.
+// loss[0] = sum (reduction 2) or mean over non-ignored rows (reduction 1) of row_loss, and
+// count[0] = number of non-ignored rows; one block, fixed summation order (deterministic).
+// With reduction 0 only count is written. Runs for rows == 0 too (writes zeros).
+cudaError_t launch_kd_loss_reduce(const float* row_loss, const int64_t* target, int64_t rows,
+                                  int64_t ignore_index, int reduction, float* loss, float* count,
+                                  cudaStream_t stream);
+
+// grad[b, :] = scale_b * d row_loss[b] / d student[b, :] from the saved row_stats, with scale_b
+// = grad_loss[b] (reduction 0), grad_loss[0] (2) or grad_loss[0] / max(count[0], 1) (1), read
+// on the device: no host synchronisation and no extra launches.
 cudaError_t launch_kd_loss_backward(
-    LogitsType type, const float* grad_rows, const void* student, const void* teacher,
-    const int64_t* target, const float* row_stats, void* grad, const KDLossParams& params,
-    cudaStream_t stream);
+    LogitsType type, const float* grad_loss, const float* count, int reduction,
+    const void* student, const void* teacher, const int64_t* target, const float* row_stats,
+    void* grad, const KDLossParams& params, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace spacedkd

@@ -1,10 +1,7 @@
 // CUDA dispatch of the spacedkd ops: argument checks, output allocation, and a launch on the
 // current stream under a device guard. The math is in kd_loss_cuda.cu.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/clamp_min.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/ne.h>
-#include <ATen/ops/sum.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -64,36 +61,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_loss_forward_cuda(
       write_grad ? grad.mutable_data_ptr() : nullptr,
       make_params(student, temperature, alpha, kd_scale, ignore_index),
       c10::cuda::getCurrentCUDAStream().stream()));
-  // Reduction with ATen ops on the same stream: no host synchronisation.
-  at::Tensor count = at::ne(target, ignore_index).sum().to(at::kFloat);
-  if (reduction == kReductionNone) {
-    return {row_loss, row_stats, grad, count};
-  }
-  at::Tensor loss = row_loss.sum();
-  if (reduction == kReductionMean) {
-    const at::Tensor denom = at::clamp_min(count, 1.0);
-    loss = loss.div(denom);
-    if (write_grad) grad.div_(denom);
+  // Reduction and row count in one small kernel on the same stream: no host synchronisation.
+  at::Tensor count = at::empty({}, f32);
+  at::Tensor loss = reduction == kReductionNone ? row_loss : at::empty({}, f32);
+  C10_CUDA_CHECK(cuda::launch_kd_loss_reduce(
+      row_loss.const_data_ptr<float>(), target.const_data_ptr<int64_t>(), B, ignore_index,
+      static_cast<int>(reduction), reduction == kReductionNone ? nullptr : loss.mutable_data_ptr<float>(),
+      count.mutable_data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream()));
+  if (write_grad && reduction == kReductionMean) {
+    // Only when asked for the gradient in the forward (not the CUDA default, see ops.py): the
+    // rows' gradients are scaled by 1 / count here, on the device.
+    grad.div_(count.clamp_min(1.0));
   }
   return {loss, row_stats, grad, count};
 }
 
 at::Tensor kd_loss_backward_cuda(
-    const at::Tensor& grad_rows_in, const at::Tensor& student_in, const at::Tensor& teacher_in,
-    const at::Tensor& target_in, const at::Tensor& row_stats_in, double temperature,
-    double alpha, double kd_scale, int64_t ignore_index) {
+    const at::Tensor& grad_loss_in, const at::Tensor& student_in, const at::Tensor& teacher_in,
+    const at::Tensor& target_in, const at::Tensor& row_stats_in, const at::Tensor& count,
+    double temperature, double alpha, double kd_scale, int64_t ignore_index, int64_t reduction) {
   check_kd_inputs(student_in, teacher_in, target_in, temperature, alpha, kd_scale);
-  check_kd_backward_inputs(grad_rows_in, student_in, row_stats_in);
+  check_kd_backward_inputs(grad_loss_in, student_in, row_stats_in, count, reduction);
   const auto type = logits_type(student_in);
   const c10::cuda::CUDAGuard guard(student_in.device());
   const at::Tensor student = student_in.contiguous();
   const at::Tensor teacher = teacher_in.contiguous();
   const at::Tensor target = target_in.contiguous();
-  const at::Tensor grad_rows = grad_rows_in.contiguous();
+  const at::Tensor grad_loss = grad_loss_in.contiguous();
   const at::Tensor row_stats = row_stats_in.contiguous();
   at::Tensor grad = at::empty(student.sizes(), student.options());
   C10_CUDA_CHECK(cuda::launch_kd_loss_backward(
-      type, grad_rows.const_data_ptr<float>(), student.const_data_ptr(), teacher.const_data_ptr(),
+      type, grad_loss.const_data_ptr<float>(), count.const_data_ptr<float>(),
+      static_cast<int>(reduction), student.const_data_ptr(), teacher.const_data_ptr(),
       target.const_data_ptr<int64_t>(), row_stats.const_data_ptr<float>(),
       grad.mutable_data_ptr(), make_params(student, temperature, alpha, kd_scale, ignore_index),
       c10::cuda::getCurrentCUDAStream().stream()));
