@@ -31,8 +31,8 @@ if [ $rc -ne 0 ]; then tail -40 "$OUT/build.log"; exit $rc; fi
 $PY -m spacedkd_fast.info 2>&1 | tee -a "$summary"
 
 note "== CUDA tests"
-timeout 150 $PY -m pytest tests/test_kd_loss.py tests/test_distill*.py -m cuda -q -p no:cacheprovider \
-  > "$OUT/tests_cuda.log" 2>&1
+timeout 150 $PY -m pytest tests/test_kd_loss.py tests/test_distill*.py tests/test_models_runtime.py \
+  -m cuda -k "not inductor" -q -p no:cacheprovider > "$OUT/tests_cuda.log" 2>&1
 note "cuda tests rc=$?: $(tail -1 "$OUT/tests_cuda.log")"
 grep -E "^(FAILED|ERROR)" "$OUT/tests_cuda.log" | head -20 | tee -a "$summary"
 
@@ -41,4 +41,10 @@ timeout 150 $PY -m pytest benchmarks/test_bench_kd_loss.py -k cuda -q -p no:cach
   --benchmark-json="$OUT/bench_kd_loss.json" > "$OUT/bench_kd_loss.log" 2>&1
 note "bench rc=$?"
 sed -n '/ratio tables/,/^---/p' "$OUT/bench_kd_loss.log" | grep -v "^---" | tee -a "$summary"
+
+note "== CUDA benchmark: engine, spaced vs online, overlap on/off (ResNet-18 pair)"
+timeout 120 $PY -m pytest benchmarks/test_bench_engine.py -k cuda -q -p no:cacheprovider \
+  --benchmark-json="$OUT/bench_engine.json" > "$OUT/bench_engine.log" 2>&1
+note "engine bench rc=$?"
+sed -n '/ratio tables/,/^---/p' "$OUT/bench_engine.log" | grep -v "^---" | tee -a "$summary"
 exit 0
