@@ -56,7 +56,7 @@ class PerSampleImages(Dataset):
 def official_loader(images: np.ndarray, labels: np.ndarray, *, batch_size: int = 128,
                     num_workers: int = 0, seed: int = 0) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
-    return DataLoader(PerSampleImages(images, labels), batch_size=batch_size, shuffle=True,
+    return DataLoader(PerSampleImages(images, labels, size=images.shape[1]), batch_size=batch_size, shuffle=True,
                       num_workers=num_workers, generator=g)
 
 
