@@ -245,8 +245,8 @@ def summary_table(rows: list[dict[str, Any]], *, wall_s: float, images_per_s: fl
 class ExternalLoggers:
     """Optional TensorBoard / Weights & Biases mirrors of the epoch rows (rank 0 only).
 
-    Both are optional dependencies: asking for one that is not installed is a clear error at start,
-    never a prompt. W&B runs offline unless an API key is configured.
+    Both are optional dependencies: asking for one that is not installed raises ``ImportError`` with
+    the install command at start, never a prompt. W&B runs offline unless an API key is configured.
     """
 
     def __init__(self, out_dir: str | Path, *, tensorboard: bool, wandb: bool,
@@ -257,14 +257,14 @@ class ExternalLoggers:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise RuntimeError("--tensorboard needs the tensorboard package: "
-                                   "pip install tensorboard") from None
+                raise ImportError("--tensorboard needs the tensorboard package: "
+                                  "pip install tensorboard") from None
             self.tb = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
         if wandb:
             try:
                 import wandb as wandb_mod
             except ImportError:
-                raise RuntimeError("--wandb needs the wandb package: pip install wandb") from None
+                raise ImportError("--wandb needs the wandb package: pip install wandb") from None
             has_key = bool(os.environ.get("WANDB_API_KEY"))
             if not has_key:
                 try:

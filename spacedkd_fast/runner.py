@@ -631,17 +631,22 @@ class Run:
     def execute(self, digits_changes: list[str]) -> int:
         cfg = self.cfg
         self.out = self.prepare_output()
+        self.loggers = None
+        if self.info.is_main:  # optional loggers first: a missing package fails before any work
+            try:
+                self.loggers = ExternalLoggers(self.out, tensorboard=cfg.tensorboard,
+                                               wandb=cfg.wandb, project=cfg.wandb_project,
+                                               config=cfg.to_dict(), run_name=self.out.name)
+            except ImportError as err:
+                raise UserError(str(err)) from None
         self.build()
         if self.resume_state is not None:
             self.restore(self.resume_state)
         if self.info.is_main:
             save_yaml(cfg, self.out / "config.yaml")
             self.metrics = MetricsLog(self.out, self.rows)
-            self.loggers = ExternalLoggers(self.out, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
-                                           project=cfg.wandb_project, config=cfg.to_dict(),
-                                           run_name=self.out.name)
         else:
-            self.metrics = self.loggers = None
+            self.metrics = None
         self.announce(digits_changes)
         if self.resume_state is not None:
             s = self.resume_state
