@@ -10,7 +10,8 @@ and a checkpoint.
 
 from __future__ import annotations
 
-from typing import Iterator, Protocol, runtime_checkable
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 

@@ -227,12 +227,13 @@ def test_gradcheck_float64():
         s.requires_grad_(True)
 
         for reduction in ("none", "mean", "sum"):
-            def loss(x, write_grad=write_grad, reduction=reduction):
+            def loss(x, t=t, y=y, write_grad=write_grad, reduction=reduction):
                 return ops.kd_loss_forward(x, t, y, 1.7, 0.35, 2.0, -100, reduction, write_grad)[0]
 
             assert torch.autograd.gradcheck(loss, (s,), eps=1e-6, atol=1e-8)
         assert torch.autograd.gradcheck(
-            lambda x: sk.kd_loss(x, t, y, temperature=0.8, alpha=0.6), (s,), eps=1e-6, atol=1e-8)
+            lambda x, t=t, y=y: sk.kd_loss(x, t, y, temperature=0.8, alpha=0.6), (s,), eps=1e-6,
+            atol=1e-8)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
