@@ -14,7 +14,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from spacedkd_fast.checkpoint import load_checkpoint
 from spacedkd_fast.trace import read_trace
 
 L = 12  # digits at global batch 128
@@ -60,6 +62,13 @@ def test_two_process_gloo_run_matches_schedule_replay_and_accuracy(tmp_path):
     c0 = {e["key"]: e["checksum"] for e in rank0 if e["event"] == "teacher_step"}
     c1 = {e["key"]: e["checksum"] for e in rank1 if e["event"] == "teacher_step"}
     assert all(c0[k] != c1[k] for k in c0)
+
+    # the projection head lives outside DDP: its gradients are averaged too, so both ranks hold
+    # the same head (the checkpoint keeps every rank's engine state)
+    engines = load_checkpoint(out2)["engine"]
+    assert len(engines) == 2
+    for k, v in engines[0]["projector"].items():
+        assert torch.equal(v, engines[1]["projector"][k]), k
 
     # rank 0 alone writes outputs
     names = sorted(p.name for p in out2.iterdir())
