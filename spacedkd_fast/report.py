@@ -194,7 +194,10 @@ def plot_curves(rows: list[dict[str, Any]], path: str | Path, *, title: str = ""
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("training loss")
     ax_loss.grid(alpha=0.3)
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax_acc, ax_loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     if title:
