@@ -249,3 +249,17 @@ def test_resume_of_missing_or_corrupt_checkpoint(tmp_path, capsys):
 def test_resume_refuses_flags_that_would_change_the_run(tmp_path, capsys):
     status, text = cli(capsys, "--resume", str(tmp_path), "--lr", "0.1")
     assert status == 2 and "--lr cannot change on resume" in text
+
+
+def test_summary_reports_the_gain_over_a_comparison_run(tmp_path, digits_bundle):
+    online = tiny_config(tmp_path, mode="online", epochs=1, out=str(tmp_path / "online"))
+    assert run(online, data=digits_bundle)[0] == 0
+    spaced = tiny_config(tmp_path, mode="spaced", epochs=1, interval_rate=0.4,
+                         compare=str(tmp_path / "online"), out=str(tmp_path / "spaced"))
+    status, out = run(spaced, data=digits_bundle)
+    assert status == 0
+    theirs = json.loads((tmp_path / "online/metrics.jsonl").read_text())["student_top1"]
+    ours = json.loads((tmp_path / "spaced/metrics.jsonl").read_text())["student_top1"]
+    line = next(x for x in out.splitlines() if "vs online" in x)
+    assert f"gain {100 * (ours - theirs):+.2f} points" in line
+    assert line in (tmp_path / "spaced/summary.txt").read_text()
