@@ -96,7 +96,8 @@ class TrainConfig:
     augment: str | None = _opt(None, "augmentation recipe: cifar, cifar-selfkd, tiny, imagenet, vit, "
                                "none", G_DATA, metavar="NAME")
     image_size: int | None = _opt(None, "train and test at this image size in pixels", G_DATA, metavar="PX")
-    data_backend: str = _opt("auto", "batch pipeline: auto, device, dali, cpu", G_DATA,
+    data_backend: str = _opt("auto", "batch pipeline: auto, gpu (data resident on the GPU), cpu (batched torch ops), "
+                             "dali", G_DATA,
                              metavar="NAME")
     # optimisation
     epochs: int = _opt(80, "training epochs (offline mode: the teacher's, then as many for the "
