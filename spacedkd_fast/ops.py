@@ -22,10 +22,24 @@ from torch import Tensor
 try:
     from spacedkd_fast import _C
 except ImportError as exc:  # pragma: no cover - depends on the installation
+    from pathlib import Path
+
+    _package_dir = Path(__file__).resolve().parent
+    if (_package_dir.parent / "setup.py").exists() and not list(_package_dir.glob("_C*.so")):
+        _hint = (
+            f"Python is importing the source checkout {_package_dir}, which has no compiled "
+            "extension. Install it in editable mode (`pip install --no-build-isolation -e .`), "
+            "or build in place (`python setup.py build_ext --inplace`), or run from outside the "
+            "checkout to use an installed copy."
+        )
+    else:
+        _hint = (
+            "Install the package with `pip install --no-build-isolation .` into an environment "
+            "that already has the torch you run with (README, Installation)."
+        )
     raise ImportError(
-        "spacedkd_fast's compiled extension (spacedkd_fast._C) could not be loaded: "
-        f"{exc}. Install the package with `pip install --no-build-isolation .` into an "
-        "environment that already has the torch you run with (README, Installation)."
+        f"spacedkd_fast's compiled extension (spacedkd_fast._C) could not be loaded: {exc}. "
+        + _hint
     ) from exc
 
 _INFO = _C.build_info()
