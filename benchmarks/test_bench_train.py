@@ -73,7 +73,8 @@ def _sgd(params):
 
 
 def official_round(w: Workload):
-    from benchmarks.official_loop import OfficialLoop, official_loader
+    from official_loop import OfficialLoop, official_loader
+
     from spacedkd_fast.models import ProjectionHead
 
     images, labels = w.images()
@@ -149,7 +150,7 @@ def test_bench_train_epoch_cuda(bench, provider):
 
 def test_official_loop_objective_is_the_papers():
     """The baseline computes what the official code computes (probabilities into KLDivLoss)."""
-    from benchmarks.official_loop import paper_code_loss
+    from official_loop import paper_code_loss
 
     s, t = torch.randn(4, 10), torch.randn(4, 10)
     y = torch.randint(0, 10, (4,))

@@ -11,16 +11,19 @@ from pathlib import Path
 
 import pytest
 
+import spacedkd_fast
 from spacedkd_fast.train import main
 
+# Subprocesses import the same spacedkd_fast as this test (installed or checkout) and run in a
+# temporary folder, so that the current directory can never shadow it.
+PACKAGE_PARENT = str(Path(spacedkd_fast.__file__).resolve().parents[1])
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-       "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                      os.environ.get("PYTHONPATH", "")])}
+       "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_PARENT, os.environ.get("PYTHONPATH")]))}
 
 
-def test_help_reads_like_a_manual():
+def test_help_reads_like_a_manual(tmp_path):
     done = subprocess.run([sys.executable, "-m", "spacedkd_fast.train", "--help"], env=ENV,
-                          capture_output=True, text=True, timeout=120)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0
     text = " ".join(done.stdout.split())  # argparse wraps lines anywhere
     for needle in ("--interval-rate", "--amp {off,bf16,fp16}", "--resume OUT", "--list-recipes",

@@ -12,10 +12,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import spacedkd_fast
 from spacedkd_fast.checkpoint import load_checkpoint
 from spacedkd_fast.trace import read_trace
 
@@ -25,8 +27,8 @@ ARGS = ["--dataset", "digits", "--image-size", "8", "--augment", "none", "--mode
         "--device", "cpu", "--log-every", "4", "--no-progress", "--interval-rate", "0.5"]
 
 
-def run(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+def run(cmd: list[str], env: dict, cwd) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done
 
@@ -37,15 +39,18 @@ def schedule(events: list[dict]) -> list[tuple]:
 
 
 def test_two_process_gloo_run_matches_schedule_replay_and_accuracy(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # the same spacedkd_fast as this test imports, from a folder that cannot shadow it
+    parent = str(Path(spacedkd_fast.__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [parent, os.environ.get("PYTHONPATH")]))}
     out2, trace2 = tmp_path / "ddp", tmp_path / "ddp.jsonl"
     done = run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc_per_node", "2", "-m", "spacedkd_fast.train", *ARGS,
-                "--out", str(out2), "--trace", str(trace2)], env)
+                "--out", str(out2), "--trace", str(trace2)], env, tmp_path)
     assert "x 2 processes" in done.stdout
     out1, trace1 = tmp_path / "single", tmp_path / "single.jsonl"
     run([sys.executable, "-m", "spacedkd_fast.train", *ARGS, "--out", str(out1), "--trace",
-         str(trace1)], env)
+         str(trace1)], env, tmp_path)
 
     rank0, rank1 = read_trace(trace2), read_trace(f"{trace2}.rank1")
     single = read_trace(trace1)

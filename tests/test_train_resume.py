@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import spacedkd_fast
 from spacedkd_fast.checkpoint import load_checkpoint
 from spacedkd_fast.report import TIMING_KEYS
 
@@ -26,7 +27,11 @@ EPOCHS = 3
 ARGS = ["--dataset", "digits", "--image-size", "8", "--augment", "none", "--model-kwargs",
         "downsample_factor=64", "--batch-size", "128", "--epochs", str(EPOCHS), "--lr", "0.05",
         "--device", "cpu", "--log-every", "4", "--no-progress", "--interval-rate", "1.5"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# Subprocesses import the same spacedkd_fast as this test (installed or checkout) and run in a
+# temporary folder, so that the current directory can never shadow it.
+PACKAGE_PARENT = str(Path(spacedkd_fast.__file__).resolve().parents[1])
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+       "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_PARENT, os.environ.get("PYTHONPATH")]))}
 
 
 def command(*extra: str) -> list[str]:
@@ -35,11 +40,13 @@ def command(*extra: str) -> list[str]:
 
 def start(out: Path, trace: Path) -> subprocess.Popen:
     return subprocess.Popen(command("--out", str(out), "--trace", str(trace)), env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=out.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
 
 
-def finish(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    done = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=timeout)
+def finish(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    done = subprocess.run(args, env=ENV, cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
     assert done.returncode == 0, done.stdout + done.stderr
     return done
 
@@ -87,7 +94,7 @@ def assert_same_final_state(a: Path, b: Path) -> None:
 def reference(tmp_path_factory) -> Path:
     """The uninterrupted run."""
     folder = tmp_path_factory.mktemp("reference")
-    finish(command("--out", str(folder / "run"), "--trace", str(folder / "trace.jsonl")))
+    finish(command("--out", str(folder / "run"), "--trace", str(folder / "trace.jsonl")), folder)
     return folder
 
 
@@ -105,7 +112,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, reference)
     assert killed_at >= state["epoch"] * L and state["epoch"] < EPOCHS
 
     resumed = finish([sys.executable, "-m", "spacedkd_fast.train", "--resume", str(out),
-                      "--no-progress"])
+                      "--no-progress"], tmp_path)
     assert f"resuming after epoch {state['epoch']}" in resumed.stdout
     assert_same_final_state(reference / "run", out)
     assert metrics(out) == metrics(reference / "run")
@@ -124,7 +131,8 @@ def test_sigint_saves_mid_epoch_and_resume_matches(tmp_path, reference):
     assert not state["finished"]
     assert state["epoch"] * L + state["step_in_epoch"] >= L + 3
 
-    finish([sys.executable, "-m", "spacedkd_fast.train", "--resume", str(out), "--no-progress"])
+    finish([sys.executable, "-m", "spacedkd_fast.train", "--resume", str(out), "--no-progress"],
+           tmp_path)
     assert_same_final_state(reference / "run", out)
     ours, ref = metrics(out), metrics(reference / "run")
     assert len(ours) == len(ref) == EPOCHS
@@ -144,6 +152,6 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, reference):
     shutil.copytree(reference / "run", out)
     before = (out / "checkpoint.pt").read_bytes()
     done = finish([sys.executable, "-m", "spacedkd_fast.train", "--resume", str(out),
-                   "--no-progress"])
+                   "--no-progress"], tmp_path)
     assert "already finished" in done.stdout
     assert (out / "checkpoint.pt").read_bytes() == before
