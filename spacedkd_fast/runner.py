@@ -527,6 +527,8 @@ class Run:
                                 teacher_metrics=self._final_teacher_metrics)
         self.record_row(row)
         if self.sigint.raised:
+            self.say("interrupted during the offline student phase, which a resume restarts from "
+                     f"the teacher's final checkpoint (epoch {self.cfg.epochs})")
             raise Interrupted
 
     def source_num_samples(self) -> int:
@@ -689,7 +691,9 @@ class Run:
                 self.loggers.close()
         if status == EXIT_OK:
             self.finish_report()
-        barrier(self.info)
+            barrier(self.info)
+        # otherwise no collective: after a non-finite loss on one rank the others may be waiting
+        # in a gradient all-reduce; the exit status makes torchrun stop them
         return status
 
     def finish_report(self) -> None:
