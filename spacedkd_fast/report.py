@@ -93,8 +93,8 @@ class ProgressBar:
                lr: float | None = None) -> None:
         """Record progress; ``stats`` (fresh loss means) makes a plain-text log print a line."""
         self.done, self.images = done, images
-        if stats:
-            self.stats = {k: v for k, v in stats.items() if v is not None}
+        if stats:  # keep the last value of a part that this read did not update
+            self.stats.update({k: v for k, v in stats.items() if v is not None})
         if lr is not None:
             self.lr = lr
         if not self.enabled:
