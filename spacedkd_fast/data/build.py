@@ -142,7 +142,7 @@ def build_data(dataset: str | None, *, data_dir: str = "./data", recipe: str | N
         else:
             dataset = "digits"
             fallback_note = (f"CIFAR-100 not found under {data_dir}; training on the embedded digits "
-                             f"data set (1,797 8x8 images upscaled to 32 px)")
+                             "data set (1,797 8x8 scanned digits, bundled with scikit-learn)")
     kind, tr, te, classes, mean, std, desc = _load(dataset, data_dir, download)
     recipe_name = recipe or _DEFAULT_RECIPE[kind]
     rec = get_recipe(recipe_name)
