@@ -302,6 +302,27 @@ class _EngineBase:
         if self.trace is not None:
             self.trace.write(event, **fields)
 
+    def _recorded_ce_step(self, model: nn.Module, ce_loss: Callable[[], Tensor], key: Any,
+                          x: Tensor, y: Tensor, opt: torch.optim.Optimizer, scheduler,
+                          what: str) -> None:
+        """The teacher's side of a spaced step: a CE step on the batch, recorded for the replay.
+
+        ``ce_loss()`` runs the forward; a non-finite loss is refused inside the buffer guard
+        (nothing changes), else the optimizer steps, the batch is recorded and traced.
+        """
+        with self._guard(model):
+            loss = ce_loss()
+            checksum = batch_checksum(x, y) if self._need_checksum() else None
+            (lossv,), cs, _ = self._host_read([loss], checksum, None,
+                                              read_checksum=self.check_finite)
+            self._check_loss(lossv, "teacher", self.teacher_steps + 1, key, what)
+        self._backward_step(loss, opt, scheduler)
+        self.teacher_steps += 1
+        self._stats.add("teacher_loss", loss)
+        self.replay_buffer.record(key, x, y, self._record_checksum(checksum, cs))
+        self._write("teacher_step", n=self.teacher_steps, epoch=(self.n - 1) // self.steps_per_epoch,
+                    key=self._key_json(key), checksum=cs)
+
     def _backward_step(self, loss: Tensor, opt: torch.optim.Optimizer, scheduler) -> None:
         opt.zero_grad(set_to_none=True)
         if self.grad_scaler is not None:
@@ -523,19 +544,12 @@ class SpacedDistiller(_EngineBase):
     def _teacher_record_step(self, key: Any, x: Tensor, y: Tensor) -> None:
         x = _to(x, self.teacher_device)
         y = _to(y, self.teacher_device)
-        with self._guard(self.teacher):
+        def ce_loss() -> Tensor:
             _, z = self._teacher_forward_train(x)
-            loss = F.cross_entropy(_fp32(_ce_logits(z)), y)
-            checksum = batch_checksum(x, y) if self._need_checksum() else None
-            (lossv,), cs, _ = self._host_read([loss], checksum, None,
-                                              read_checksum=self.check_finite)
-            self._check_loss(lossv, "teacher", self.teacher_steps + 1, key, "")
-        self._backward_step(loss, self.teacher_opt, self.teacher_scheduler)
-        self.teacher_steps += 1
-        self._stats.add("teacher_loss", loss)
-        self.replay_buffer.record(key, x, y, self._record_checksum(checksum, cs))
-        self._write("teacher_step", n=self.teacher_steps, epoch=(self.n - 1) // self.steps_per_epoch,
-                    key=self._key_json(key), checksum=cs)
+            return F.cross_entropy(_fp32(_ce_logits(z)), y)
+
+        self._recorded_ce_step(self.teacher, ce_loss, key, x, y, self.teacher_opt,
+                               self.teacher_scheduler, "")
 
     def _base_step(self, key: Any, x: Tensor, y: Tensor) -> None:
         x = _to(x, self.student_device)
@@ -877,19 +891,12 @@ class SelfDistiller(_EngineBase):
         if self.mode == "self":
             self._kd_step(key, x, y, expected=None, teacher_step=self.n)
             return
-        with self._guard(self.model):
+        def ce_loss() -> Tensor:
             _, logits = self._forward(x)
-            loss = F.cross_entropy(_fp32(logits[-1]), y)
-            checksum = batch_checksum(x, y) if self._need_checksum() else None
-            (lossv,), cs, _ = self._host_read([loss], checksum, None,
-                                              read_checksum=self.check_finite)
-            self._check_loss(lossv, "teacher", self.teacher_steps + 1, key, " (deepest-exit CE)")
-        self._backward_step(loss, self.opt, self.scheduler)
-        self.teacher_steps += 1
-        self._stats.add("teacher_loss", loss)
-        self.replay_buffer.record(key, x, y, self._record_checksum(checksum, cs))
-        self._write("teacher_step", n=self.teacher_steps, epoch=(self.n - 1) // self.steps_per_epoch,
-                    key=self._key_json(key), checksum=cs)
+            return F.cross_entropy(_fp32(logits[-1]), y)
+
+        self._recorded_ce_step(self.model, ce_loss, key, x, y, self.opt, self.scheduler,
+                               " (deepest-exit CE)")
         if self.schedule.replay_due(self.n):
             self._replay("interval")
 
