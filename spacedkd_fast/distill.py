@@ -414,9 +414,12 @@ class SpacedDistiller(_EngineBase):
         if replay not in ("keyed", "fresh"):
             raise ValueError(f"replay must be 'keyed' or 'fresh', got {replay!r}")
         if replay == "fresh":
+            # The official ViT loop trains the student, at each replay, on as many batches drawn
+            # from a second, independently augmented train loader; reproducing that needs a
+            # second augmentation stream in the replayable-source protocol.
             raise NotImplementedError(
-                "replay='fresh' (the official ViT code's student training on fresh batches) is "
-                "not implemented in this engine yet; use replay='keyed'")
+                "replay='fresh' (the official ViT code's student training on fresh batches from a "
+                "second loader) is not implemented yet; use replay='keyed'")
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta!r}")
         if self.mode != "base" and (teacher is None or teacher_opt is None):
