@@ -165,7 +165,8 @@ def extension_modules():
     log(f"CUDA kernels: {'ON' if with_cuda else 'OFF'} ({why})")
     if with_cuda:
         log(f"CUDA_HOME={cuda_home}, TORCH_CUDA_ARCH_LIST={arch_list}")
-    log(f"MAX_JOBS={os.environ['MAX_JOBS']}, debug={debug}")
+    log(f"MAX_JOBS={os.environ['MAX_JOBS']}, debug={debug}, "
+        f"OpenMP={'on' if torch.backends.openmp.is_available() else 'off'}")
 
     gen_dir = ROOT / "build" / "generated"
     write_build_config(
@@ -181,6 +182,12 @@ def extension_modules():
     sources = read_sources()
     opt = ["-O0", "-g"] if debug else ["-O3"]
     cxx_flags = [*opt, "-include", str(gen_dir / "spacedkd_build_config.h")]
+    link_flags = []
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        # at::parallel_for is inlined from ATen's headers as `#pragma omp parallel`: without
+        # -fopenmp the CPU kernels would silently run on one thread.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     if with_cuda:
         for include in nvidia_wheel_include_dirs():
             cxx_flags += ["-idirafter", include]
@@ -190,6 +197,7 @@ def extension_modules():
                 "spacedkd_fast._C",
                 sources["cpu"] + sources["python"] + sources["cuda"],
                 extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+                extra_link_args=link_flags,
             )
         ]
     return [
@@ -197,6 +205,7 @@ def extension_modules():
             "spacedkd_fast._C",
             sources["cpu"] + sources["python"],
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     ]
 
