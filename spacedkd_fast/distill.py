@@ -302,6 +302,20 @@ class _EngineBase:
         if self.trace is not None:
             self.trace.write(event, **fields)
 
+    def _flush_pending(self) -> None:
+        """End of training: replay the batches still unreplayed (``flush_tail``) or drop them
+        as the official code does; either way a ``flush`` event says how many."""
+        pending = len(self.replay_buffer)
+        if not pending:
+            return
+        self._write("flush", teacher_step=self.teacher_steps,
+                    replayed=pending if self.flush_tail else 0,
+                    dropped=0 if self.flush_tail else pending)
+        if self.flush_tail:
+            self._replay("flush")
+        else:
+            self.replay_buffer.take()
+
     def _recorded_ce_step(self, model: nn.Module, ce_loss: Callable[[], Tensor], key: Any,
                           x: Tensor, y: Tensor, opt: torch.optim.Optimizer, scheduler,
                           what: str) -> None:
@@ -741,17 +755,10 @@ class SpacedDistiller(_EngineBase):
         if self._finished:
             return
         self._join()
-        pending = len(self.replay_buffer)
         if self.mode == "offline":
             self._replay("offline")
-        elif pending:
-            self._write("flush", teacher_step=self.teacher_steps,
-                        replayed=pending if self.flush_tail else 0,
-                        dropped=0 if self.flush_tail else pending)
-            if self.flush_tail:
-                self._replay("flush")
-            else:
-                self.replay_buffer.take()
+        else:
+            self._flush_pending()
         self._lanes.join()
         self._finished = True
         self.close()
@@ -945,15 +952,7 @@ class SelfDistiller(_EngineBase):
         """Replay the tail (``flush_tail``) or drop it. Idempotent."""
         if self._finished:
             return
-        pending = len(self.replay_buffer)
-        if pending:
-            self._write("flush", teacher_step=self.teacher_steps,
-                        replayed=pending if self.flush_tail else 0,
-                        dropped=0 if self.flush_tail else pending)
-            if self.flush_tail:
-                self._replay("flush")
-            else:
-                self.replay_buffer.take()
+        self._flush_pending()
         self._finished = True
         self.close()
 
