@@ -33,16 +33,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spacedkd_fast.distill import SpacedDistiller
-from spacedkd_fast.replay import CopyReplay, InMemorySource, KeyedReplay
-from spacedkd_fast.trace import batch_checksum
+from spacedkd_fast.engine.distill import SpacedDistiller
+from spacedkd_fast.engine.replay import CopyReplay, InMemorySource, KeyedReplay
+from spacedkd_fast.engine.trace import batch_checksum
 
 QUICK = os.environ.get("SPACEDKD_BENCH_QUICK", "0") not in ("", "0")
 
 
 def _toys():
     """The tests' toy models and reference loss (one definition of "the reference")."""
-    path = Path(__file__).resolve().parent.parent / "tests" / "test_distill_toys.py"
+    path = Path(__file__).resolve().parent.parent / "tests" / "helpers" / "toys.py"
     spec = importlib.util.spec_from_file_location("_engine_toys", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -58,7 +58,7 @@ def _kd_loss():
     if os.environ.get("SPACEDKD_BENCH_ENGINE_LOSS") == "plain":
         return toys.ref_kd_loss, "plain-torch loss"
     try:
-        from spacedkd_fast.losses import KDLoss
+        from spacedkd_fast.ops.objective import KDLoss
 
         kd = KDLoss(temperature=3.0, alpha=0.3, kd_scale=1.0)
         z = torch.randn(4, 5)
@@ -236,7 +236,7 @@ def test_replay_bytes(bench, case, provider):
 
 _RSS_SCRIPT = """
 import gc, os, torch
-from spacedkd_fast.replay import InMemorySource, KeyedReplay
+from spacedkd_fast.engine.replay import InMemorySource, KeyedReplay
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 buf = KeyedReplay(InMemorySource(torch.zeros(1, 1), torch.zeros(1), 1))

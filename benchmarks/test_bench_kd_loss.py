@@ -1,6 +1,6 @@
 """Fused KD loss vs the eager composition and torch.compile of it: forward, backward, both.
 
-Eager = ``spacedkd_fast.reference.kd_loss_eager`` (cross_entropy + kl_div(log_softmax, softmax)),
+Eager = ``spacedkd_fast.ops.reference.kd_loss_eager`` (cross_entropy + kl_div(log_softmax, softmax)),
 the same composition the tests use. Ratios are eager median / provider median in one run.
 On CUDA the table also reports achieved GB/s against the 3-pass minimum (read student, read
 teacher, write the gradient) for the fused forward+backward.
@@ -18,7 +18,7 @@ from conftest import QUICK, sync
 
 import spacedkd_fast as sk
 from spacedkd_fast import ops
-from spacedkd_fast.reference import kd_loss_eager
+from spacedkd_fast.ops.reference import kd_loss_eager
 
 T, ALPHA = 3.0, 0.3
 CPU_SHAPES = [(128, 100), (256, 200), (1024, 1000)]

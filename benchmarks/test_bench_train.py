@@ -75,7 +75,7 @@ def _sgd(params):
 def official_round(w: Workload):
     from official_loop import OfficialLoop, official_loader
 
-    from spacedkd_fast.models import ProjectionHead
+    from spacedkd_fast.engine.projection import ProjectionHead
 
     images, labels = w.images()
     teacher, student = _models(w)
@@ -91,8 +91,8 @@ def official_round(w: Workload):
 def ours_round(w: Workload, mode: str):
     from spacedkd_fast.data import ArrayData, Augmenter, TensorSource
     from spacedkd_fast.data.augment import CIFAR100_MEAN, CIFAR100_STD
-    from spacedkd_fast.distill import SpacedDistiller
-    from spacedkd_fast.losses import KDLoss
+    from spacedkd_fast.engine.distill import SpacedDistiller
+    from spacedkd_fast.ops.objective import KDLoss
 
     images, labels = w.images()
     classes = [str(i) for i in range(w.num_classes)]

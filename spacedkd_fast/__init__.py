@@ -1,7 +1,8 @@
 """spacedkd_fast: Spaced Knowledge Distillation with fused KD-loss kernels.
 
-Top-level names are resolved lazily so that ``import spacedkd_fast`` stays cheap and the pieces
-(ops, engine, data, models, trainer) can be imported on their own.
+Layers (imports only go down): ``ops`` (the fused KD op and the objective) <- ``engine`` (spacing,
+replay, distillers) <- ``train`` (the CLI and loop); ``data`` and ``models`` stand beside them.
+Top-level names are resolved lazily so that ``import spacedkd_fast`` stays cheap.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "kd_loss": "spacedkd_fast.losses",
-    "KDLoss": "spacedkd_fast.losses",
-    "paper_code_kd_loss": "spacedkd_fast.losses",
-    "feature_loss": "spacedkd_fast.losses",
-    "SpacedDistiller": "spacedkd_fast.distill",
-    "SelfDistiller": "spacedkd_fast.distill",
-    "CopyReplay": "spacedkd_fast.replay",
-    "ReplayableSource": "spacedkd_fast.replay_protocol",
+    "kd_loss": "spacedkd_fast.ops.losses",
+    "paper_code_kd_loss": "spacedkd_fast.ops.losses",
+    "feature_loss": "spacedkd_fast.ops.losses",
+    "KDObjective": "spacedkd_fast.ops.objective",
+    "KDLoss": "spacedkd_fast.ops.objective",
+    "SpacedDistiller": "spacedkd_fast.engine.distill",
+    "SelfDistiller": "spacedkd_fast.engine.distill",
+    "CopyReplay": "spacedkd_fast.engine.replay",
+    "ReplayableSource": "spacedkd_fast.engine.source_protocol",
 }
 
 __all__ = ["__version__", *_LAZY]

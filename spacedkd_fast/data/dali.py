@@ -7,7 +7,7 @@ and enters as an ``external_source`` input, so replaying a key is exact. The pho
 (policies, Cutout, normalisation, erasing) runs as batched torch ops on DALI's output, the same
 code as the torch backends.
 
-Agreement with the torch backends for the same key (measured by ``tests/test_data_dali.py``):
+Agreement with the torch backends for the same key (measured by ``tests/data/test_data_dali.py``):
 crop, padding and flip give identical pixels, so whole batches are bit-identical for the
 ``tiny``, ``cifar-selfkd`` and ``none`` recipes. Nearest rotation: source points that fall
 exactly on a pixel edge may round the other way (measured 0 differing pixels on the test batches;

@@ -1,4 +1,4 @@
-"""Replayable batch sources (``spacedkd_fast.replay_protocol.ReplayableSource``).
+"""Replayable batch sources (``spacedkd_fast.engine.source_protocol.ReplayableSource``).
 
 Keys are global steps ``n >= 1``: ``n = epoch * steps_per_epoch + i + 1`` for the ``i``-th batch
 of ``epoch``. From ``(seed, epoch)`` comes the epoch's sample order, from ``(seed, n)`` every

@@ -5,7 +5,6 @@
 >>> features, logits = model(images)  # [B, model.feature_dim], [B, 100]
 """
 
-from .heads import ProjectionHead
 from .registry import create, describe_models, list_models, load_checkpoint
 
-__all__ = ["ProjectionHead", "create", "describe_models", "list_models", "load_checkpoint"]
+__all__ = ["create", "describe_models", "list_models", "load_checkpoint"]

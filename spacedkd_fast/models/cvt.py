@@ -154,7 +154,7 @@ class CvT13(nn.Module):
         self.image_size = image_size
         self.feature_dim = DIMS[-1]
         self.distill_logits: Tensor | None = None
-        last = torch.linspace(0, drop_path_rate, DEPTHS[-1]).tolist()
+        last = torch.linspace(0, drop_path_rate, DEPTHS[-1], device="cpu").tolist()
         rates = ([0.0] * DEPTHS[0], [0.0] * DEPTHS[1], last)
         cin = 3
         for s in range(3):

@@ -112,7 +112,7 @@ class PVTTiny(nn.Module):
         self.image_size = image_size
         self.feature_dim = DIMS[-1]
         self.distill_logits: Tensor | None = None
-        rates = torch.linspace(0, drop_path_rate, sum(DEPTHS)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(DEPTHS), device="cpu").tolist()
         grid, cin, k = image_size, 3, 0
         for s in range(4):
             grid //= PATCH_SIZES[s]

@@ -183,7 +183,7 @@ class T2TViT(nn.Module):
         tokens = (image_size // SIZE_MULTIPLE) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(sinusoid_table(tokens + 1, dim), requires_grad=False)
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.layers = nn.ModuleList(
             [TransformerLayer(dim, heads, mlp_ratio, rates[i]) for i in range(depth)]
         )

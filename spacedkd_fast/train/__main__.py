@@ -1,0 +1,8 @@
+"""``python -m spacedkd_fast.train``: see ``--help``."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""The trainer's configuration: defaults = the paper's recipe, recipes, CLI overrides, validation."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from spacedkd_fast.train.cli import build_parser, config_from_args, main, parse
+from spacedkd_fast.train.config import (
+    DIGITS_DEFAULTS,
+    FIELD_NAMES,
+    ConfigError,
+    TrainConfig,
+    apply_dataset_defaults,
+    build_config,
+    from_dict,
+    list_recipes,
+    load_yaml,
+    save_yaml,
+)
+
+
+def test_defaults_are_the_papers_cifar100_spaced_recipe():
+    # SPEC section 5: online/spaced CNN recipe on CIFAR-100
+    cfg = build_config()
+    assert (cfg.mode, cfg.arch, cfg.interval_rate) == ("spaced", "resnet18", 1.5)
+    assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay) == ("sgd", 0.01, 0.9, 5e-4)
+    assert (cfg.schedule, cfg.batch_size, cfg.epochs) == ("constant", 128, 80)
+    assert (cfg.temperature, cfg.alpha, cfg.beta, cfg.kd_scale) == (3.0, 0.3, 0.03, 1.0)
+    assert cfg.flush_tail and not cfg.teacher_bn_update and cfg.replay == "keyed"
+    assert cfg.explicit == set()
+
+
+def test_the_shipped_recipe_file_equals_the_defaults():
+    recipe = build_config(load_yaml("cifar100-resnet18-spaced"))
+    defaults = build_config({"dataset": "cifar100", "augment": "cifar"})
+    assert recipe.to_dict() | {"description": ""} == defaults.to_dict()
+
+
+REQUIRED_RECIPES = [
+    "cifar100-resnet18-online", "cifar100-resnet18-spaced", "cifar100-resnet18-offline",
+    "cifar100-resnet18-base", "cifar100-byot-resnet18-self", "cifar100-byot-resnet18-spaced-self",
+    "tiny-imagenet-resnet18-online", "tiny-imagenet-resnet18-spaced",
+    "tiny-imagenet-byot-resnet18-self", "tiny-imagenet-byot-resnet18-spaced-self",
+    *[f"{d}-deit-tiny-{m}" for d in ("cifar100", "tiny-imagenet")
+      for m in ("base", "online", "spaced0.5", "spaced1.0", "spaced1.5", "spaced2.0")],
+    *[f"{d}-{a}-spaced1.5" for d in ("cifar100", "tiny-imagenet") for a in ("pit-tiny", "pvtv2-b0")],
+]
+
+
+@pytest.mark.parametrize("name", REQUIRED_RECIPES)
+def test_every_required_recipe_loads_validates_and_uses_registered_models(name):
+    from spacedkd_fast.models import list_models
+
+    cfg = build_config(load_yaml(name))
+    assert name in list_recipes() and list_recipes()[name]
+    arch = cfg.arch
+    assert arch in list_models(), f"{name}: {arch} is not a registered model"
+
+
+def test_recipe_values_follow_the_spec():
+    vit = build_config(load_yaml("cifar100-deit-tiny-spaced1.5"))
+    assert (vit.optimizer, vit.lr, vit.weight_decay, vit.schedule) == ("adamw", 5e-4, 0.05, "cosine")
+    assert (vit.warmup_epochs, vit.min_lr, vit.epochs, vit.image_size) == (20, 5e-6, 300, 224)
+    assert (vit.temperature, vit.alpha, vit.augment, vit.mode) == (1.0, 0.5, "vit", "spaced")
+    selfkd = build_config(load_yaml("cifar100-byot-resnet18-spaced-self"))
+    assert (selfkd.mode, selfkd.interval_rate, selfkd.augment) == ("spaced-self", 4.0, "cifar-selfkd")
+    assert build_config(load_yaml("cifar100-resnet18-online")).mode == "online"
+    assert build_config(load_yaml("cifar100-resnet18-offline")).mode == "offline"
+    assert build_config(load_yaml("tiny-imagenet-resnet18-spaced")).dataset == "tiny-imagenet"
+    for s in ("0.5", "1.0", "2.0"):
+        assert build_config(load_yaml(f"tiny-imagenet-deit-tiny-spaced{s}")).interval_rate == float(s)
+
+
+def test_flags_override_the_file_and_are_marked_explicit(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("inherit: cifar100-resnet18-online\nepochs: 7\nlr: 0.2\n")
+    ns, cli = parse(["--config", str(path), "--lr", "0.3", "--no-flush-tail", "--milestones", "2,4"])
+    cfg = config_from_args(ns, cli)
+    assert (cfg.mode, cfg.epochs, cfg.lr, cfg.flush_tail) == ("online", 7, 0.3, False)
+    assert cfg.milestones == [2.0, 4.0]
+    assert {"epochs", "lr", "flush_tail", "mode"} <= cfg.explicit
+
+
+def test_unknown_yaml_key_names_close_matches(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("epocs: 3\n")
+    with pytest.raises(ConfigError, match="unknown setting 'epocs'.*did you mean epochs"):
+        load_yaml(str(path))
+
+
+def test_unknown_recipe_lists_the_shipped_ones():
+    with pytest.raises(ConfigError, match="cifar100-resnet18-spaced"):
+        load_yaml("cifar100-resnet18-spacd")
+
+
+def test_inheritance_loop_is_an_error(tmp_path):
+    (tmp_path / "a.yaml").write_text(f"inherit: {tmp_path / 'b.yaml'}\n")
+    (tmp_path / "b.yaml").write_text(f"inherit: {tmp_path / 'a.yaml'}\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_yaml(str(tmp_path / "a.yaml"))
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"epochs": 0}, "epochs must be greater than zero"),
+    ({"batch_size": -4}, "batch_size must be greater than zero"),
+    ({"lr": 0}, "lr must be greater than zero"),
+    ({"temperature": -1}, "temperature must be greater than zero"),
+    ({"alpha": 1.5}, r"alpha must lie in \[0, 1\]"),
+    ({"beta": -0.1}, "beta must be zero or more"),
+    ({"interval_rate": -1, "mode": "online"}, "interval_rate must be zero or more"),
+    ({"mode": "sideways"}, "mode='sideways' is not one of"),
+    ({"amp": "fp8"}, "amp='fp8' is not one of"),
+    ({"warmup_epochs": 5, "epochs": 5}, "warmup_epochs .* must be shorter"),
+    ({"schedule": "multistep"}, "needs --milestones"),
+    ({"mode": "self", "teacher_arch": "resnet34"}, "trains one multi-exit network"),
+    ({"epochs": "many"}, "epochs: cannot use 'many'"),
+    ({"log_every": 0}, "log_every must be greater than zero"),
+])
+def test_values_that_make_no_sense_are_errors(values, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(values)
+
+
+def test_all_errors_are_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        build_config({"epochs": 0, "lr": -1})
+    assert "epochs" in str(err.value) and "lr" in str(err.value)
+
+
+@pytest.mark.parametrize("values, mode", [
+    ({"interval_rate": 0}, "online"),
+    ({"interval_rate": 60}, "offline"),
+    ({"interval_rate": 2.0}, "spaced"),
+    ({"mode": "spaced-self", "interval_rate": 0}, "self"),
+    ({"mode": "online", "interval_rate": 1.5}, "online"),
+])
+def test_official_interval_rate_convention(values, mode):
+    assert build_config(values).mode == mode
+
+
+def test_kd_scale_t2_means_hinton_and_kwargs_parse():
+    ns, cli = parse(["--kd-scale", "t2", "--model-kwargs", "downsample_factor=4,drop_rate=0.1"])
+    cfg = config_from_args(ns, cli)
+    assert cfg.kd_scale is None
+    assert cfg.model_kwargs == {"downsample_factor": 4, "drop_rate": 0.1}
+
+
+def test_digits_defaults_fill_only_what_the_user_left_open():
+    cfg = build_config({"epochs": 5})
+    changed = apply_dataset_defaults(cfg, "digits")
+    assert cfg.epochs == 5 and "epochs" not in " ".join(changed)
+    for key, value in DIGITS_DEFAULTS.items():
+        if key != "epochs":
+            assert getattr(cfg, key) == value
+    cifar = build_config()
+    assert apply_dataset_defaults(cifar, "cifar100") == [] and cifar.epochs == 80
+
+
+def test_saved_yaml_round_trips(tmp_path):
+    cfg = build_config({"mode": "online", "milestones": [3, 6], "schedule": "multistep",
+                        "kd_scale": "t2", "model_kwargs": {"downsample_factor": 4}})
+    save_yaml(cfg, tmp_path / "config.yaml")
+    raw = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert set(raw) == set(FIELD_NAMES)
+    assert from_dict(raw).to_dict() == cfg.to_dict()
+    assert load_yaml(str(tmp_path / "config.yaml")) == raw
+
+
+def test_every_field_has_a_flag_with_its_default_in_help():
+    text = build_parser().format_help()
+    for name in FIELD_NAMES:
+        if name == "description":
+            continue
+        assert "--" + name.replace("_", "-") in text
+    assert "(default: 80; digits default: 3)" in text
+    assert "(default: 0.01; digits default: 0.05)" in text
+
+
+def test_list_recipes_prints_every_recipe(capsys):
+    assert main(["--list-recipes"]) == 0
+    out = capsys.readouterr().out
+    for name in REQUIRED_RECIPES:
+        assert name in out
+
+
+def test_dataclass_defaults_are_valid():
+    TrainConfig()  # constructing never raises; validation is explicit
+    build_config()
