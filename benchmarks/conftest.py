@@ -5,7 +5,10 @@ implementation). One provider per group is the baseline; at the end of the run a
 prints the median time and the ratio ``baseline_median / provider_median`` (higher is faster), so
 the numbers that matter are ratios measured in one run on one machine.
 
-``SPACEDKD_BENCH_QUICK=1`` (set by CI) runs few rounds so that the whole suite stays short.
+Plain ``pytest benchmarks/`` runs the quick grid (few rounds and shapes; under 10 minutes on two
+CPU cores). ``SPACEDKD_BENCH_FULL=1`` runs the full grid. The mode is decided here, once, and
+published as ``SPACEDKD_BENCH_QUICK`` for the benchmark modules (they read it at import, which
+happens after this file is loaded).
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from collections import defaultdict
 import pytest
 import torch
 
-QUICK = os.environ.get("SPACEDKD_BENCH_QUICK", "0") not in ("", "0")
+FULL = os.environ.get("SPACEDKD_BENCH_FULL", "0") not in ("", "0")
+os.environ["SPACEDKD_BENCH_QUICK"] = "0" if FULL else "1"
+QUICK = not FULL
 
 
 def _device_name(device: str) -> str:
