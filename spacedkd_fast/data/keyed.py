@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 _MASK64 = (1 << 64) - 1
@@ -19,6 +20,49 @@ _MASK64 = (1 << 64) - 1
 STREAM_PERMUTATION = 0x5045524D  # "PERM"
 STREAM_AUGMENT = 0x41554745  # "AUGE"
 STREAM_NOISE = 0x4E4F4953  # "NOIS"
+
+
+def stream_tag(base: int, stream: int) -> int:
+    """The tag of ``base`` (a ``STREAM_*`` value) for data stream ``stream``.
+
+    Stream 0 keeps the plain tags (so its keys draw what they always drew); stream ``s > 0``
+    moves the tag into bits 32 and up, so its permutations and augmentation draws are
+    independent of every other stream's.
+    """
+    stream = check_stream(stream)
+    return int(base) + (stream << 32)
+
+
+def check_stream(stream) -> int:
+    """``stream`` as an ``int >= 0``, or a ``ValueError`` that says what a stream is."""
+    if isinstance(stream, bool) or not isinstance(stream, int) or not 0 <= stream < (1 << 31):
+        raise ValueError(f"a data stream is an int >= 0 (0: the training stream, 1: a second, "
+                         f"independently shuffled and augmented pass of the same data), got {stream!r}")
+    return stream
+
+
+def step_key(epoch: int, i: int, steps_per_epoch: int) -> int:
+    """The key of batch ``i`` of ``epoch``: the global step ``epoch * L + i + 1`` (keys start at 1).
+
+    The one place the key formula lives; sources expose it as ``key(epoch, i)``.
+    """
+    return int(epoch) * int(steps_per_epoch) + int(i) + 1
+
+
+class InvalidKeyError(ValueError, KeyError):
+    """A key that no source yields (not an int >= 1). Both a ``ValueError`` and a ``KeyError``,
+    so callers written against either keep working."""
+
+    __str__ = ValueError.__str__  # not KeyError's quoted repr
+
+
+def step_locate(key: int, steps_per_epoch: int) -> tuple[int, int]:
+    """``key -> (epoch, i)``, the inverse of :func:`step_key`; :class:`InvalidKeyError` for a
+    key that is not an int >= 1."""
+    if isinstance(key, bool) or not isinstance(key, (int, np.integer)) or key < 1:
+        raise InvalidKeyError(f"keys are global steps n >= 1, got {key!r}")
+    e, i = divmod(int(key) - 1, int(steps_per_epoch))
+    return e, i
 
 
 def _splitmix64(z: int) -> int:
