@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from . import imageops as ops
+from . import imageops
 from .keyed import STREAM_AUGMENT, STREAM_NOISE, keyed_generator, keyed_seed
 from .policies import apply_rounds, draw_autoaugment, draw_randaugment
 
@@ -219,22 +219,22 @@ class Augmenter:
         B, _, H, W = x.shape
         oh, ow = self.out_size
         flip = p.get("flip")
-        flip_dev = ops.h2d(flip, x.device) if flip is not None else None
+        flip_dev = imageops.h2d(flip, x.device) if flip is not None else None
         if r.random_resized_crop:
             full = torch.full((B,), H), torch.full((B,), W)
             top, left, h, w = self.boxes(p, *full)
-            return ops.resized_crop(x, top, left, h, w, (oh, ow), flip=flip_dev)
+            return imageops.resized_crop(x, top, left, h, w, (oh, ow), flip=flip_dev)
         if (H, W) != (oh, ow):  # crop recipes work at the output size: resize whole images first
             zeros = torch.zeros(B, dtype=torch.long)
-            x = ops.resized_crop(x, zeros, zeros, torch.full((B,), H), torch.full((B,), W), (oh, ow))
+            x = imageops.resized_crop(x, zeros, zeros, torch.full((B,), H), torch.full((B,), W), (oh, ow))
         if r.crop_padding is not None:
             top, left = self.crop_offsets(p)
-            x = ops.crop_flip(x, ops.h2d(top, x.device), ops.h2d(left, x.device),
+            x = imageops.crop_flip(x, imageops.h2d(top, x.device), imageops.h2d(left, x.device),
                               (oh, ow), flip_dev, fill=r.crop_fill)
         elif flip_dev is not None:
             x = torch.where(flip_dev.view(B, 1, 1, 1), x.flip(-1), x)
         if r.rotate_degrees:
-            x = ops.rotate_nearest(x, p["angle"], fill=0)
+            x = imageops.rotate_nearest(x, p["angle"], fill=0)
         return x
 
     def photometric(self, x: Tensor, p: dict) -> Tensor:
@@ -244,13 +244,13 @@ class Augmenter:
             x = apply_rounds(x, p["policy"], fill=r.policy_fill)
         if r.cutout_length:
             H, W = x.shape[2:]
-            c = ops.h2d(torch.floor(p["cutout"] * torch.tensor([H, W])).long(), x.device)
-            x = ops.cutout(x, c[:, 0], c[:, 1], r.cutout_length, value=0)
+            c = imageops.h2d(torch.floor(p["cutout"] * torch.tensor([H, W])).long(), x.device)
+            x = imageops.cutout(x, c[:, 0], c[:, 1], r.cutout_length, value=0)
         return x
 
     def finish(self, x: Tensor, p: dict | None) -> Tensor:
         """Normalise ``uint8 -> float32`` and apply random erasing (per-pixel normal noise)."""
-        y = ops.normalize(x, self.mean, self.std)
+        y = imageops.normalize(x, self.mean, self.std)
         if p is None or not self.recipe.erasing_p:
             return y
         B, C, H, W = y.shape
@@ -267,8 +267,8 @@ class Augmenter:
         xs = torch.arange(W).view(1, W)
         t, l_, hh, ww = (v[rows].view(-1, 1) for v in (top, left, h, w))
         mask = ((ys >= t) & (ys < t + hh)).view(-1, 1, H, 1) & ((xs >= l_) & (xs < l_ + ww)).view(-1, 1, 1, W)
-        rows_dev = ops.h2d(rows, y.device)
-        sub = torch.where(ops.h2d(mask, y.device), noise, y.index_select(0, rows_dev))
+        rows_dev = imageops.h2d(rows, y.device)
+        sub = torch.where(imageops.h2d(mask, y.device), noise, y.index_select(0, rows_dev))
         return y.index_copy(0, rows_dev, sub)
 
     def __call__(self, x: Tensor, p: dict) -> Tensor:
@@ -294,8 +294,8 @@ class Augmenter:
         B, _, H, W = x.shape
         if (H, W) != self.out_size or self.recipe.test_crop_fraction < 1.0:
             top, left, h, w = self.test_boxes(torch.full((B,), H), torch.full((B,), W))
-            x = ops.resized_crop(x, top, left, h, w, self.out_size)
-        return ops.normalize(x, self.mean, self.std)
+            x = imageops.resized_crop(x, top, left, h, w, self.out_size)
+        return imageops.normalize(x, self.mean, self.std)
 
 
 def noise_seed(seed: int, key: int) -> int:

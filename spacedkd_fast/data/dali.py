@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import imageops as ops
+from . import imageops
 from .augment import Augmenter
 from .datasets import ArrayData, FileData
 from .sources import KeyedIndexer, _SourceBase
@@ -273,4 +273,4 @@ class DaliSource(_SourceBase):
         for s in range(0, n, step):
             idx = torch.arange(s, min(n, s + step))[self.indexer.rank::self.indexer.world_size]
             x = self._run(self._host_inputs(idx, None))
-            yield ops.normalize(x.contiguous(), a.mean, a.std), self.labels[idx].to(self.device)
+            yield imageops.normalize(x.contiguous(), a.mean, a.std), self.labels[idx].to(self.device)

@@ -1,4 +1,4 @@
-"""AutoAugment (CIFAR-10 policy) and RandAugment as batched, keyed tensor ops.
+"""AutoAugment (CIFAR-10 policy) and RandAugment as batched, keyed tensor imageops.
 
 A policy is drawn as *rounds*: in each round every sample has one operation id, one value (the
 magnitude already turned into the op's argument: a shear factor, a fraction of the image size, an
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import imageops as ops
+from . import imageops
 
 OPS = (
     "Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Color", "Brightness",
@@ -156,7 +156,7 @@ def _geometric_inverse(name: str, value: Tensor, height: int, width: int) -> Ten
     shear and translate, as PIL's ``Image.transform``; centre for rotate)."""
     b = value.shape[0]
     if name == "Rotate":
-        return ops.rotation_inverse(value, height, width)
+        return imageops.rotation_inverse(value, height, width)
     m = torch.zeros(b, 2, 3, dtype=torch.float64)
     m[:, 0, 0] = 1.0
     m[:, 1, 1] = 1.0
@@ -173,28 +173,28 @@ def _geometric_inverse(name: str, value: Tensor, height: int, width: int) -> Ten
 
 def _apply_op(name: str, x: Tensor, value: Tensor, fill: int) -> Tensor:
     if name in _GEOMETRIC:
-        inv = ops.h2d(_geometric_inverse(name, value, x.shape[2], x.shape[3]), x.device)
-        return ops.affine_nearest(x, inv, fill)
+        inv = imageops.h2d(_geometric_inverse(name, value, x.shape[2], x.shape[3]), x.device)
+        return imageops.affine_nearest(x, inv, fill)
     if name == "Color":
-        return ops.color(x, value)
+        return imageops.color(x, value)
     if name == "Brightness":
-        return ops.brightness(x, value)
+        return imageops.brightness(x, value)
     if name == "Contrast":
-        return ops.contrast(x, value)
+        return imageops.contrast(x, value)
     if name == "Sharpness":
-        return ops.sharpness(x, value)
+        return imageops.sharpness(x, value)
     if name == "Posterize":
-        return ops.posterize(x, value)
+        return imageops.posterize(x, value)
     if name == "Solarize":
-        return ops.solarize(x, value)
+        return imageops.solarize(x, value)
     if name == "SolarizeAdd":
-        return ops.solarize_add(x, value)
+        return imageops.solarize_add(x, value)
     if name == "AutoContrast":
-        return ops.autocontrast(x)
+        return imageops.autocontrast(x)
     if name == "Equalize":
-        return ops.equalize(x)
+        return imageops.equalize(x)
     if name == "Invert":
-        return ops.invert(x)
+        return imageops.invert(x)
     return x
 
 
@@ -211,7 +211,7 @@ def apply_rounds(x: Tensor, rounds: list[tuple[Tensor, Tensor, Tensor]], fill: i
             if name == "Identity":
                 continue
             rows = (active == op_id).nonzero().flatten()
-            rows_dev = ops.h2d(rows, x.device)
+            rows_dev = imageops.h2d(rows, x.device)
             sub = x[rows_dev]  # advanced indexing: several times faster than index_select for uint8 on CPU
             x.index_copy_(0, rows_dev, _apply_op(name, sub, value[rows], fill))
     return x

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import imageops as ops
+from . import imageops
 from .augment import Augmenter
 from .datasets import ArrayData, FileData, decode_image
 from .keyed import epoch_permutation
@@ -209,7 +209,7 @@ def _prefetched(keys, make, depth: int):
 
 
 class TensorSource(_SourceBase):
-    """Batches gathered from ``uint8`` images held on ``device`` and augmented with batched ops.
+    """Batches gathered from ``uint8`` images held on ``device`` and augmented with batched imageops.
 
     ``data``: an :class:`ArrayData` (``[N, H, W, 3]``); stored once as ``[N, 3, H, W]`` on
     ``device``. ``batch(key)`` -> ``(x float32 [b, 3, S, S], y int64 [b])`` on ``device``.
@@ -236,7 +236,7 @@ class TensorSource(_SourceBase):
 
     def _produce(self, key: int):
         idx, p = self.params(key)
-        idx_dev = ops.h2d(idx, self.device)
+        idx_dev = imageops.h2d(idx, self.device)
         x, y = self.augmenter(self.images[idx_dev], p), self.labels[idx_dev]
         return self._copier.copy(x, y) if self._copier is not None else (x, y)
 
@@ -283,7 +283,7 @@ class FileSource(_SourceBase):
             box = (torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), hs, ws)
         if (H, W) == a.out_size and all(int(b) == v for b, v in zip(box, (0, 0, H, W))):
             return img[0]
-        return ops.resized_crop(img, *box, a.out_size)[0]
+        return imageops.resized_crop(img, *box, a.out_size)[0]
 
     def _decode_batch(self, idx: Tensor, p: dict | None, train: bool) -> Tensor:
         paths = [self.data.paths[i] for i in idx.tolist()]
@@ -309,7 +309,7 @@ class FileSource(_SourceBase):
             idx = torch.arange(s, min(n, s + batch_size))
             if self.indexer.world_size > 1:
                 idx = idx[self.indexer.rank::self.indexer.world_size]
-            x = ops.normalize(self._decode_batch(idx, None, train=False), self.augmenter.mean,
+            x = imageops.normalize(self._decode_batch(idx, None, train=False), self.augmenter.mean,
                               self.augmenter.std)
             yield self._ready(self._copier.copy(x, self.labels[idx])) if self._copier else (x, self.labels[idx])
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 
-from spacedkd_fast.data import imageops as ops
+from spacedkd_fast.data import imageops
 from spacedkd_fast.data.augment import RECIPES, Augmenter, erase_boxes, rrc_boxes, select_rows
 from spacedkd_fast.data.keyed import epoch_permutation, keyed_seed
 from spacedkd_fast.data.policies import (
@@ -53,7 +53,7 @@ def test_crop_flip_matches_naive_padded_crop(images):
     top = torch.tensor([-4, 0, 4, -2, 3, -4])
     left = torch.tensor([4, -4, 0, 1, -3, -4])
     flip = torch.tensor([True, False, True, False, True, True])
-    out = ops.crop_flip(images, top, left, (H, W), flip, fill=128)
+    out = imageops.crop_flip(images, top, left, (H, W), flip, fill=128)
     padded = torch.full((B, C, H + 8, W + 8), 128, dtype=torch.uint8)
     padded[:, :, 4:-4, 4:-4] = images
     for b in range(B):
@@ -72,7 +72,7 @@ def test_crop_flip_matches_naive_padded_crop(images):
 def test_affine_ops_match_pil_transform(images, name, values):
     v = torch.tensor(values, dtype=torch.float64)
     inv = _geometric_inverse(name, v, 24, 24)
-    out = ops.affine_nearest(images, inv, fill=128)
+    out = imageops.affine_nearest(images, inv, fill=128)
     for b in range(images.shape[0]):
         coeffs = inv[b].flatten().tolist()
         ref = from_pil(to_pil(images[b]).transform((24, 24), Image.AFFINE, coeffs, resample=Image.NEAREST,
@@ -82,7 +82,7 @@ def test_affine_ops_match_pil_transform(images, name, values):
 
 def test_rotation_matches_pil_rotate(images):
     angles = torch.tensor([10.0, -13.7, 15.0, 3.3, -7.9, 0.0])
-    out = ops.rotate_nearest(images, angles, fill=0)
+    out = imageops.rotate_nearest(images, angles, fill=0)
     for b in range(images.shape[0]):
         ref = from_pil(to_pil(images[b]).rotate(float(angles[b]), resample=Image.NEAREST))
         # PIL accumulates coordinates incrementally; ties at exact pixel edges may round apart.
@@ -94,14 +94,14 @@ def test_rotation_matches_pil_rotate(images):
 def test_resized_crop_matches_interpolate_on_the_crop(images, scale):
     B = images.shape[0]
     x = images if scale == 1 else images.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
-    assert (x.shape[2] * x.shape[3] <= ops.MATMUL_MAX_PIXELS) == (scale == 1)
+    assert (x.shape[2] * x.shape[3] <= imageops.MATMUL_MAX_PIXELS) == (scale == 1)
     top = torch.tensor([0, 3, 5, 0, 10, 2]) * scale
     left = torch.tensor([0, 1, 7, 12, 2, 0]) * scale
     h = torch.tensor([24, 10, 17, 12, 14, 5]) * scale
     w = torch.tensor([24, 19, 9, 12, 22, 7]) * scale
     flip = torch.tensor([False, True, False, True, True, False])
     for size in [(16, 16), (40, 30)]:
-        out = ops.resized_crop(x, top, left, h, w, size, flip=flip)
+        out = imageops.resized_crop(x, top, left, h, w, size, flip=flip)
         for b in range(B):
             crop = x[b:b + 1, :, top[b]:top[b] + h[b], left[b]:left[b] + w[b]].double()
             ref = F.interpolate(crop, size=size, mode="bilinear", align_corners=False).round()[0]
@@ -116,7 +116,7 @@ def test_resized_crop_matches_interpolate_on_the_crop(images, scale):
 def test_cutout_matches_naive_hole(images):
     cy = torch.tensor([0, 5, 12, 23, 8, 30])
     cx = torch.tensor([0, 20, 12, 3, 23, 2])
-    out = ops.cutout(images, cy, cx, 16)
+    out = imageops.cutout(images, cy, cx, 16)
     for b in range(images.shape[0]):
         ref = images[b].clone()
         ref[:, max(0, cy[b] - 8):max(0, cy[b] + 8), max(0, cx[b] - 8):max(0, cx[b] + 8)] = 0
@@ -125,7 +125,7 @@ def test_cutout_matches_naive_hole(images):
 
 def test_normalize_matches_float64(images):
     mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-    out = ops.normalize(images, mean, std)
+    out = imageops.normalize(images, mean, std)
     ref = (images.double() / 255 - torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)) / torch.tensor(
         std, dtype=torch.float64).view(1, 3, 1, 1)
     assert out.dtype == torch.float32
@@ -134,7 +134,7 @@ def test_normalize_matches_float64(images):
 
 # -------------------------------------------------------------------------------- photometric
 def test_equalize_matches_pil(images):
-    out = ops.equalize(images)
+    out = imageops.equalize(images)
     for b in range(images.shape[0]):
         ref = from_pil(ImageOps.equalize(to_pil(images[b])))
         assert torch.equal(out[b], ref), worst(out[b], ref)
@@ -142,12 +142,12 @@ def test_equalize_matches_pil(images):
 
 def test_equalize_constant_image_unchanged():
     x = torch.full((2, 3, 8, 8), 77, dtype=torch.uint8)
-    assert torch.equal(ops.equalize(x), x)
+    assert torch.equal(imageops.equalize(x), x)
 
 
 def test_autocontrast_matches_pil(images):
     x = (images.float() * 0.5 + 40).to(torch.uint8)  # a narrow range to stretch
-    out = ops.autocontrast(x)
+    out = imageops.autocontrast(x)
     for b in range(x.shape[0]):
         ref = from_pil(ImageOps.autocontrast(to_pil(x[b])))
         # PIL truncates the stretched value, we round: at most one grey level apart.
@@ -157,7 +157,7 @@ def test_autocontrast_matches_pil(images):
 def test_posterize_solarize_invert_match_pil(images):
     bits = torch.tensor([1, 2, 4, 6, 7, 8])
     thr = torch.tensor([0.0, 26.0, 128.0, 200.0, 255.0, 256.0])
-    post, sol, inv = ops.posterize(images, bits), ops.solarize(images, thr), ops.invert(images)
+    post, sol, inv = imageops.posterize(images, bits), imageops.solarize(images, thr), imageops.invert(images)
     for b in range(images.shape[0]):
         im = to_pil(images[b])
         assert torch.equal(post[b], from_pil(ImageOps.posterize(im, int(bits[b]))))
@@ -168,8 +168,8 @@ def test_posterize_solarize_invert_match_pil(images):
 @pytest.mark.parametrize("name", ["Color", "Brightness", "Contrast", "Sharpness"])
 def test_enhance_ops_match_pil(images, name):
     factors = torch.tensor([0.1, 0.5, 1.0, 1.3, 1.9, 0.0])
-    fn = {"Color": ops.color, "Brightness": ops.brightness, "Contrast": ops.contrast,
-          "Sharpness": ops.sharpness}[name]
+    fn = {"Color": imageops.color, "Brightness": imageops.brightness, "Contrast": imageops.contrast,
+          "Sharpness": imageops.sharpness}[name]
     enh = {"Color": ImageEnhance.Color, "Brightness": ImageEnhance.Brightness,
            "Contrast": ImageEnhance.Contrast, "Sharpness": ImageEnhance.Sharpness}[name]
     out = fn(images, factors)
@@ -188,9 +188,9 @@ def test_policy_rounds_apply_each_op_to_its_samples_only(images):
     value = torch.tensor([0.0, 0.0, 0.0, 3.0, 100.0, 0.0])
     apply = torch.tensor([True, True, False, True, True, True])
     out = apply_rounds(images, [(op, value, apply)])
-    expected = [ops.invert(images[0:1]), ops.equalize(images[1:2]), images[2:3],
-                ops.posterize(images[3:4], torch.tensor([3])), ops.solarize(images[4:5], torch.tensor([100.0])),
-                ops.invert(images[5:6])]
+    expected = [imageops.invert(images[0:1]), imageops.equalize(images[1:2]), images[2:3],
+                imageops.posterize(images[3:4], torch.tensor([3])), imageops.solarize(images[4:5], torch.tensor([100.0])),
+                imageops.invert(images[5:6])]
     for b in range(B):
         assert torch.equal(out[b:b + 1], expected[b]), f"sample {b}"
 
