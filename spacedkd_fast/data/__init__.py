@@ -2,7 +2,9 @@
 
 ``build_data(...)`` is the entry point of the trainer; the pieces are importable on their own:
 ``datasets`` (on-disk formats -> arrays / file lists), ``augment`` (recipes and keyed parameters),
-``imageops`` / ``policies`` (batched tensor ops), ``sources`` (torch backends), ``dali`` (DALI).
+``imageops`` / ``policies`` (batched tensor ops), ``sources`` (torch backends), ``dali`` (DALI),
+``memory`` (a small in-memory source), ``keyed`` (the key formula and counter-based generators),
+``protocol`` (what every source provides: keys, mid-epoch resume, data streams).
 """
 
 from .augment import RECIPES, Augmenter, Recipe, get_recipe
@@ -18,11 +20,15 @@ from .datasets import (
     load_tiny_imagenet,
     scan_image_folder,
 )
+from .keyed import InvalidKeyError
+from .memory import InMemorySource
+from .protocol import StreamedSource
 from .sources import FileSource, KeyedIndexer, TensorSource
 
 __all__ = [
     "ArrayData", "Augmenter", "BACKENDS", "DATASETS", "DaliSource", "DataBundle", "DataFormatError",
-    "FileData", "FileSource", "KeyedIndexer", "RECIPES", "Recipe", "TensorSource",
-    "UnreadableImageError", "build_data", "dali_available", "get_recipe", "load_cifar",
-    "load_digits_split", "load_tiny_imagenet", "scan_image_folder",
+    "FileData", "FileSource", "InMemorySource", "InvalidKeyError", "KeyedIndexer", "RECIPES",
+    "Recipe", "StreamedSource", "TensorSource", "UnreadableImageError", "build_data",
+    "dali_available", "get_recipe", "load_cifar", "load_digits_split", "load_tiny_imagenet",
+    "scan_image_folder",
 ]

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from . import imageops
-from .keyed import STREAM_AUGMENT, STREAM_NOISE, keyed_generator, keyed_seed
+from .keyed import STREAM_AUGMENT, STREAM_NOISE, keyed_generator, keyed_seed, stream_tag
 from .policies import apply_rounds, draw_autoaugment, draw_randaugment
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
@@ -171,14 +171,15 @@ class Augmenter:
         return Augmenter(replace(recipe), self.out_size, seed=self.seed, mean=self.mean, std=self.std)
 
     # ------------------------------------------------------------------------------- drawing
-    def draw(self, key: int, batch: int) -> dict:
+    def draw(self, key: int, batch: int, stream: int = 0) -> dict:
         """All random choices of the batch named ``key`` (``batch`` global rows), CPU tensors.
 
-        Depends only on ``(seed, key, batch)``: replaying a key draws the same values.
+        Depends only on ``(seed, stream, key, batch)``: replaying a key draws the same values;
+        data stream ``stream > 0`` draws independently of stream 0 for the same key.
         """
         r = self.recipe
-        g = keyed_generator(self.seed, STREAM_AUGMENT, key)
-        p: dict = {"key": int(key)}
+        g = keyed_generator(self.seed, stream_tag(STREAM_AUGMENT, stream), key)
+        p: dict = {"key": int(key), "stream": int(stream)}
         if r.crop_padding is not None:
             p["crop"] = torch.rand(batch, 2, generator=g)
         if r.random_resized_crop:
@@ -261,7 +262,8 @@ class Augmenter:
         rows = apply.nonzero().flatten()
         # Noise from a generator on the output's device keyed by (seed, key): replayable on one
         # device; CPU and CUDA generators give different values (positions still agree).
-        g = keyed_generator(self.seed, STREAM_NOISE, p["key"], device=y.device)
+        tag = stream_tag(STREAM_NOISE, p.get("stream", 0))
+        g = keyed_generator(self.seed, tag, p["key"], device=y.device)
         noise = torch.randn(len(rows), C, H, W, generator=g, device=y.device)
         ys = torch.arange(H).view(1, H)
         xs = torch.arange(W).view(1, W)
@@ -298,6 +300,6 @@ class Augmenter:
         return imageops.normalize(x, self.mean, self.std)
 
 
-def noise_seed(seed: int, key: int) -> int:
-    """The seed of the erasing-noise generator of ``key`` (exposed for tests)."""
-    return keyed_seed(seed, STREAM_NOISE, key)
+def noise_seed(seed: int, key: int, stream: int = 0) -> int:
+    """The seed of the erasing-noise generator of ``key`` on ``stream`` (exposed for tests)."""
+    return keyed_seed(seed, stream_tag(STREAM_NOISE, stream), key)

@@ -229,14 +229,15 @@ class DaliSource(_SourceBase):
         x = self._run(self._host_inputs(idx, p))
         return self._finish(x, p), self.labels[idx].to(self.device)
 
-    def epoch(self, epoch: int) -> Iterator[tuple[int, Batch]]:
-        """Stream ``epoch`` through ``DALIGenericIterator`` (DALI prefetches the next batches)."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[int, Batch]]:
+        """Stream batches ``start .. L-1`` of ``epoch`` through ``DALIGenericIterator`` (DALI
+        prefetches the next batches)."""
+        keys = list(self.keys(epoch, start))
+        if not keys:
+            return
         from nvidia.dali import fn, pipeline_def, types
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        keys = list(self.keys(epoch))
         params: dict[int, tuple[Tensor, dict]] = {}
         names = self._inputs
 

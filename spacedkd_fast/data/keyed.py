@@ -87,16 +87,18 @@ def keyed_generator(seed: int, stream: int, counter: int, device: str | torch.de
     return g
 
 
-@lru_cache(maxsize=4)
-def _cached_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
-    return torch.randperm(n, generator=keyed_generator(seed, STREAM_PERMUTATION, epoch))
+@lru_cache(maxsize=8)
+def _cached_permutation(seed: int, epoch: int, n: int, stream: int) -> torch.Tensor:
+    tag = stream_tag(STREAM_PERMUTATION, stream)
+    return torch.randperm(n, generator=keyed_generator(seed, tag, epoch))
 
 
-def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
-    """The sample order of ``epoch``: an int64 permutation of ``range(n)`` on the CPU.
+def epoch_permutation(seed: int, epoch: int, n: int, stream: int = 0) -> torch.Tensor:
+    """The sample order of ``epoch`` on data stream ``stream``: an int64 permutation of
+    ``range(n)`` on the CPU.
 
-    A few recent epochs are cached, since a replay reaches back at most a few epochs.
+    A few recent epochs are cached (per stream), since a replay reaches back at most a few epochs.
     """
     if n <= 0:
         raise ValueError(f"cannot permute an empty data set (n = {n})")
-    return _cached_permutation(int(seed), int(epoch), int(n))
+    return _cached_permutation(int(seed), int(epoch), int(n), check_stream(stream))

@@ -1,8 +1,11 @@
 """Replayable batch sources (``spacedkd_fast.engine.source_protocol.ReplayableSource``).
 
-Keys are global steps ``n >= 1``: ``n = epoch * steps_per_epoch + i + 1`` for the ``i``-th batch
-of ``epoch``. From ``(seed, epoch)`` comes the epoch's sample order, from ``(seed, n)`` every
-augmentation parameter, so ``batch(n)`` regenerates a batch bit-identically at any time.
+Keys are global steps ``n >= 1`` (``key(epoch, i)``; ``locate(n)`` inverts it; the formula lives
+in :mod:`.keyed` only). From ``(seed, stream, epoch)`` comes the epoch's sample order, from
+``(seed, stream, n)`` every augmentation parameter, so ``batch(n)`` regenerates a batch
+bit-identically at any time. ``epoch(e, start=i)`` resumes an epoch at batch ``i``;
+``stream(s)`` is the same data with independent permutations and augmentation (the official ViT
+loop's second loader). The protocol is written out in :mod:`spacedkd_fast.data.protocol`.
 
 Distributed: ``batch_size`` is the *global* batch; rank ``r`` of ``world_size`` takes rows
 ``r::world_size`` of every global batch, with the parameters those rows have in the global batch.
@@ -16,30 +19,30 @@ Distributed: ``batch_size`` is the *global* batch; rank ``r`` of ``world_size`` 
 
 from __future__ import annotations
 
+import copy
 import os
 import queue
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from . import imageops
 from .augment import Augmenter
 from .datasets import ArrayData, FileData, decode_image
-from .keyed import epoch_permutation
+from .keyed import check_stream, epoch_permutation, step_key, step_locate
 
 Batch = tuple[Tensor, Tensor]
 
 
 class KeyedIndexer:
-    """Keys -> sample indices: epoch permutations keyed by ``(seed, epoch)``, batches of
+    """Keys -> sample indices: epoch permutations keyed by ``(seed, stream, epoch)``, batches of
     ``batch_size`` (the last partial batch kept unless ``drop_last``), rank slices."""
 
     def __init__(self, num_samples: int, batch_size: int, *, seed: int = 0, drop_last: bool = False,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, stream: int = 0):
         if num_samples <= 0:
             raise ValueError("the data set is empty")
         if batch_size <= 0:
@@ -53,6 +56,7 @@ class KeyedIndexer:
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
         self.rank, self.world_size = int(rank), int(world_size)
+        self.stream = check_stream(stream)
         full, rest = divmod(self.num_samples, self.batch_size)
         self.steps_per_epoch = full if (drop_last or rest == 0) else full + 1
         if self.steps_per_epoch == 0:
@@ -60,17 +64,22 @@ class KeyedIndexer:
 
     def locate(self, key: int) -> tuple[int, int]:
         """``key -> (epoch, index within the epoch)``."""
-        if not isinstance(key, (int, np.integer)) or isinstance(key, bool) or key < 1:
-            raise ValueError(f"keys are global steps n >= 1, got {key!r}")
-        return divmod(int(key) - 1, self.steps_per_epoch)
+        return step_locate(key, self.steps_per_epoch)
 
     def key(self, epoch: int, i: int) -> int:
-        return epoch * self.steps_per_epoch + i + 1
+        """The key of batch ``i`` of ``epoch``."""
+        return step_key(epoch, i, self.steps_per_epoch)
+
+    def with_stream(self, stream: int) -> KeyedIndexer:
+        """This indexer on data stream ``stream`` (its own epoch permutations)."""
+        out = copy.copy(self)
+        out.stream = check_stream(stream)
+        return out
 
     def global_indices(self, key: int) -> Tensor:
         """Sample indices of the whole (global) batch ``key``: CPU int64 ``[B]``."""
         epoch, i = self.locate(key)
-        perm = epoch_permutation(self.seed, epoch, self.num_samples)
+        perm = epoch_permutation(self.seed, epoch, self.num_samples, self.stream)
         return perm[i * self.batch_size:(i + 1) * self.batch_size]
 
     def rank_rows(self, global_batch: int) -> Tensor:
@@ -97,6 +106,11 @@ class _SourceBase:
     def seed(self) -> int:
         return self.indexer.seed
 
+    @property
+    def stream_id(self) -> int:
+        """The data stream this source draws (0: the training stream)."""
+        return self.indexer.stream
+
     _copier: _DeviceCopier | None = None
 
     def _produce(self, key: int):  # pragma: no cover - abstract
@@ -116,24 +130,51 @@ class _SourceBase:
         from .augment import select_rows
 
         idx = self.indexer.global_indices(key)
-        p = self.augmenter.draw(key, len(idx))
+        p = self.augmenter.draw(key, len(idx), self.indexer.stream)
         if self.indexer.world_size > 1:
             rows = self.indexer.rank_rows(len(idx))
             idx, p = idx[rows], select_rows(p, rows)
         return idx, p
 
-    def keys(self, epoch: int) -> range:
-        return range(self.indexer.key(epoch, 0), self.indexer.key(epoch + 1, 0))
+    def key(self, epoch: int, i: int) -> int:
+        """The key of batch ``i`` of ``epoch``."""
+        return self.indexer.key(epoch, i)
 
-    def epoch(self, epoch: int) -> Iterator[tuple[int, Batch]]:
-        """Yield ``(key, (x, y))`` for ``epoch`` (0-based) in training order.
+    def locate(self, key: int) -> tuple[int, int]:
+        """``key -> (epoch, i)``; ``InvalidKeyError`` (a ``ValueError`` and a ``KeyError``) for a
+        key that is not an int >= 1."""
+        return self.indexer.locate(key)
+
+    def keys(self, epoch: int, start: int = 0) -> range:
+        """The keys of ``epoch`` from batch ``start`` on, in training order."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        L = self.steps_per_epoch
+        if not 0 <= start <= L:
+            raise ValueError(f"start must be in [0, {L}] (batches per epoch), got {start}")
+        return range(self.indexer.key(epoch, start), self.indexer.key(epoch + 1, 0))
+
+    def stream(self, stream: int):
+        """The same data as data stream ``stream``: independent epoch permutations and
+        augmentation draws, the same key scheme; ``stream(0)`` is the training stream.
+
+        The view shares this source's data, device buffers and worker pools.
+        """
+        stream = check_stream(stream)
+        if stream == self.stream_id:
+            return self
+        view = copy.copy(self)
+        view.indexer = self.indexer.with_stream(stream)
+        return view
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[int, Batch]]:
+        """Yield ``(key, (x, y))`` for batches ``start .. L-1`` of ``epoch`` (0-based) in training
+        order; ``start > 0`` resumes an epoch with the batches an uninterrupted epoch yields.
 
         With ``prefetch > 0`` a worker thread prepares the next batches while the caller trains
         (torch ops release the GIL); the values are those of ``batch(key)`` either way.
         """
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        keys = self.keys(epoch)
+        keys = self.keys(epoch, start)
         if self.prefetch <= 0:
             for k in keys:
                 yield k, self.batch(k)
