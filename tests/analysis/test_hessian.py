@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers.toys import one_thread  # noqa: F401 (autouse: tiny ops, busy cores)
 from torch import nn
 
 from spacedkd_fast.analysis.hessian import (
@@ -127,3 +128,11 @@ def test_loss_profile_centre_is_the_model_and_weights_are_restored():
     assert prof["loss"][0] != prof["loss"][1]
     for p, p0 in zip(model.parameters(), before):
         assert torch.equal(p, p0)
+
+
+def test_batches_are_weighted_by_their_rows():
+    """Same probes: the estimate over two unequal batches equals the one over a single batch."""
+    model, x, y, batches = _model_and_data()
+    split = hessian_trace(model, batches, samples=6, seed=5)
+    whole = hessian_trace(model, [(x, y)], samples=6, seed=5)
+    assert split.per_probe == pytest.approx(whole.per_probe, rel=1e-10)
