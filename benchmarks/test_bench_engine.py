@@ -33,8 +33,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from spacedkd_fast.data.memory import InMemorySource
 from spacedkd_fast.engine.distill import SpacedDistiller
-from spacedkd_fast.engine.replay import CopyReplay, InMemorySource, KeyedReplay
+from spacedkd_fast.engine.replay import CopyReplay, KeyedReplay
 from spacedkd_fast.engine.trace import batch_checksum
 
 QUICK = os.environ.get("SPACEDKD_BENCH_QUICK", "0") not in ("", "0")
@@ -236,7 +237,8 @@ def test_replay_bytes(bench, case, provider):
 
 _RSS_SCRIPT = """
 import gc, os, torch
-from spacedkd_fast.engine.replay import InMemorySource, KeyedReplay
+from spacedkd_fast.data.memory import InMemorySource
+from spacedkd_fast.engine.replay import KeyedReplay
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 buf = KeyedReplay(InMemorySource(torch.zeros(1, 1), torch.zeros(1), 1))

@@ -30,11 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The module inside a DDP / DataParallel wrapper (the module itself otherwise)."""
-    return module.module if isinstance(
-        module, nn.parallel.DistributedDataParallel | nn.DataParallel) else module
+from .model_io import unwrap
 
 
 def make_snapshot(teacher: nn.Module, device: torch.device) -> nn.Module:

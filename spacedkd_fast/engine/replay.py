@@ -5,8 +5,6 @@
 - :class:`CopyReplay` keeps a copy of every batch it is handed (on a device and in a dtype the user
   picks), for sources that cannot regenerate a batch. This is what the official code does
   (float32 pixels on the host).
-- :class:`InMemorySource` is a small in-memory replayable source (tensors + a keyed permutation and a
-  keyed "augmentation"), for tests, examples and benchmarks.
 
 Byte accounting (``bytes_held`` / ``bytes_per_sample``) counts what a buffer holds for its pending
 batches: 8 bytes per key, the checksum tensor, and for ``CopyReplay`` the stored tensors.
@@ -14,7 +12,6 @@ batches: 8 bytes per key, the checksum tensor, and for ``CopyReplay`` the stored
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,63 +163,3 @@ class CopyReplay(_ReplayBuffer):
 
     def _store_device(self, t: Tensor, default):
         return self.device or default or t.device
-
-
-class InMemorySource:
-    """An in-memory :class:`ReplayableSource` over ``x: [N, ...]``, ``y: [N]``.
-
-    Key ``n = epoch * L + i + 1`` for batch ``i`` of an epoch. The epoch permutation comes from a
-    generator seeded with ``(seed, epoch)``; with ``noise > 0`` each batch gets Gaussian noise from
-    a generator seeded with ``(seed, key)`` (a stand-in for keyed augmentation), so ``batch(key)``
-    regenerates the identical tensors. The last partial batch is kept (``L = ceil(N / B)``).
-    """
-
-    def __init__(self, x: Tensor, y: Tensor, batch_size: int, *, seed: int = 0,
-                 noise: float = 0.0, shuffle: bool = True) -> None:
-        if x.shape[0] != y.shape[0] or x.shape[0] == 0:
-            raise ValueError(f"x and y need the same non-zero length, got {x.shape[0]} and "
-                             f"{y.shape[0]}")
-        self.x, self.y = x, y
-        self.batch_size = int(batch_size)
-        self.seed, self.noise, self.shuffle = int(seed), float(noise), shuffle
-        self.num_samples = int(x.shape[0])
-        self.steps_per_epoch = -(-self.num_samples // self.batch_size)
-        self._perms: dict[int, Tensor] = {}  # the last few epochs' permutations
-
-    def _perm(self, epoch: int) -> Tensor:
-        perm = self._perms.get(epoch)
-        if perm is None:
-            if self.shuffle:
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-                perm = torch.randperm(self.num_samples, generator=g)
-            else:
-                perm = torch.arange(self.num_samples)
-            if len(self._perms) >= 4:
-                self._perms.pop(min(self._perms))
-            self._perms[epoch] = perm
-        return perm
-
-    def _make(self, key: int, perm: Tensor) -> Batch:
-        i = (key - 1) % self.steps_per_epoch
-        idx = perm[i * self.batch_size:(i + 1) * self.batch_size].to(self.x.device)
-        x, y = self.x[idx], self.y[idx]
-        if self.noise > 0:
-            g = torch.Generator().manual_seed(self.seed * 7_919 + key * 104_729 + 1)
-            x = x + self.noise * torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device)
-        return x, y
-
-    def epoch(self, epoch: int) -> Iterator[tuple[int, Batch]]:
-        perm = self._perm(epoch)
-        for i in range(self.steps_per_epoch):
-            key = epoch * self.steps_per_epoch + i + 1
-            yield key, self._make(key, perm)
-
-    def batch(self, key: int) -> Batch:
-        if int(key) != key or key < 1:
-            raise KeyError(f"keys are global step numbers >= 1, got {key!r}")
-        return self._make(int(key), self._perm((int(key) - 1) // self.steps_per_epoch))
-
-    def epochs(self, count: int) -> Iterator[tuple[int, Batch]]:
-        """``(key, batch)`` for epochs ``0 .. count-1`` in order."""
-        for e in range(count):
-            yield from self.epoch(e)

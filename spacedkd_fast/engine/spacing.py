@@ -4,17 +4,12 @@ No torch here, so a schedule can be checked in microseconds. Terms (SPEC section
 per epoch, ``s`` the space interval in epochs, ``I = int(L * s)`` the interval in steps, ``n`` the
 global step counter (1 for the first training batch).
 
-The official code selects the mode from ``interval_rate`` alone: ``0`` means online (or plain self
-KD), ``>= 50`` means offline, anything else spaced. :func:`resolve_mode` accepts that convention.
+Which mode an ``interval_rate`` selects is the mode table's business (:mod:`.modes`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-TWO_MODEL_MODES = ("base", "online", "spaced", "offline")
-SELF_MODES = ("self", "spaced-self")
-OFFLINE_RATE = 50.0  # the official code's "interval_rate >= 50 means offline" threshold
 
 
 def interval_steps(steps_per_epoch: int, interval_rate: float) -> int:
@@ -33,33 +28,6 @@ def interval_steps(steps_per_epoch: int, interval_rate: float) -> int:
             f"interval of int({steps_per_epoch} * {interval_rate}) = 0 steps; use a larger rate"
         )
     return steps
-
-
-def resolve_mode(mode: str, interval_rate: float, *, self_kd: bool = False) -> str:
-    """The effective mode, applying the official ``interval_rate`` convention to spaced modes.
-
-    ``mode="spaced"`` with ``interval_rate == 0`` is ``online`` and with ``interval_rate >= 50``
-    ``offline``; ``mode="spaced-self"`` with ``0`` is ``self`` (self KD has no offline form, so a
-    rate >= 50 is an error there). Other modes ignore the rate. A negative rate is always an error.
-    """
-    allowed = SELF_MODES if self_kd else TWO_MODEL_MODES
-    if mode not in allowed:
-        raise ValueError(f"mode must be one of {allowed}, got {mode!r}")
-    if interval_rate is None or not interval_rate >= 0:  # also rejects NaN
-        raise ValueError(f"interval_rate must be >= 0, got {interval_rate!r}")
-    if mode == "spaced":
-        if interval_rate == 0:
-            return "online"
-        if interval_rate >= OFFLINE_RATE:
-            return "offline"
-    if mode == "spaced-self":
-        if interval_rate == 0:
-            return "self"
-        if interval_rate >= OFFLINE_RATE:
-            raise ValueError(
-                f"interval_rate >= {OFFLINE_RATE:g} means offline KD, which self KD does not have"
-            )
-    return mode
 
 
 @dataclass(frozen=True)

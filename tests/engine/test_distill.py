@@ -214,3 +214,21 @@ def test_models_returning_plain_logits_work():
         d.step(key, x, y)
     d.finish()
     assert d.projector is None and d.student_steps == 14
+
+
+def test_offline_end_phase_is_an_iterator_the_loop_drives():
+    src = make_source()
+    teacher, student = make_pair(0)
+    epochs_seen = []
+    d = SpacedDistiller(teacher, student, sgd(teacher), sgd(student), mode="offline",
+                        steps_per_epoch=7, loss=ref_kd_loss, source=src,
+                        on_student_epoch_end=epochs_seen.append)
+    for key, (x, y) in src.epochs(2):
+        d.step(key, x, y)
+    phase = d.end_phase()
+    assert [next(phase) for _ in range(7)] == list(range(1, 8)) and epochs_seen == [1]
+    d.finish()  # runs what is left of the same phase, nothing twice
+    assert d.student_steps == 14 and epochs_seen == [1, 2]
+    t_ref, s_ref = make_pair(0)
+    naive_offline(t_ref, s_ref, batches_of(make_source(), 2), beta=0.0)
+    assert_same_weights(student, s_ref)

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from helpers.toys import TinyNet, assert_same_weights, ref_kd_loss, sgd
 
+from spacedkd_fast.data.memory import InMemorySource
 from spacedkd_fast.engine.distill import SpacedDistiller
-from spacedkd_fast.engine.replay import InMemorySource
 from spacedkd_fast.engine.trace import read_trace
 
 pytestmark = [
@@ -71,11 +71,21 @@ def test_overlap_trace_fidelity_and_soft_target_teacher(tmp_path):
         assert e["teacher_step"] == min(boundary, 32)
 
 
-def test_auto_overlap_is_on_for_cuda_spaced_and_stats_are_readable():
-    _, _, d = run("auto", epochs=1)
-    assert d.overlap
+def test_auto_overlap_is_on_for_cuda_spaced_and_equals_overlap_off(tmp_path):
+    _, s_auto, d = run("auto", epochs=2, trace=tmp_path / "auto.jsonl")
+    assert d.overlap and d._lanes.enabled
+    assert d._lanes.student_stream != d._lanes.teacher_stream  # a second stream did the work
     stats = d.pop_stats()
     assert stats["student_loss"] > 0 and stats["teacher_loss"] > 0
+    _, s_off, d_off = run(False, epochs=2)
+    assert not d_off.overlap
+    assert_same_weights(s_auto, s_off)
+    # the student of interval 1 (teacher steps 1..12) was issued while the teacher trained on
+    # interval 2: one student step after each of teacher steps 13..
+    order = [(e["event"][0], e["key"]) for e in read_trace(tmp_path / "auto.jsonl")
+             if e["event"].endswith("_step")]
+    after_12 = order[order.index(("t", 12)) + 1:]
+    assert after_12[:4] == [("t", 13), ("s", 1), ("t", 14), ("s", 2)]
 
 
 def test_replay_teacher_bn_untouched_with_overlap():

@@ -16,13 +16,13 @@ from helpers.toys import (  # noqa: F401 (one_thread is an autouse fixture)
     sgd,
 )
 
+from spacedkd_fast.data.memory import InMemorySource
 from spacedkd_fast.engine.distill import (
     NonFiniteLossError,
     ReplayMismatchError,
     SelfDistiller,
     SpacedDistiller,
 )
-from spacedkd_fast.engine.replay import InMemorySource
 
 
 def make(mode="spaced", **kw):

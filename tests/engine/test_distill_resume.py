@@ -92,7 +92,7 @@ def test_self_distiller_resume(tmp_path):
         model = TinyMultiExit()
         opt = sgd(model)
         return model, opt, SelfDistiller(model, opt, mode="spaced-self", interval_rate=1.5,
-                                         steps_per_epoch=7, trace=trace, source=make_source())
+                                         kd_scale=1.0, steps_per_epoch=7, trace=trace, source=make_source())
 
     pytest.importorskip("spacedkd_fast.ops.losses")
     batches = list(make_source().epochs(EPOCHS))

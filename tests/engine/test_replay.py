@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from spacedkd_fast.engine.replay import KEY_BYTES, CopyReplay, InMemorySource, KeyedReplay
+from spacedkd_fast.data.memory import InMemorySource
+from spacedkd_fast.engine.replay import KEY_BYTES, CopyReplay, KeyedReplay
 from spacedkd_fast.engine.source_protocol import ReplayableSource
 from spacedkd_fast.engine.trace import batch_checksum
 

@@ -22,8 +22,10 @@ from helpers.toys import (  # noqa: F401 (one_thread is an autouse fixture)
 
 from spacedkd_fast.engine.distill import SelfDistiller
 from spacedkd_fast.engine.trace import read_trace
+from spacedkd_fast.ops.objective import KDObjective
 
-pytest.importorskip("spacedkd_fast.ops.losses")
+# the references write the official objective (kd_scale 1); the engine's default is T*T
+OFFICIAL = KDObjective(temperature=3.0, alpha=0.3, kd_scale=1.0)
 
 EPOCHS = 5  # schedules
 CMP_EPOCHS = 3  # weight comparisons (see the module docstring)
@@ -38,6 +40,7 @@ def run(mode="spaced-self", rate=1.5, trace=None, keyed=True, epochs=EPOCHS, **k
     src = make_source()
     torch.manual_seed(0)
     model = TinyMultiExit()
+    kw.setdefault("loss", OFFICIAL)
     d = SelfDistiller(model, sgd(model), mode=mode, interval_rate=rate, steps_per_epoch=7,
                       trace=trace, source=src if keyed else None, **kw)
     for key, (x, y) in src.epochs(epochs):
@@ -56,7 +59,7 @@ def reference(epochs=CMP_EPOCHS, **kw):
 def test_self_kd_loss_value_and_gradient_match_the_spec_formula():
     torch.manual_seed(0)
     model = TinyMultiExit()
-    d = SelfDistiller(model, sgd(model), mode="self", steps_per_epoch=7)
+    d = SelfDistiller(model, sgd(model), mode="self", steps_per_epoch=7, loss=OFFICIAL)
     x, y = make_source().batch(1)
     feats, logits = model(x)
     loss, parts = d.self_kd_loss(feats, logits, y)
@@ -174,3 +177,25 @@ def test_bfloat16_autocast_self_kd_runs():
     d.finish()
     assert d.student_steps == 14
     assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_objective_default_keywords_and_bad_combinations():
+    model = TinyMultiExit()
+    d = SelfDistiller(model, sgd(model), steps_per_epoch=7)
+    assert d.objective == KDObjective()  # the package's one default (kd_scale = T*T)
+    d = SelfDistiller(model, sgd(model), steps_per_epoch=7, temperature=4.0, kd_scale=1.0)
+    assert d.objective == KDObjective(temperature=4.0, kd_scale=1.0)  # user values kept
+    with pytest.raises(ValueError, match="either loss=KDObjective"):
+        SelfDistiller(model, sgd(model), steps_per_epoch=7, loss=OFFICIAL, alpha=0.5)
+    with pytest.raises(TypeError, match="KDObjective"):
+        SelfDistiller(model, sgd(model), steps_per_epoch=7, loss=KDObjective(kind="paper-code"))
+    with pytest.raises(TypeError, match="KDObjective"):
+        SelfDistiller(model, sgd(model), steps_per_epoch=7, loss=lambda s, t, y: s.sum())
+
+
+def test_keywords_train_the_same_as_the_objective():
+    by_objective, _ = run(mode="self", epochs=1, loss=KDObjective(2.0, 0.5, 1.0))
+    by_keywords, _ = run(mode="self", epochs=1, loss=None, temperature=2.0, alpha=0.5,
+                         kd_scale=1.0)
+    for a, b in zip(by_objective.parameters(), by_keywords.parameters()):
+        assert torch.equal(a, b)

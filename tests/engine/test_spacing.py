@@ -1,10 +1,18 @@
-"""schedule.py: pure arithmetic, checked against numbers worked out by hand and the SPEC's."""
+"""spacing.py and the mode table: pure arithmetic, checked against numbers worked out by hand
+and the SPEC's."""
 
 import math
 
 import pytest
 
-from spacedkd_fast.engine.spacing import SpacedSchedule, interval_steps, resolve_mode
+from spacedkd_fast.engine.modes import (
+    MODE_NAMES,
+    MODES,
+    SELF_MODES,
+    TWO_MODEL_MODES,
+    resolve_mode,
+)
+from spacedkd_fast.engine.spacing import SpacedSchedule, interval_steps
 
 
 def test_interval_steps_truncates_like_the_official_code():
@@ -87,3 +95,10 @@ def test_spec_numbers_cifar100_80_epochs():
     assert 31_280 - replayed == 222
     full = sched.plan(391 * 80, flush_tail=True)
     assert full[-1] == (31_280, list(range(31_280 - 221, 31_281)))
+
+
+def test_mode_table_names_each_mode_once():
+    assert MODE_NAMES == ("base", "online", "spaced", "offline", "self", "spaced-self")
+    assert set(TWO_MODEL_MODES) | set(SELF_MODES) == set(MODE_NAMES)
+    assert not set(TWO_MODEL_MODES) & set(SELF_MODES)
+    assert [n for n, m in MODES.items() if m.replays == "interval"] == ["spaced", "spaced-self"]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spacedkd_fast.engine.replay import InMemorySource
+from spacedkd_fast.data.memory import InMemorySource
 
 DTYPE = torch.float64
 

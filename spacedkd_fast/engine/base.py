@@ -1,0 +1,356 @@
+"""What both distillers share: counters, the mode table entry, recorded CE steps, the student's
+step (verify, check, update, log), the replay loop, the tail, the trace and the state.
+
+A distiller subclass says only what differs: which batch-step each ``Mode.step`` names
+(``_batch_steps``), how a replayed batch's student loss is computed (``_replay_loss``) and which
+modules a refused step must restore (``_replay_guard``).
+
+Per step, at most one small device-to-host read happens (loss finiteness, replay checksum, trace
+values together), and none when ``check_finite=False``, no keyed replay is verified and no trace
+is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import NonFiniteLossError, ReplayMismatchError
+from .model_io import BufferGuard, to_device
+from .modes import MODES, resolve_mode
+from .overlap import Lanes
+from .replay import CopyReplay, KeyedReplay, Record
+from .spacing import SpacedSchedule
+from .stats import LossStats
+from .trace import TraceWriter, batch_checksum
+
+LossFn = Callable[[Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]
+
+
+class EngineBase:
+    """Counters (``n`` batches handed to ``step``, ``teacher_steps``, ``student_steps``), the
+    mode (``mode``: its name, ``spec``: its :class:`~.modes.Mode` entry), the spacing schedule,
+    the replay buffer, the trace and the state shared by both distillers."""
+
+    student_opt: torch.optim.Optimizer
+    student_scheduler: Any = None
+    student_device: torch.device
+    teacher_device: torch.device
+
+    def __init__(self, *, mode: str, interval_rate: float, self_kd: bool, steps_per_epoch: int,
+                 trace, source, check_finite: bool, amp_dtype, grad_scaler, flush_tail: bool,
+                 on_student_epoch_end: Callable[[int], None] | None, copy_device, copy_dtype,
+                 first_replay: str = "interval") -> None:
+        if int(steps_per_epoch) != steps_per_epoch or steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be a positive integer, got {steps_per_epoch!r}")
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.mode = resolve_mode(mode, interval_rate, self_kd=self_kd)
+        self.spec = MODES[self.mode]
+        self.interval_rate = float(interval_rate)
+        self.schedule = (SpacedSchedule.build(self.steps_per_epoch, interval_rate, first_replay)
+                         if self.spec.replays == "interval" else None)
+        self.flush_tail = bool(flush_tail)
+        self.check_finite = bool(check_finite)
+        self.amp_dtype = amp_dtype
+        self.grad_scaler = grad_scaler
+        self.source = source
+        self.on_student_epoch_end = on_student_epoch_end
+        self.trace = TraceWriter(trace) if isinstance(trace, str | os.PathLike) else trace
+        self.replay_buffer: KeyedReplay | CopyReplay = (
+            KeyedReplay(source) if source is not None else CopyReplay(copy_device, copy_dtype))
+        self.n = 0
+        self.teacher_steps = 0
+        self.student_steps = 0
+        self._stats = LossStats()
+        self._finished = False
+        self._end_steps: Iterator[int] | None = None
+        self._guards: dict[int, BufferGuard] = {}
+        self._lanes = Lanes(torch.device("cpu"), torch.device("cpu"), enabled=False)
+
+    # -- what a subclass provides -----------------------------------------------------------
+    def _batch_steps(self) -> dict[str, Callable[[Any, Tensor, Tensor], None]]:
+        """The handler of each ``Mode.step`` value this distiller supports."""
+        raise NotImplementedError
+
+    def _replay_loss(self, teacher: nn.Module | None) -> LossFn:
+        """The student loss of a replayed batch against ``teacher`` (as it stands now)."""
+        raise NotImplementedError
+
+    def _replay_guard(self, teacher: nn.Module | None) -> tuple[nn.Module | None, ...]:
+        """Modules whose buffers a refused replay step must put back."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def _replay_teacher(self, reason: str) -> Iterator[nn.Module | None]:
+        """The teacher a replay reads (in the mode that ``reason`` asks for)."""
+        yield None
+
+    # -- the step ---------------------------------------------------------------------------
+    def step(self, key: Any, x: Tensor, y: Tensor) -> None:
+        """Train on one batch ``x: [B, ...]``, ``y: [B]`` named ``key``: what the mode's
+        ``step`` entry says, then the replay when the schedule says so."""
+        if self._finished:
+            raise RuntimeError("step() after finish(); build a new distiller for a new run")
+        self.n += 1
+        self._batch_steps()[self.spec.step](key, x, y)
+        if self.schedule is not None and self.schedule.replay_due(self.n):
+            self._replay("interval")
+
+    # -- host reads -------------------------------------------------------------------------
+    def _host_read(self, losses: list[Tensor], checksum: Tensor | None,
+                   expected: Tensor | tuple[float, ...] | None, read_checksum: bool = False
+                   ) -> tuple[list[float | None], list | None, list | None]:
+        """One device-to-host transfer for what this step must decide or log: the losses (when
+        ``check_finite``), the batch checksum (when tracing, verifying or ``read_checksum``) and
+        the recorded one (``expected``: on the device, or already on the host as a tuple)."""
+        want_cs = checksum is not None and (read_checksum or self.trace is not None
+                                            or expected is not None)
+        if not want_cs and self.check_finite and len(losses) == 1:
+            return [losses[0].item()], None, None  # the common case: one scalar, one read
+        exp_dev = expected if isinstance(expected, Tensor) else None
+        parts: list[Tensor] = []
+        if self.check_finite:
+            parts += [loss.detach().reshape(1).to(torch.float64) for loss in losses]
+        if want_cs:
+            parts.append(checksum)
+            if exp_dev is not None:
+                parts.append(to_device(exp_dev, checksum.device))
+        if not parts:
+            return [None] * len(losses), None, None
+        vals = torch.cat([to_device(p, parts[0].device) for p in parts]).tolist()
+        nl = len(losses) if self.check_finite else 0
+        lossv = vals[:nl] if nl else [None] * len(losses)
+        cs = vals[nl:nl + 4] if want_cs else None
+        if exp_dev is not None and want_cs:
+            exp = vals[nl + 4:nl + 8]
+        else:
+            exp = None if expected is None or exp_dev is not None else list(expected)
+        return lossv, cs, exp
+
+    @staticmethod
+    def _record_checksum(device_cs: Tensor | None, host_cs: list | None):
+        """What a record keeps: the host copy when this step read it anyway (a tuple of four
+        floats: no tensor object per record), else the device tensor (no sync was wanted)."""
+        return tuple(host_cs) if host_cs is not None else device_cs
+
+    @contextlib.contextmanager
+    def _guard(self, *modules: nn.Module | None) -> Iterator[None]:
+        """Buffers (BN running statistics) of ``modules`` as they were on entry are put back if
+        the block raises: a refused step leaves no trace in the model."""
+        guards = []
+        for m in modules:
+            if m is None:
+                continue
+            guard = self._guards.get(id(m))
+            if guard is None:  # built once per module: preallocated copies of its buffers
+                guard = self._guards[id(m)] = BufferGuard(m)
+            guards.append(guard)
+        for g in guards:
+            g.save()
+        try:
+            yield
+        except BaseException:
+            for g in guards:
+                g.restore()
+            raise
+
+    def _check_loss(self, value: float | None, role: str, step: int, key: Any, what: str) -> None:
+        if value is not None and not math.isfinite(value):
+            raise NonFiniteLossError(
+                f"non-finite {role} loss ({value}) at {role} step {step} (key {key!r}{what}); "
+                "no optimizer step was taken, the weights are those after the last good step",
+                step=step, role=role, key=key)
+
+    def _need_checksum(self) -> bool:
+        return self.trace is not None or self.replay_buffer.verifies
+
+    def _write(self, event: str, **fields: Any) -> None:
+        if self.trace is not None:
+            self.trace.write(event, **fields)
+
+    @staticmethod
+    def _key_json(key: Any) -> Any:
+        return key if isinstance(key, int | str | float) or key is None else repr(key)
+
+    def _backward_step(self, loss: Tensor, opt: torch.optim.Optimizer, scheduler) -> None:
+        opt.zero_grad(set_to_none=True)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.step(opt)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        if scheduler is not None:
+            scheduler.step()
+
+    # -- the two kinds of step --------------------------------------------------------------
+    def _recorded_ce_step(self, model: nn.Module, ce_loss: Callable[[], Tensor], key: Any,
+                          x: Tensor, y: Tensor, opt: torch.optim.Optimizer, scheduler,
+                          what: str) -> None:
+        """A CE step of the teacher (or of the deepest exit), recorded for the replay.
+
+        ``ce_loss()`` runs the forward; a non-finite loss is refused inside the buffer guard
+        (nothing changes), else the optimizer steps, the batch is recorded and traced.
+        """
+        with self._guard(model):
+            loss = ce_loss()
+            checksum = batch_checksum(x, y) if self._need_checksum() else None
+            (lossv,), cs, _ = self._host_read([loss], checksum, None,
+                                              read_checksum=self.check_finite)
+            self._check_loss(lossv, "teacher", self.teacher_steps + 1, key, what)
+        self._backward_step(loss, opt, scheduler)
+        self.teacher_steps += 1
+        self._stats.add("teacher_loss", loss)
+        self.replay_buffer.record(key, x, y, self._record_checksum(checksum, cs))
+        self._write("teacher_step", n=self.teacher_steps, epoch=(self.n - 1) // self.steps_per_epoch,
+                    key=self._key_json(key), checksum=cs)
+
+    def _student_step(self, key: Any, x: Tensor, y: Tensor, *, loss_fn: LossFn,
+                      guard: tuple[nn.Module | None, ...], teacher_step: int | None,
+                      expected: Tensor | tuple | None = None, what: str = "") -> None:
+        """One student update on ``(x, y)``: the loss, the replayed batch verified against the
+        ``expected`` checksum (when given), the loss checked, the optimizer step, the log."""
+        verify = expected is not None
+        checksum = batch_checksum(x, y) if (verify or self.trace is not None) else None
+        with self._guard(*guard):
+            loss, parts = loss_fn(x, y)
+            (lossv,), cs, exp = self._host_read([loss], checksum, expected)
+            if verify and cs != exp:
+                raise ReplayMismatchError(
+                    f"the source gave back a different batch for key {key!r} (checksum {cs}, "
+                    f"recorded by the teacher step: {exp}); refusing to train the student on it",
+                    key=key, expected=exp, got=cs)
+            self._check_loss(lossv, "student", self.student_steps + 1, key, what)
+        self._backward_step(loss, self.student_opt, self.student_scheduler)
+        self._student_done_one(key, teacher_step, cs, loss, parts)
+
+    def _student_done_one(self, key: Any, teacher_step: int | None, cs: list | None,
+                          loss: Tensor, parts: dict[str, Tensor] | None) -> None:
+        self.student_steps += 1
+        self._stats.add("student_loss", loss)
+        self._stats.add_parts(parts)
+        self._write("student_step", n=self.student_steps, key=self._key_json(key),
+                    teacher_step=teacher_step, checksum=cs)
+        if self.student_steps % self.steps_per_epoch == 0 and self.on_student_epoch_end:
+            self.on_student_epoch_end(self.student_steps // self.steps_per_epoch)
+
+    # -- replays ----------------------------------------------------------------------------
+    def _replay(self, reason: str) -> None:
+        """Replay every pending record against the teacher as it stands now."""
+        for _ in self._replay_records(self.replay_buffer.take(), reason):
+            pass
+
+    def _replay_records(self, records: list[Record], reason: str) -> Iterator[int]:
+        """Student steps on ``records``, in order; yields after each one (its student step)."""
+        if not records:
+            return
+        self._write("replay_start", teacher_step=self.teacher_steps, count=len(records),
+                    reason=reason)
+        with self._replay_teacher(reason) as teacher:
+            for rec in records:
+                self._replay_one(rec, teacher, self.teacher_steps)
+                yield self.student_steps
+        self._write("replay_end", teacher_step=self.teacher_steps, count=len(records),
+                    reason=reason)
+
+    def _replay_one(self, rec: Record, teacher: nn.Module | None, teacher_step: int) -> None:
+        x, y = self.replay_buffer.fetch(rec)
+        x = to_device(x, self.student_device)
+        y = to_device(y, self.student_device)
+        self._student_step(rec.key, x, y, loss_fn=self._replay_loss(teacher),
+                           guard=self._replay_guard(teacher), teacher_step=teacher_step,
+                           expected=rec.checksum if self.replay_buffer.verifies else None,
+                           what=f", replaying against teacher step {teacher_step}")
+        self._lanes.hand_over([rec.checksum if isinstance(rec.checksum, Tensor) else None,
+                               *(rec.batch or ())])
+
+    def _flush_pending(self) -> None:
+        """End of training: replay the batches still unreplayed (``flush_tail``) or drop them
+        as the official code does; either way a ``flush`` event says how many."""
+        pending = len(self.replay_buffer)
+        if not pending:
+            return
+        self._write("flush", teacher_step=self.teacher_steps,
+                    replayed=pending if self.flush_tail else 0,
+                    dropped=0 if self.flush_tail else pending)
+        if self.flush_tail:
+            self._replay("flush")
+        else:
+            self.replay_buffer.take()
+
+    def end_phase(self) -> Iterator[int]:
+        """The student's work after the last ``step``, one student step at a time (yields the
+        student step count after each): for a mode whose ``replays`` is ``end`` (offline) the
+        whole run against the final teacher in eval mode, else the tail (``flush_tail``).
+        A loop that evaluates between the student's epochs drives this iterator; ``finish()``
+        runs what is left of it (the same iterator: nothing runs twice)."""
+        if self._end_steps is None:
+            self._end_steps = self._run_end_phase()
+        return self._end_steps
+
+    def _run_end_phase(self) -> Iterator[int]:
+        if self._finished:
+            return
+        self._join()
+        if self.spec.replays == "end":
+            yield from self._replay_records(self.replay_buffer.take(), "offline")
+        else:
+            self._flush_pending()
+
+    def finish(self) -> None:
+        """Complete the run: outstanding overlapped work, then :meth:`end_phase`. Idempotent."""
+        if self._finished:
+            return
+        for _ in self.end_phase():
+            pass
+        self._lanes.join()
+        self._finished = True
+        self.close()
+
+    def _join(self) -> None:
+        """Overlap: issue and wait for outstanding student work (nothing without overlap)."""
+
+    def pop_stats(self) -> dict[str, float]:
+        """Means since the last call (``teacher_loss``, ``student_loss``, ``ce``, ``kl``,
+        ``feat``: whichever were computed), read with one host transfer per device."""
+        self._join()
+        return self._stats.pop()
+
+    def close(self) -> None:
+        """Close the trace file (``finish()`` does it too)."""
+        if self.trace is not None:
+            self.trace.close()
+
+    # -- state ------------------------------------------------------------------------------
+    CHECKED_STATE = ("mode", "steps_per_epoch", "interval_rate")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, the configuration a resume must match, pending records (keys + checksums,
+        or stored batches for CopyReplay), trace position. Outstanding overlapped work is
+        completed first."""
+        self._join()
+        state = {name: getattr(self, name) for name in self.CHECKED_STATE}
+        state.update(n=self.n, teacher_steps=self.teacher_steps,
+                     student_steps=self.student_steps,
+                     trace_lines=None if self.trace is None else self.trace.lines,
+                     finished=self._finished, replay=self.replay_buffer.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in self.CHECKED_STATE:
+            if state[name] != getattr(self, name):
+                raise ValueError(f"checkpoint {name}={state[name]!r} does not match this "
+                                 f"distiller's {getattr(self, name)!r}")
+        self.n, self.teacher_steps = int(state["n"]), int(state["teacher_steps"])
+        self.student_steps = int(state["student_steps"])
+        self._finished = bool(state["finished"])
+        if self.trace is not None and state["trace_lines"] is not None:
+            self.trace.resume_from(state["trace_lines"])
+        self.replay_buffer.load_state_dict(state["replay"], device=self.teacher_device)

@@ -1,0 +1,169 @@
+"""SelfDistiller: self KD of one multi-exit network, modes ``self`` and ``spaced-self``.
+
+The deepest exit teaches the shallow ones (SPEC section 4). The step and replay machinery is
+:mod:`.base`'s; this module holds the self-KD loss and what a batch does in each mode.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.objective import KDObjective, as_objective
+from .base import EngineBase, LossFn
+from .model_io import autocast, fp32, model_device, split_output, to_device, train_mode, unwrap
+
+FEATURE_EXITS = ("all", "official")
+
+
+def self_kd_objective(loss: Any, temperature: float | None, alpha: float | None,
+                      kd_scale: float | None) -> KDObjective:
+    """The objective of each shallow exit: ``loss`` (a :class:`KDObjective` or ``KDLoss``), or
+    one built from the ``temperature`` / ``alpha`` / ``kd_scale`` keywords (the ones not given
+    take the package default), or ``KDObjective()``."""
+    given = {name: v for name, v in (("temperature", temperature), ("alpha", alpha),
+                                     ("kd_scale", kd_scale)) if v is not None}
+    if loss is None:
+        return KDObjective(**given)
+    if given:
+        raise ValueError(f"pass either loss=KDObjective(...) or {', '.join(given)}, not both")
+    objective = as_objective(loss)
+    if not isinstance(objective, KDObjective) or objective.kind != "kl":
+        raise TypeError("SelfDistiller needs loss=KDObjective(kind='kl', ...) or a KDLoss (the "
+                        f"self-KD loss adds the soft targets' entropy back), got {loss!r}")
+    return objective
+
+
+class SelfDistiller(EngineBase):
+    """Self KD of one multi-exit model: modes ``self`` and ``spaced-self`` (SPEC sections 3, 4).
+
+    The model returns ``(features_list, logits_list)`` (deepest exit LAST; features ``[B, D]``,
+    logits ``[B, C]``) and may have ``adapters`` (``nn.ModuleList`` of ``num_exits - 1`` layers)
+    applied to the shallow exits' features. With ``o = loss`` (a :class:`KDObjective`, default
+    ``KDObjective()``: ``kd_scale = T*T``; the official code uses 1), a KD step's loss::
+
+        CE(z_K, y) + sum_i [o.alpha * o.kd_scale * softCE(z_i / T, z_K / T) + (1 - o.alpha) * CE(z_i, y)]
+                   + beta * sum_i ||A_i(f_i) - f_K||_2          (z_K, f_K detached in the KD terms)
+
+    ``temperature`` / ``alpha`` / ``kd_scale`` keywords build that objective instead of ``loss``.
+
+    ``spaced-self``: CE of the deepest exit only on each step; at ``n = I, 2I, ...`` the recorded
+    batches are replayed with the KD loss (the network keeps learning during the replay).
+    ``self_kd_first_replay="one-epoch"`` and ``self_kd_feature_exits="official"`` reproduce the
+    official code (first replay at ``n = L``; no feature loss on the exit just before the deepest).
+    """
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, *, mode: str = "spaced-self",
+                 interval_rate: float = 4.0, steps_per_epoch: int, loss: Any = None,
+                 temperature: float | None = None, alpha: float | None = None,
+                 kd_scale: float | None = None, beta: float = 0.03, flush_tail: bool = True,
+                 self_kd_first_replay: str = "interval", self_kd_feature_exits: str = "all",
+                 trace: str | os.PathLike | None = None, source: Any = None,
+                 scheduler: Any = None, amp_dtype: torch.dtype | None = None,
+                 grad_scaler: Any = None, check_finite: bool = True,
+                 on_student_epoch_end: Callable[[int], None] | None = None,
+                 copy_device: torch.device | str | None = None,
+                 copy_dtype: torch.dtype | None = None) -> None:
+        if self_kd_feature_exits not in FEATURE_EXITS:
+            raise ValueError(f"self_kd_feature_exits must be one of {FEATURE_EXITS}, got "
+                             f"{self_kd_feature_exits!r}")
+        if not beta >= 0:
+            raise ValueError(f"beta must be >= 0, got {beta!r}")
+        self.objective = self_kd_objective(loss, temperature, alpha, kd_scale)
+        super().__init__(mode=mode, interval_rate=interval_rate, self_kd=True,
+                         steps_per_epoch=steps_per_epoch, trace=trace, source=source,
+                         check_finite=check_finite, amp_dtype=amp_dtype, grad_scaler=grad_scaler,
+                         flush_tail=flush_tail, on_student_epoch_end=on_student_epoch_end,
+                         copy_device=copy_device, copy_dtype=copy_dtype,
+                         first_replay=self_kd_first_replay)
+        self.model = model
+        self.opt = self.student_opt = opt
+        self.scheduler = self.student_scheduler = scheduler
+        self.beta = float(beta)
+        self.feature_exits = self_kd_feature_exits
+        self.device = self.student_device = self.teacher_device = model_device(model)
+
+    def _forward(self, x: Tensor) -> tuple[list[Tensor] | None, list[Tensor]]:
+        train_mode(self.model)
+        with autocast(self.device, self.amp_dtype):
+            out = self.model(x)
+        feats, logits = split_output(out)
+        if isinstance(logits, Tensor) or len(logits) < 2:
+            raise TypeError("SelfDistiller needs a multi-exit model returning (features_list, "
+                            "logits_list) with at least two exits, deepest last")
+        shapes = {tuple(z.shape) for z in logits}
+        if len(shapes) != 1:
+            raise ValueError(f"all exits' logits must have the same shape [B, C], got {shapes}")
+        return feats, list(logits)
+
+    def self_kd_loss(self, feats: list[Tensor] | None, logits: list[Tensor], y: Tensor
+                     ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss of SPEC section 4 for one batch (see the class docstring)."""
+        o = self.objective
+        deep = fp32(logits[-1])
+        target = deep.detach()
+        ce_deep = F.cross_entropy(deep, y)
+        loss = ce_deep
+        kl_sum = deep.new_zeros(())
+        for z in logits[:-1]:
+            # the objective gives (1-a) CE + a k KL(q||p); softCE = KL + H(q), a constant in the
+            # student: a k H(q) is added back (detached) so that the value is the SPEC's form.
+            term, parts = o(fp32(z), target, y)
+            loss = loss + term
+            kl_sum = kl_sum + parts["kl"]
+        q = F.softmax(target / o.temperature, dim=-1)
+        entropy = -(q * F.log_softmax(target / o.temperature, dim=-1)).sum(-1).mean()
+        scale = o.kl_scale(deep.shape[-1])
+        loss = loss + (len(logits) - 1) * o.alpha * scale * entropy.detach()
+        parts = {"ce": ce_deep.detach(), "kl": kl_sum / (len(logits) - 1)}
+        if self.beta > 0 and feats is not None:
+            adapters = getattr(unwrap(self.model), "adapters", None)
+            f_deep = fp32(feats[-1].detach())
+            shallow = range(len(feats) - 1)
+            if self.feature_exits == "official":  # the official code skips the layer-3 exit
+                shallow = range(len(feats) - 2)
+            feat = deep.new_zeros(())
+            for i in shallow:
+                f = fp32(feats[i])  # adapters run in fp32 (autocast may give half features)
+                f = f if adapters is None else adapters[i](f)
+                feat = feat + torch.dist(fp32(f), f_deep)
+            parts["feat"] = feat.detach()
+            loss = loss + self.beta * feat
+        return loss, parts
+
+    def _kd_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        feats, logits = self._forward(x)
+        return self.self_kd_loss(feats, logits, y)
+
+    # -- batch steps (the mode table's ``step`` values) -------------------------------------
+    def _batch_steps(self):
+        return {"self-kd": self._self_kd_step, "record": self._record_step}
+
+    def _self_kd_step(self, key: Any, x: Tensor, y: Tensor) -> None:
+        x = to_device(x, self.device)
+        y = to_device(y, self.device)
+        self._student_step(key, x, y, loss_fn=self._kd_loss, guard=(self.model,),
+                           teacher_step=self.n, what=" (self-KD)")
+
+    def _record_step(self, key: Any, x: Tensor, y: Tensor) -> None:
+        x = to_device(x, self.device)
+        y = to_device(y, self.device)
+
+        def ce_loss() -> Tensor:
+            _, logits = self._forward(x)
+            return F.cross_entropy(fp32(logits[-1]), y)
+
+        self._recorded_ce_step(self.model, ce_loss, key, x, y, self.opt, self.scheduler,
+                               " (deepest-exit CE)")
+
+    # -- replays (the hooks of EngineBase) --------------------------------------------------
+    def _replay_loss(self, teacher: nn.Module | None) -> LossFn:
+        return self._kd_loss  # the network itself, as it stands now, is the teacher
+
+    def _replay_guard(self, teacher: nn.Module | None) -> tuple[nn.Module | None, ...]:
+        return (self.model,)

@@ -1,0 +1,338 @@
+"""SpacedDistiller: two-model KD in the modes ``base``, ``online``, ``spaced``, ``offline``.
+
+Rules (SPEC sections 3 and 4) and where they live: *when* the student replays,
+:mod:`.spacing`; *what* is replayed, :mod:`.replay` (every replayed batch of a keyed source is
+checked against the checksum of the teacher step that recorded it); the step and replay machinery,
+:mod:`.base`; *overlap*, :mod:`.overlap` (CUDA only; the CPU runs the sequential order).
+
+Teacher snapshot and BatchNorm: soft targets come from the teacher as it stands when the replay
+fires, in train mode (batch statistics) with its running statistics and ``num_batches_tracked``
+untouched (BN layers briefly stop tracking) unless ``teacher_bn_update=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..ops.losses import FEATURE_LOSSES, feature_loss
+from ..ops.objective import as_objective
+from .base import EngineBase, LossFn
+from .model_io import (
+    autocast,
+    ce_logits,
+    fp32,
+    frozen_bn_stats,
+    in_mode,
+    kd_logits,
+    model_device,
+    norm_device,
+    seeded_build,
+    split_output,
+    target_logits,
+    to_device,
+    tracking_bns,
+    train_mode,
+    unwrap,
+)
+from .overlap import Lanes, make_snapshot
+from .projection import ProjectionHead
+from .replay import Record
+from .trace import batch_checksum
+
+REPLAY_KINDS = ("keyed", "fresh")
+
+
+class SpacedDistiller(EngineBase):
+    """Two-model KD: ``base``, ``online``, ``spaced``, ``offline`` (SPEC section 3).
+
+    Usage::
+
+        d = SpacedDistiller(teacher, student, teacher_opt, student_opt, mode="spaced",
+                            interval_rate=1.5, steps_per_epoch=L, loss=KDObjective(3.0, 0.3, 1.0))
+        for key, (x, y) in source:      # x: [B, ...], y: [B] class indices
+            d.step(key, x, y)
+        d.finish()
+
+    Models return logits ``[B, C]`` or ``(features [B, D], logits [B, C])``; with features on both
+    sides and ``beta > 0`` the student gets a projection head (``.projector``, added to
+    ``student_opt`` as a new param group) and the loss ``beta * feature_loss(g(f_s), f_t)``.
+    ``loss`` is a :class:`~spacedkd_fast.ops.objective.KDObjective` (default: ``KDObjective()``,
+    the package's one default; ``kind="paper-code"`` is the official objective), a ``KDLoss`` or
+    any function ``(student_logits, teacher_logits, y) -> scalar``. ``base`` trains the student
+    alone with CE (``teacher`` and ``teacher_opt`` may be ``None``). With ``source=None`` batches
+    are kept as copies (``CopyReplay(copy_device, copy_dtype)``); with a :class:`ReplayableSource`
+    only keys are kept and each replayed batch is verified against the recorded checksum.
+
+    Resuming: call ``load_state_dict`` on a fresh distiller before loading ``student_opt``'s state
+    (the projector's param group must exist first).
+    """
+
+    def __init__(self, teacher: nn.Module | None, student: nn.Module,
+                 teacher_opt: torch.optim.Optimizer | None, student_opt: torch.optim.Optimizer, *,
+                 mode: str = "spaced", interval_rate: float = 1.5, steps_per_epoch: int,
+                 loss: Callable[..., Tensor] | None = None, beta: float = 0.0,
+                 feature_loss: str | Callable[[Tensor, Tensor], Tensor] = "dist",
+                 flush_tail: bool = True, teacher_bn_update: bool = False, replay: str = "keyed",
+                 trace: str | os.PathLike | None = None, source: Any = None,
+                 overlap: bool | str = "auto", teacher_device: torch.device | str | None = None,
+                 student_device: torch.device | str | None = None, teacher_scheduler: Any = None,
+                 student_scheduler: Any = None, amp_dtype: torch.dtype | None = None,
+                 grad_scaler: Any = None, check_finite: bool = True,
+                 on_student_epoch_end: Callable[[int], None] | None = None,
+                 copy_device: torch.device | str | None = None,
+                 copy_dtype: torch.dtype | None = None, projector_seed: int = 0) -> None:
+        if replay not in REPLAY_KINDS:
+            raise ValueError(f"replay must be one of {REPLAY_KINDS}, got {replay!r}")
+        if replay == "fresh":
+            # The official ViT loop trains the student, at each replay, on as many batches drawn
+            # from a second, independently augmented train loader; reproducing that needs a
+            # second augmentation stream in the replayable-source protocol.
+            raise NotImplementedError(
+                "replay='fresh' (the official ViT code's student training on fresh batches from a "
+                "second loader) is not implemented yet; use replay='keyed'")
+        if beta < 0:
+            raise ValueError(f"beta must be >= 0, got {beta!r}")
+        super().__init__(mode=mode, interval_rate=interval_rate, self_kd=False,
+                         steps_per_epoch=steps_per_epoch, trace=trace, source=source,
+                         check_finite=check_finite, amp_dtype=amp_dtype, grad_scaler=grad_scaler,
+                         flush_tail=flush_tail, on_student_epoch_end=on_student_epoch_end,
+                         copy_device=copy_device, copy_dtype=copy_dtype)
+        if self.spec.teacher and (teacher is None or teacher_opt is None):
+            raise ValueError(f"mode {self.mode!r} needs a teacher and a teacher optimizer")
+        self.teacher, self.student = teacher, student
+        self.teacher_opt, self.student_opt = teacher_opt, student_opt
+        self.teacher_scheduler, self.student_scheduler = teacher_scheduler, student_scheduler
+        self.teacher_bn_update = bool(teacher_bn_update)
+        self.beta = float(beta)
+        self.projector_seed = int(projector_seed)
+
+        self.student_device = (norm_device(student_device) if student_device is not None
+                               else model_device(student))
+        if student_device is not None:
+            student.to(self.student_device)
+        self.teacher_device = self.student_device
+        if teacher is not None:
+            self.teacher_device = (norm_device(teacher_device) if teacher_device is not None
+                                   else model_device(teacher))
+            if teacher_device is not None:
+                teacher.to(self.teacher_device)
+
+        self.kd = as_objective(loss) if self.spec.teacher else None
+        self.feature_loss = self._build_feature_loss(feature_loss)
+        self.projector: nn.Module | None = None
+        self._projector_dims: tuple[int, int] | None = None
+        if self.beta > 0 and self.spec.teacher:
+            s_dim = getattr(unwrap(student), "feature_dim", None)
+            t_dim = getattr(unwrap(teacher), "feature_dim", None)
+            if s_dim is not None and t_dim is not None:
+                self._make_projector(int(s_dim), int(t_dim))
+
+        self.overlap = self._want_overlap(overlap)
+        self._snapshot: nn.Module | None = None
+        self._lanes = Lanes(self.teacher_device, self.student_device, self.overlap)
+        self._bn_cache: dict[int, list[_BatchNorm]] = {}
+        self._queue: list[Record] = []  # overlap: student work of the last interval, not issued
+        self._queue_teacher_step = 0
+        self._queue_count = 0
+
+    # -- construction helpers ---------------------------------------------------------------
+    @staticmethod
+    def _build_feature_loss(kind):
+        if callable(kind):
+            return kind
+        if kind not in FEATURE_LOSSES:
+            raise ValueError(f"feature_loss must be one of {FEATURE_LOSSES} or a callable, "
+                             f"got {kind!r}")
+        return functools.partial(feature_loss, kind=kind)
+
+    def _want_overlap(self, overlap) -> bool:
+        if overlap not in ("auto", True, False):
+            raise ValueError(f"overlap must be 'auto', True or False, got {overlap!r}")
+        cuda = self.teacher_device.type == "cuda" and self.student_device.type == "cuda"
+        possible = (self.spec.replays == "interval" and self.spec.teacher and cuda
+                    and not self.teacher_bn_update and self.grad_scaler is None)
+        if overlap is True and not possible:
+            raise ValueError(
+                "overlap=True needs mode 'spaced', CUDA teacher and student, "
+                "teacher_bn_update=False and no grad_scaler; use overlap='auto' or False")
+        return possible if overlap == "auto" else bool(overlap)
+
+    def _make_projector(self, s_dim: int, t_dim: int) -> None:
+        head = seeded_build(self.projector_seed, lambda: ProjectionHead(s_dim, t_dim))
+        p = next(iter(self.student.parameters()), None)
+        dtype = p.dtype if p is not None and p.is_floating_point() else None
+        self.projector = head.to(device=self.student_device, dtype=dtype)
+        self._projector_dims = (s_dim, t_dim)
+        self.student_opt.add_param_group({"params": list(self.projector.parameters())})
+
+    # -- batch steps (the mode table's ``step`` values) -------------------------------------
+    def _batch_steps(self):
+        return {"student": self._base_step, "online": self._online_step,
+                "record": self._record_step}
+
+    def _teacher_forward_train(self, x: Tensor) -> tuple[Tensor | None, Any]:
+        train_mode(self.teacher)
+        with autocast(self.teacher_device, self.amp_dtype):
+            return split_output(self.teacher(x))
+
+    def _record_step(self, key: Any, x: Tensor, y: Tensor) -> None:
+        x = to_device(x, self.teacher_device)
+        y = to_device(y, self.teacher_device)
+
+        def ce_loss() -> Tensor:
+            _, z = self._teacher_forward_train(x)
+            return F.cross_entropy(fp32(ce_logits(z)), y)
+
+        self._recorded_ce_step(self.teacher, ce_loss, key, x, y, self.teacher_opt,
+                               self.teacher_scheduler, "")
+        if self._queue:  # overlap: one student step of the previous interval per teacher step
+            self._issue_queued(1)
+
+    def _base_step(self, key: Any, x: Tensor, y: Tensor) -> None:
+        x = to_device(x, self.student_device)
+        y = to_device(y, self.student_device)
+
+        def ce(x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+            train_mode(self.student)
+            with autocast(self.student_device, self.amp_dtype):
+                _, z = split_output(self.student(x))
+            return F.cross_entropy(fp32(ce_logits(z)), y), {}
+
+        self._student_step(key, x, y, loss_fn=ce, guard=(self.student,), teacher_step=None)
+
+    def _online_step(self, key: Any, x: Tensor, y: Tensor) -> None:
+        xt = to_device(x, self.teacher_device)
+        yt = to_device(y, self.teacher_device)
+        # both losses are checked before either model is updated: a refused step writes nothing
+        with self._guard(self.teacher, self.student):
+            t_feat, t_z = self._teacher_forward_train(xt)
+            t_loss = F.cross_entropy(fp32(ce_logits(t_z)), yt)
+            xs = to_device(x, self.student_device)
+            ys = to_device(y, self.student_device)
+            target = to_device(target_logits(t_z).detach(), self.student_device)
+            feat = None if t_feat is None else to_device(t_feat.detach(), self.student_device)
+            s_loss, parts = self._student_loss(xs, ys, target, feat)
+            checksum = batch_checksum(xt, yt) if self.trace is not None else None
+            (tv, sv), cs, _ = self._host_read([t_loss, s_loss], checksum, None)
+            self._check_loss(tv, "teacher", self.teacher_steps + 1, key, "")
+            self._check_loss(sv, "student", self.student_steps + 1, key, "")
+        self._backward_step(t_loss, self.teacher_opt, self.teacher_scheduler)
+        self.teacher_steps += 1
+        self._stats.add("teacher_loss", t_loss)
+        self._write("teacher_step", n=self.teacher_steps, epoch=(self.n - 1) // self.steps_per_epoch,
+                    key=self._key_json(key), checksum=cs)
+        self._backward_step(s_loss, self.student_opt, self.student_scheduler)
+        self._student_done_one(key, self.teacher_steps - 1, cs, s_loss, parts)
+
+    # -- the student's KD loss --------------------------------------------------------------
+    def _student_loss(self, x: Tensor, y: Tensor, t_logits: Tensor, t_feat: Tensor | None
+                      ) -> tuple[Tensor, dict[str, Tensor]]:
+        train_mode(self.student)
+        with autocast(self.student_device, self.amp_dtype):
+            s_feat, s_z = split_output(self.student(x))
+        if kd_logits(s_z).shape != t_logits.shape:
+            raise ValueError(
+                f"student and teacher logits must have the same shape [B, C]; got student "
+                f"{tuple(kd_logits(s_z).shape)} and teacher {tuple(t_logits.shape)}")
+        loss, kd_parts = self.kd(s_z, t_logits, y)
+        parts = dict(kd_parts)
+        if self.beta > 0 and s_feat is not None and t_feat is not None:
+            if self.projector is None:
+                self._make_projector(s_feat.shape[-1], t_feat.shape[-1])
+            # the small head runs in fp32 (its input may come out of autocast in half precision)
+            feat = self.feature_loss(self.projector(fp32(s_feat)), fp32(t_feat))
+            parts["feat"] = feat
+            loss = loss + self.beta * feat
+        return loss, parts
+
+    def _soft_targets(self, teacher: nn.Module, x: Tensor) -> tuple[Tensor | None, Tensor]:
+        """Soft targets from ``teacher`` (its current mode); BN running stats untouched unless
+        ``teacher_bn_update``."""
+        if self.teacher_bn_update:
+            freeze = contextlib.nullcontext()
+        else:
+            bns = self._bn_cache.get(id(teacher))
+            if bns is None:  # collected once per module (teacher or snapshot)
+                bns = self._bn_cache[id(teacher)] = tracking_bns(teacher)
+            freeze = frozen_bn_stats(teacher, bns)
+        device = model_device(teacher)  # the live teacher may sit on another GPU than x
+        with torch.no_grad(), freeze, autocast(device, self.amp_dtype):
+            feat, z = split_output(teacher(to_device(x, device)))
+        z = to_device(target_logits(z), self.student_device)
+        return (None if feat is None else to_device(feat, self.student_device)), z
+
+    # -- replays (the hooks of EngineBase) --------------------------------------------------
+    def _replay_loss(self, teacher: nn.Module | None) -> LossFn:
+        def loss_fn(x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+            t_feat, t_z = self._soft_targets(teacher, x)
+            return self._student_loss(x, y, t_z, t_feat)
+
+        return loss_fn
+
+    def _replay_guard(self, teacher):
+        # with teacher_bn_update the soft-target forward writes the teacher's BN statistics
+        return (self.student, teacher if self.teacher_bn_update else None)
+
+    @contextlib.contextmanager
+    def _replay_teacher(self, reason: str) -> Iterator[nn.Module]:
+        with in_mode(self.teacher, reason != "offline") as teacher:  # offline: eval mode
+            yield teacher
+
+    def _replay(self, reason: str) -> None:
+        if not (self.overlap and reason == "interval"):
+            super()._replay(reason)
+            return
+        records = self.replay_buffer.take()
+        if not records:
+            return
+        self._issue_queued(len(self._queue))  # the previous interval must be fully issued
+        if self._snapshot is None:
+            self._snapshot = make_snapshot(self.teacher, self.student_device)
+        self._lanes.publish_snapshot(self._snapshot, self.teacher)
+        self._queue, self._queue_teacher_step = records, self.teacher_steps
+        self._queue_count = len(records)
+        self._write("replay_start", teacher_step=self.teacher_steps, count=len(records),
+                    reason=reason)
+
+    def _issue_queued(self, count: int) -> None:
+        """Overlap: issue ``count`` queued student steps on the student lane."""
+        count = min(count, len(self._queue))
+        if count == 0:
+            return
+        batch, self._queue = self._queue[:count], self._queue[count:]
+        with self._lanes.student():
+            for rec in batch:
+                self._replay_one(rec, self._snapshot, self._queue_teacher_step)
+        if not self._queue:
+            self._lanes.mark_student_done()
+            self._write("replay_end", teacher_step=self._queue_teacher_step,
+                        count=self._queue_count, reason="interval")
+
+    def _join(self) -> None:
+        self._issue_queued(len(self._queue))
+        self._lanes.join()
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The shared state (:meth:`EngineBase.state_dict`) and the projector."""
+        state = super().state_dict()
+        state.update(projector_dims=self._projector_dims,
+                     projector=None if self.projector is None else self.projector.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if state["projector_dims"] is not None:
+            if self.projector is None:
+                self._make_projector(*state["projector_dims"])
+            self.projector.load_state_dict(state["projector"])
+
