@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from .config_checks import official_setting_errors, pending
+
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 
 MODES = ("base", "online", "spaced", "offline", "self", "spaced-self")
@@ -34,6 +36,18 @@ OVERLAP_MODES = ("auto", "on", "off")
 REPLAY_KINDS = ("keyed", "fresh")
 FIRST_REPLAY = ("interval", "one-epoch")
 FEATURE_EXITS = ("all", "official")
+COMPAT_MODES = ("none", "official")
+WEIGHT_DECAY_GROUPS = ("all", "official")  # the same names as optim.WEIGHT_DECAY_GROUPS
+WARMUP_PER = ("step", "epoch")
+KD_NORMALIZATIONS = ("batch", "class")
+FEATURE_KD = ("penultimate", "inter")
+TEACHER_FEATURES = ("live", "precomputed")
+
+# The package's one objective default (spacedkd_fast.ops.losses; mirrored here because importing
+# the ops loads torch and the compiled extension, and the CLI must answer --help without them;
+# tests/train/test_config.py checks that the two agree). kd_scale None means T*T.
+DEFAULT_TEMPERATURE = 3.0
+DEFAULT_ALPHA = 0.3
 
 # The official code encodes the mode in the interval rate: 0 = online, >= 50 = offline.
 OFFLINE_INTERVAL_RATE = 50.0
@@ -96,6 +110,11 @@ class TrainConfig:
     augment: str | None = _opt(None, "augmentation recipe: cifar, cifar-selfkd, tiny, imagenet, vit, "
                                "none", G_DATA, metavar="NAME")
     image_size: int | None = _opt(None, "train and test at this image size in pixels", G_DATA, metavar="PX")
+    download: bool = _opt(False, "fetch CIFAR-10/100 through torchvision when not under --data-dir",
+                          G_DATA)
+    drop_last: bool = _opt(False, "drop the last incomplete training batch of each epoch (official "
+                           "ViT code: 390 steps per epoch on CIFAR-100, 781 on Tiny-ImageNet)",
+                           G_DATA)
     data_backend: str = _opt("auto", "batch pipeline: auto, gpu (data resident on the GPU), cpu (batched torch ops), "
                              "dali", G_DATA,
                              metavar="NAME")
@@ -107,11 +126,23 @@ class TrainConfig:
     optimizer: str = _opt("sgd", "optimiser of every model", G_OPT, choices=OPTIMIZERS)
     lr: float = _opt(0.01, "peak learning rate", G_OPT, metavar="LR")
     momentum: float = _opt(0.9, "SGD momentum", G_OPT, metavar="M")
+    nesterov: bool = _opt(False, "SGD with Nesterov momentum (official ViT code's ResNets)", G_OPT)
     weight_decay: float = _opt(5e-4, "weight decay", G_OPT, metavar="WD")
-    schedule: str = _opt("constant", "learning-rate schedule, stepped per optimiser step",
-                         G_OPT, choices=SCHEDULES)
-    warmup_epochs: float = _opt(0.0, "linear warm-up from 0 to --lr over this many epochs",
-                                G_OPT, metavar="E")
+    weight_decay_groups: str = _opt("all", "which tensors are decayed: all, or official (not "
+                                    "biases, 1-D tensors, class/distillation tokens and position "
+                                    "embeddings; official ViT code)", G_OPT,
+                                    choices=WEIGHT_DECAY_GROUPS)
+    schedule: str = _opt("constant", "learning-rate schedule (see --warmup-per)", G_OPT,
+                         choices=SCHEDULES)
+    warmup_epochs: float = _opt(0.0, "linear warm-up to --lr over this many epochs", G_OPT,
+                                metavar="E")
+    warmup_per: str = _opt("step", "step: warm-up and schedule evaluated at every optimiser step; "
+                           "epoch: once per epoch, like timm's schedulers in the official ViT code "
+                           "(whose cosine spans all epochs, warm-up included)", G_OPT,
+                           choices=WARMUP_PER)
+    warmup_start_factor: float | None = _opt(None, "the warm-up starts at this fraction of --lr "
+                                             "(official ViT: 0.001); default: lr/warm-up steps "
+                                             "(per step), 0 (per epoch)", G_OPT, metavar="F")
     min_lr: float = _opt(0.0, "final learning rate of the cosine schedule", G_OPT, metavar="LR")
     milestones: list[float] = _opt(None, "multistep: epochs at which the rate is multiplied by "
                                    "--gamma (comma separated)", G_OPT, metavar="E,E,...",
@@ -121,19 +152,49 @@ class TrainConfig:
     interval_rate: float = _opt(1.5, "space interval s in epochs (the student replays every "
                                 "int(L*s) steps); official convention accepted: 0 means online "
                                 "(self), >= 50 means offline", G_KD, metavar="S")
-    temperature: float = _opt(3.0, "softmax temperature T of the KD term", G_KD, metavar="T")
-    alpha: float = _opt(0.3, "weight of the KD term: (1-alpha)*CE + alpha*kd_scale*KL", G_KD,
-                        metavar="A")
+    temperature: float = _opt(DEFAULT_TEMPERATURE, "softmax temperature T of the KD term", G_KD,
+                              metavar="T")
+    alpha: float = _opt(DEFAULT_ALPHA, "weight of the KD term: (1-alpha)*CE + alpha*kd_scale*KL",
+                        G_KD, metavar="A")
     beta: float = _opt(0.03, "weight of the feature loss (0 turns it off)", G_KD, metavar="B")
-    kd_scale: float | None = _opt(1.0, "factor on the KL term; 't2' means T*T (Hinton); the "
+    kd_scale: float | None = _opt(None, "factor on the KL term; 't2' means T*T (Hinton); the "
                                   "official code uses 1", G_KD, metavar="K")
+    kd_normalization: str = _opt("batch", "KL term averaged over the batch, or also divided by "
+                                 "the number of classes (class: official ViT code)", G_KD,
+                                 choices=KD_NORMALIZATIONS)
     feature_loss: str = _opt("dist", "feature loss between projected student and teacher "
                              "features: dist = unsquared L2 norm of the whole difference", G_KD,
                              choices=FEATURE_LOSSES)
     kd_loss: str = _opt("fused", "KD objective: fused KL kernel, or paper-code (the official "
                         "code's probabilities-into-KLDivLoss objective, plain torch)", G_KD,
                         choices=KD_LOSSES)
+    feature_kd: str = _opt("penultimate", "features the feature loss compares: penultimate "
+                           "(projected pooled features, official CNN code) or inter (per-block "
+                           "maps through 1x1 adapters, resized to the larger grid; official ViT "
+                           "*_ours configs)", G_KD, choices=FEATURE_KD)
+    inter_student_blocks: list[int] = _opt(None, "feature_kd inter: student blocks whose outputs "
+                                           "are matched (e.g. 0,6,11)", G_KD, metavar="I,I,...",
+                                           factory=list)
+    inter_teacher_blocks: list[int] = _opt(None, "feature_kd inter: the teacher blocks they are "
+                                           "matched with, pairwise (e.g. 0,1,2)", G_KD,
+                                           metavar="J,J,...", factory=list)
+    teacher_checkpoint: str | None = _opt(None, "start the teacher from this file (a run's "
+                                          "best_student.pt or checkpoint.pt) and keep it frozen",
+                                          G_KD, metavar="FILE")
+    teacher_image_size: int | None = _opt(None, "the teacher sees each batch resized (bilinear) to "
+                                          "this size (official: ResNet-56 teacher at 32 px)",
+                                          G_KD, metavar="PX")
+    teacher_features: str = _opt("live", "feature_kd inter: teacher maps computed on each batch "
+                                 "(live), or once per image and cropped like it (precomputed: "
+                                 "official deit-ti_c100_ours_offline)", G_KD,
+                                 choices=TEACHER_FEATURES)
     # compatibility switches
+    compat: str = _opt("none", "official: turn on every official behaviour of the family "
+                       "(online_KD, self_KD or vit code); the switches below restore one each",
+                       G_COMPAT, choices=COMPAT_MODES)
+    shared_optimizer: bool = _opt(False, "one optimiser over teacher and student, so that the "
+                                  "idle network still decays and moves on the other's steps "
+                                  "(official ViT code)", G_COMPAT)
     teacher_bn_update: bool = _opt(False, "let teacher forwards for soft targets update the "
                                    "teacher's BatchNorm running statistics (official)", G_COMPAT)
     flush_tail: bool = _opt(True, "replay the batches left unreplayed at the end of training "
@@ -149,6 +210,8 @@ class TrainConfig:
                                       choices=FEATURE_EXITS)
     # speed and reproducibility
     seed: int = _opt(0, "seed of weights, data order and augmentation", G_SPEED, metavar="N")
+    seeds: str = _opt("", "run once per seed, e.g. 0,1,2 (replaces --seed; empty: --seed only)",
+                      G_SPEED, metavar="N,N,...")
     device: str = _opt("auto", "cpu, cuda, cuda:N; auto = cuda when available", G_SPEED,
                        metavar="DEV")
     amp: str = _opt("off", "autocast dtype (fp16 adds a GradScaler)", G_SPEED, choices=AMP_MODES)
@@ -207,9 +270,15 @@ _FIELDS = {f.name: f for f in fields(TrainConfig)}
 
 # ---------------------------------------------------------------------- recipes and YAML
 def list_recipes() -> dict[str, str]:
-    """Recipe name -> its one-line description, for every YAML file shipped in ``recipes/``."""
+    """Recipe name -> its one-line description, for every YAML file shipped in ``recipes/``.
+
+    Files whose name starts with ``_`` hold values shared by several recipes (``inherit`` them);
+    they are not listed.
+    """
     out = {}
     for path in sorted(RECIPE_DIR.glob("*.yaml")):
+        if path.name.startswith("_"):
+            continue
         data = yaml.safe_load(path.read_text()) or {}
         out[path.stem] = str(data.get("description", "")).strip()
     return out
@@ -234,7 +303,9 @@ def resolve_recipe(name_or_path: str) -> Path:
 def load_yaml(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """Read a recipe file into a dict of field values, following ``inherit: <recipe>`` chains.
 
-    Keys may use dashes or underscores. Unknown keys are an error that names the close matches.
+    ``inherit`` names one recipe or a list of them (merged in order, later ones win; the file's
+    own values win over all). Keys may use dashes or underscores. Unknown keys are an error that
+    names the close matches.
     """
     path = resolve_recipe(name_or_path)
     key = str(path.resolve())
@@ -249,9 +320,13 @@ def load_yaml(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of settings, got {type(data).__name__}")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    parent = data.pop("inherit", None)
+    parents = data.pop("inherit", None)
+    if parents is None:
+        parents = []
+    elif not isinstance(parents, list):
+        parents = [parents]
     merged: dict[str, Any] = {}
-    if parent is not None:
+    for parent in parents:
         merged.update(load_yaml(str(parent), _seen + (key,)))
         merged.pop("description", None)
     for k in data:
@@ -265,8 +340,12 @@ def load_yaml(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
 
 
 def build_config(file_values: dict[str, Any] | None = None,
-                 cli_values: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults, then ``file_values`` (from a recipe), then ``cli_values``; validated."""
+                 cli_values: dict[str, Any] | None = None, *, runnable: bool = True) -> TrainConfig:
+    """Defaults, then ``file_values`` (from a recipe), then ``cli_values``; validated.
+
+    ``runnable``: also refuse what the trainer cannot run yet (:func:`check_runnable`); pass False
+    to look at a configuration (``--print-config``) without running it.
+    """
     cfg = TrainConfig()
     for source in (file_values or {}, cli_values or {}):
         for k, v in source.items():
@@ -277,6 +356,8 @@ def build_config(file_values: dict[str, Any] | None = None,
             cfg.explicit.add(k)
     normalise(cfg)
     validate(cfg)
+    if runnable:
+        check_runnable(cfg)
     return cfg
 
 
@@ -304,12 +385,16 @@ def _coerce(name: str, value: Any) -> Any:
             return float(value)
         if name.endswith("kwargs"):
             return _parse_kwargs(value)
-        if name == "milestones":
+        if name in LIST_FIELDS:
             if isinstance(value, str):
                 value = [v for v in value.replace(" ", "").split(",") if v]
             if not isinstance(value, (list, tuple)):
                 value = [value]
-            return [float(v) for v in value]
+            return [_number(LIST_FIELDS[name], v) for v in value]
+        if name == "seeds":
+            if isinstance(value, (list, tuple)):
+                return ",".join(str(_number(int, v)) for v in value)
+            return str(value).replace(" ", "")
         if isinstance(default, bool):
             if isinstance(value, str):
                 low = value.strip().lower()
@@ -331,11 +416,27 @@ def _coerce(name: str, value: Any) -> Any:
             if isinstance(value, bool):
                 raise ValueError(value)
             return float(value)
-        if "int" in type_text and name == "image_size":
-            return int(value)
+        if type_text.startswith(("int", "float")):  # optional numbers (default None)
+            return _number(int if type_text.startswith("int") else float, value)
         return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{name}: cannot use {value!r} (expected {f.type})") from None
+
+
+# List-valued settings and the type of their elements.
+LIST_FIELDS: dict[str, type] = {"milestones": float, "inter_student_blocks": int,
+                                "inter_teacher_blocks": int}
+
+
+def _number(kind: type, value: Any) -> int | float:
+    """``value`` as ``kind`` (int or float); bools and fractional ints are refused."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return int(value)  # a string such as "1.5" raises too
+    return float(value)
 
 
 def _parse_kwargs(value: Any) -> dict[str, Any]:
@@ -420,8 +521,19 @@ def validate(cfg: TrainConfig) -> None:
         errors.append("mode base trains one model: use --arch or --student-arch")
     if cfg.kd_loss == "paper-code" and cfg.is_self:
         errors.append("kd_loss=paper-code reproduces the online-KD objective; self KD has none")
+    errors += official_setting_errors(cfg)
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+
+def check_runnable(cfg: TrainConfig) -> None:
+    """Raise ``ConfigError`` naming each setting the trainer cannot run yet and what it needs
+    (``config_checks.PENDING``); the official recipes record such settings as the official code
+    has them."""
+    missing = pending(cfg)
+    if missing:
+        raise ConfigError("this configuration cannot run yet (see it with --print-config):\n  - "
+                          + "\n  - ".join(missing))
 
 
 def apply_dataset_defaults(cfg: TrainConfig, dataset_name: str) -> list[str]:
@@ -436,6 +548,15 @@ def apply_dataset_defaults(cfg: TrainConfig, dataset_name: str) -> list[str]:
         changed.append(f"{key} {value}")
     validate(cfg)
     return changed
+
+
+def print_config(cfg: TrainConfig, stream: Any = None) -> None:
+    """Print the resolved configuration as YAML (what ``--print-config`` shows; reusable as a
+    recipe with ``--config``)."""
+    import sys
+
+    stream = sys.stdout if stream is None else stream
+    stream.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def save_yaml(cfg: TrainConfig, path: str | Path) -> None:

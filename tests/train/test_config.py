@@ -21,19 +21,20 @@ from spacedkd_fast.train.config import (
 
 
 def test_defaults_are_the_papers_cifar100_spaced_recipe():
-    # SPEC section 5: online/spaced CNN recipe on CIFAR-100
+    # SPEC section 5: online/spaced CNN recipe on CIFAR-100, except the KL factor: the package's
+    # one objective default is kd_scale = T*T (None); the paper's recipes set 1 explicitly.
     cfg = build_config()
     assert (cfg.mode, cfg.arch, cfg.interval_rate) == ("spaced", "resnet18", 1.5)
     assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay) == ("sgd", 0.01, 0.9, 5e-4)
     assert (cfg.schedule, cfg.batch_size, cfg.epochs) == ("constant", 128, 80)
-    assert (cfg.temperature, cfg.alpha, cfg.beta, cfg.kd_scale) == (3.0, 0.3, 0.03, 1.0)
+    assert (cfg.temperature, cfg.alpha, cfg.beta, cfg.kd_scale) == (3.0, 0.3, 0.03, None)
     assert cfg.flush_tail and not cfg.teacher_bn_update and cfg.replay == "keyed"
     assert cfg.explicit == set()
 
 
 def test_the_shipped_recipe_file_equals_the_defaults():
     recipe = build_config(load_yaml("cifar100-resnet18-spaced"))
-    defaults = build_config({"dataset": "cifar100", "augment": "cifar"})
+    defaults = build_config({"dataset": "cifar100", "augment": "cifar", "kd_scale": 1.0})
     assert recipe.to_dict() | {"description": ""} == defaults.to_dict()
 
 
@@ -62,7 +63,7 @@ def test_recipe_values_follow_the_spec():
     vit = build_config(load_yaml("cifar100-deit-tiny-spaced1.5"))
     assert (vit.optimizer, vit.lr, vit.weight_decay, vit.schedule) == ("adamw", 5e-4, 0.05, "cosine")
     assert (vit.warmup_epochs, vit.min_lr, vit.epochs, vit.image_size) == (20, 5e-6, 300, 224)
-    assert (vit.temperature, vit.alpha, vit.augment, vit.mode) == (1.0, 0.5, "vit", "spaced")
+    assert (vit.temperature, vit.alpha, vit.augment, vit.mode) == (1.0, 0.5, "vit-official", "spaced")
     selfkd = build_config(load_yaml("cifar100-byot-resnet18-spaced-self"))
     assert (selfkd.mode, selfkd.interval_rate, selfkd.augment) == ("spaced-self", 4.0, "cifar-selfkd")
     assert build_config(load_yaml("cifar100-resnet18-online")).mode == "online"
@@ -187,3 +188,92 @@ def test_list_recipes_prints_every_recipe(capsys):
 def test_dataclass_defaults_are_valid():
     TrainConfig()  # constructing never raises; validation is explicit
     build_config()
+
+
+def test_objective_defaults_are_the_packages_one_default():
+    # config.py mirrors the ops layer's constants so that --help needs no torch
+    from spacedkd_fast.ops.losses import DEFAULT_ALPHA, DEFAULT_TEMPERATURE
+    from spacedkd_fast.ops.objective import KDObjective
+
+    cfg = build_config()
+    assert (cfg.temperature, cfg.alpha) == (DEFAULT_TEMPERATURE, DEFAULT_ALPHA)
+    objective = KDObjective()
+    assert (objective.temperature, objective.alpha) == (cfg.temperature, cfg.alpha)
+    assert cfg.kd_scale is None and objective.kd_scale is None  # both mean T*T
+
+
+def test_settings_of_the_official_recipes_parse_from_flags():
+    ns, cli = parse(["--download", "--drop-last", "--seeds", "0,1,2", "--feature-kd", "inter",
+                     "--inter-student-blocks", "0,6,11", "--inter-teacher-blocks", "0,1,2",
+                     "--warmup-per", "epoch", "--warmup-start-factor", "0.001",
+                     "--weight-decay-groups", "official", "--teacher-image-size", "32",
+                     "--mode", "offline", "--optimizer", "sgd", "--nesterov",
+                     "--compat", "official", "--kd-normalization", "class"])
+    cfg = build_config({}, cli, runnable=False)
+    assert cfg.download and cfg.drop_last and cfg.nesterov and cfg.seeds == "0,1,2"
+    assert (cfg.inter_student_blocks, cfg.inter_teacher_blocks) == ([0, 6, 11], [0, 1, 2])
+    assert (cfg.warmup_per, cfg.warmup_start_factor, cfg.teacher_image_size) == ("epoch", 0.001, 32)
+    assert (cfg.weight_decay_groups, cfg.compat, cfg.kd_normalization) == ("official", "official",
+                                                                           "class")
+    assert build_config({"seeds": [3, 1]}).seeds == "3,1"
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"nesterov": True, "optimizer": "adamw"}, "nesterov needs --optimizer sgd"),
+    ({"warmup_per": "epoch", "warmup_epochs": 2.5}, "whole number of warmup_epochs"),
+    ({"warmup_start_factor": 2.0}, r"warmup_start_factor must lie in \[0, 1\]"),
+    ({"seeds": "0,x"}, "seeds must be comma-separated whole numbers"),
+    ({"seeds": "1,1"}, "seeds must be distinct"),
+    ({"feature_kd": "inter", "inter_student_blocks": [0, 6]}, "of the same, non-zero length"),
+    ({"mode": "base", "teacher_checkpoint": "t.pt"}, "teacher_checkpoint needs a teacher"),
+    ({"teacher_features": "precomputed"}, "is for --feature-kd inter"),
+    ({"inter_student_blocks": "0,x"}, "inter_student_blocks: cannot use"),
+    ({"compat": "paper"}, "compat='paper' is not one of"),
+])
+def test_official_settings_that_make_no_sense_are_errors(values, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(values, runnable=False)
+
+
+def test_settings_the_trainer_cannot_run_yet_are_refused_by_name():
+    values = {"mode": "online", "compat": "official", "shared_optimizer": True,
+              "teacher_checkpoint": "t.pt"}
+    with pytest.raises(ConfigError) as err:
+        build_config(values)
+    text = str(err.value)
+    for name in ("compat=official", "shared_optimizer", "teacher_checkpoint"):
+        assert f"{name}: not supported yet, needs" in text
+    assert build_config(values, runnable=False).compat == "official"  # printable
+    assert build_config({"mode": "base", "compat": "official"}).compat == "official"
+
+
+def test_print_config_is_yaml_that_rebuilds_the_same_configuration(capsys, tmp_path):
+    from spacedkd_fast.train.config import print_config
+
+    cfg = build_config(load_yaml("deit-ti_c100_space_1_5"), runnable=False)
+    print_config(cfg)
+    text = capsys.readouterr().out
+    assert set(yaml.safe_load(text)) == set(FIELD_NAMES)
+    (tmp_path / "again.yaml").write_text(text)
+    again = build_config(load_yaml(str(tmp_path / "again.yaml")), runnable=False)
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_inherit_takes_a_list_and_shared_files_are_not_listed(tmp_path):
+    (tmp_path / "a.yaml").write_text("lr: 0.1\nepochs: 3\ndescription: a\n")
+    (tmp_path / "b.yaml").write_text("lr: 0.2\n")
+    (tmp_path / "c.yaml").write_text(f"inherit: [{tmp_path / 'a.yaml'}, {tmp_path / 'b.yaml'}]\n"
+                                     "epochs: 5\n")
+    assert load_yaml(str(tmp_path / "c.yaml")) == {"lr": 0.2, "epochs": 5}
+    assert "_vit" not in list_recipes() and load_yaml("_vit")["optimizer"] == "adamw"
+
+
+def test_importing_the_configuration_does_not_import_torch():
+    # the CLI answers --help without loading torch or the compiled extension
+    import subprocess
+    import sys
+
+    code = ("import sys, spacedkd_fast.train.config, spacedkd_fast.train.cli; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
