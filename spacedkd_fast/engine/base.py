@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -30,6 +31,10 @@ from .spacing import SpacedSchedule
 from .stats import LossStats
 from .trace import TraceWriter, batch_checksum
 
+ZERO_INTERVAL = ("error", "online")
+"""What an interval ``int(L * s) == 0`` means: an error naming the smallest valid ``s`` (ours), or
+the mode that ``interval_rate == 0`` selects (the official online-KD code)."""
+
 LossFn = Callable[[Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]
 
 
@@ -40,18 +45,28 @@ class EngineBase:
 
     student_opt: torch.optim.Optimizer
     student_scheduler: Any = None
+    offline_student_data: str = "replay"
     student_device: torch.device
     teacher_device: torch.device
 
     def __init__(self, *, mode: str, interval_rate: float, self_kd: bool, steps_per_epoch: int,
                  trace, source, check_finite: bool, amp_dtype, grad_scaler, flush_tail: bool,
                  on_student_epoch_end: Callable[[int], None] | None, copy_device, copy_dtype,
-                 first_replay: str = "interval") -> None:
+                 first_replay: str = "interval", zero_interval: str = "error") -> None:
         if int(steps_per_epoch) != steps_per_epoch or steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be a positive integer, got {steps_per_epoch!r}")
+        if zero_interval not in ZERO_INTERVAL:
+            raise ValueError(f"zero_interval must be one of {ZERO_INTERVAL}, got {zero_interval!r}")
         self.steps_per_epoch = int(steps_per_epoch)
         self.mode = resolve_mode(mode, interval_rate, self_kd=self_kd)
         self.spec = MODES[self.mode]
+        if (zero_interval == "online" and self.spec.replays == "interval" and interval_rate > 0
+                and int(self.steps_per_epoch * interval_rate) == 0):
+            warnings.warn(f"interval_rate={interval_rate} gives int({self.steps_per_epoch} * "
+                          f"{interval_rate}) = 0 steps: running {self.spec.at_rate_zero!r} as the "
+                          "official code does (zero_interval='online')", stacklevel=3)
+            self.mode = self.spec.at_rate_zero
+            self.spec = MODES[self.mode]
         self.interval_rate = float(interval_rate)
         self.schedule = (SpacedSchedule.build(self.steps_per_epoch, interval_rate, first_replay)
                          if self.spec.replays == "interval" else None)
@@ -212,6 +227,14 @@ class EngineBase:
         self._write("teacher_step", n=self.teacher_steps, epoch=(self.n - 1) // self.steps_per_epoch,
                     key=self._key_json(key), checksum=cs)
 
+    def _record_only(self, key: Any, x: Tensor, y: Tensor) -> None:
+        """Record a batch without a CE step (the official self-KD trigger batch: its replay
+        step is the only step on it); a ``record`` event carries its checksum."""
+        checksum = batch_checksum(x, y) if self._need_checksum() else None
+        _, cs, _ = self._host_read([], checksum, None, read_checksum=self.check_finite)
+        self.replay_buffer.record(key, x, y, self._record_checksum(checksum, cs))
+        self._write("record", n=self.n, key=self._key_json(key), checksum=cs)
+
     def _student_step(self, key: Any, x: Tensor, y: Tensor, *, loss_fn: LossFn,
                       guard: tuple[nn.Module | None, ...], teacher_step: int | None,
                       expected: Tensor | tuple | None = None, what: str = "") -> None:
@@ -252,13 +275,21 @@ class EngineBase:
         if not records:
             return
         self._write("replay_start", teacher_step=self.teacher_steps, count=len(records),
-                    reason=reason)
+                    reason=reason, rule=self._replay_rule(reason))
         with self._replay_teacher(reason) as teacher:
             for rec in records:
                 self._replay_one(rec, teacher, self.teacher_steps)
                 yield self.student_steps
         self._write("replay_end", teacher_step=self.teacher_steps, count=len(records),
                     reason=reason)
+
+    def _replay_rule(self, reason: str) -> str:
+        """What fired a replay, for the trace: the schedule's condition, or the end of training
+        (``flush_tail``, ``offline``)."""
+        if reason == "interval" and self.schedule is not None:
+            return self.schedule.condition
+        return {"flush": "flush_tail: end of training", "offline": "offline: end of training"
+                }.get(reason, reason)
 
     def _replay_one(self, rec: Record, teacher: nn.Module | None, teacher_step: int) -> None:
         x, y = self.replay_buffer.fetch(rec)
@@ -299,10 +330,34 @@ class EngineBase:
         if self._finished:
             return
         self._join()
-        if self.spec.replays == "end":
-            yield from self._replay_records(self.replay_buffer.take(), "offline")
-        else:
+        if self.spec.replays != "end":
             self._flush_pending()
+        elif self.offline_student_data == "fresh":
+            self.replay_buffer.take()  # the student trains on new passes instead
+            yield from self._fresh_passes()
+        else:
+            yield from self._replay_records(self.replay_buffer.take(), "offline")
+
+    def _fresh_passes(self) -> Iterator[int]:
+        """Offline, official: the student trains as many epochs as the teacher did, on the
+        source's next epochs (new permutations and augmentation draws: ``epoch(E) ..
+        epoch(2E - 1)`` after ``E`` teacher epochs), against the final teacher in eval mode."""
+        epochs = -(-self.n // self.steps_per_epoch)
+        self._write("replay_start", teacher_step=self.teacher_steps,
+                    count=epochs * self.steps_per_epoch, reason="offline",
+                    rule=f"offline: fresh passes, source epochs {epochs}..{2 * epochs - 1}")
+        with self._replay_teacher("offline") as teacher:
+            for e in range(epochs, 2 * epochs):
+                for key, (x, y) in self.source.epoch(e):
+                    x = to_device(x, self.student_device)
+                    y = to_device(y, self.student_device)
+                    self._student_step(key, x, y, loss_fn=self._replay_loss(teacher),
+                                       guard=self._replay_guard(teacher),
+                                       teacher_step=self.teacher_steps,
+                                       what=", offline on a fresh pass")
+                    yield self.student_steps
+        self._write("replay_end", teacher_step=self.teacher_steps,
+                    count=epochs * self.steps_per_epoch, reason="offline")
 
     def finish(self) -> None:
         """Complete the run: outstanding overlapped work, then :meth:`end_phase`. Idempotent."""

@@ -14,29 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.objective import KDObjective, as_objective
 from .base import EngineBase, LossFn
+from .compat import check_compat, resolve_objective, resolve_switches
 from .model_io import autocast, fp32, model_device, split_output, to_device, train_mode, unwrap
 
 FEATURE_EXITS = ("all", "official")
-
-
-def self_kd_objective(loss: Any, temperature: float | None, alpha: float | None,
-                      kd_scale: float | None) -> KDObjective:
-    """The objective of each shallow exit: ``loss`` (a :class:`KDObjective` or ``KDLoss``), or
-    one built from the ``temperature`` / ``alpha`` / ``kd_scale`` keywords (the ones not given
-    take the package default), or ``KDObjective()``."""
-    given = {name: v for name, v in (("temperature", temperature), ("alpha", alpha),
-                                     ("kd_scale", kd_scale)) if v is not None}
-    if loss is None:
-        return KDObjective(**given)
-    if given:
-        raise ValueError(f"pass either loss=KDObjective(...) or {', '.join(given)}, not both")
-    objective = as_objective(loss)
-    if not isinstance(objective, KDObjective) or objective.kind != "kl":
-        raise TypeError("SelfDistiller needs loss=KDObjective(kind='kl', ...) or a KDLoss (the "
-                        f"self-KD loss adds the soft targets' entropy back), got {loss!r}")
-    return objective
+TRIGGER_STEPS = ("ce-and-kd", "kd-only")
+"""What the batch that fires a replay gets: a CE-only step and then its KD step in the replay
+(ours: every batch gets both), or only the KD step (the official self-KD code)."""
 
 
 class SelfDistiller(EngineBase):
@@ -54,38 +39,56 @@ class SelfDistiller(EngineBase):
 
     ``spaced-self``: CE of the deepest exit only on each step; at ``n = I, 2I, ...`` the recorded
     batches are replayed with the KD loss (the network keeps learning during the replay).
-    ``self_kd_first_replay="one-epoch"`` and ``self_kd_feature_exits="official"`` reproduce the
-    official code (first replay at ``n = L``; no feature loss on the exit just before the deepest).
+
+    ``compat="official"`` reproduces the official ``self_KD`` loop (:mod:`.compat`): replays when
+    ``(n - L) % I == 0`` (``self_kd_first_replay="official"``), the trigger batch gets no CE-only
+    step (``self_kd_trigger_step="kd-only"``), no feature loss on the exit just before the deepest
+    (``self_kd_feature_exits="official"``), the tail dropped (``flush_tail=False``) and the
+    objective ``KDObjective(temperature, alpha, kd_scale=1)``. Our defaults give every batch the
+    same treatment (one CE-only step, one KD step against a network that has seen ``I`` more
+    steps) and replay every batch, so no batch counts more or less than the others.
     """
 
     def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, *, mode: str = "spaced-self",
                  interval_rate: float = 4.0, steps_per_epoch: int, loss: Any = None,
                  temperature: float | None = None, alpha: float | None = None,
-                 kd_scale: float | None = None, beta: float = 0.03, flush_tail: bool = True,
-                 self_kd_first_replay: str = "interval", self_kd_feature_exits: str = "all",
+                 kd_scale: float | None = None, beta: float = 0.03, flush_tail: bool | None = None,
+                 self_kd_first_replay: str | None = None, self_kd_feature_exits: str | None = None,
+                 self_kd_trigger_step: str | None = None, compat: str | None = None,
                  trace: str | os.PathLike | None = None, source: Any = None,
                  scheduler: Any = None, amp_dtype: torch.dtype | None = None,
                  grad_scaler: Any = None, check_finite: bool = True,
                  on_student_epoch_end: Callable[[int], None] | None = None,
                  copy_device: torch.device | str | None = None,
                  copy_dtype: torch.dtype | None = None) -> None:
-        if self_kd_feature_exits not in FEATURE_EXITS:
+        check_compat(compat, "self")
+        sw = resolve_switches(compat, "self", {
+            "self_kd_first_replay": self_kd_first_replay, "flush_tail": flush_tail,
+            "self_kd_feature_exits": self_kd_feature_exits,
+            "self_kd_trigger_step": self_kd_trigger_step})
+        if sw["self_kd_feature_exits"] not in FEATURE_EXITS:
             raise ValueError(f"self_kd_feature_exits must be one of {FEATURE_EXITS}, got "
-                             f"{self_kd_feature_exits!r}")
+                             f"{sw['self_kd_feature_exits']!r}")
+        if sw["self_kd_trigger_step"] not in TRIGGER_STEPS:
+            raise ValueError(f"self_kd_trigger_step must be one of {TRIGGER_STEPS}, got "
+                             f"{sw['self_kd_trigger_step']!r}")
         if not beta >= 0:
             raise ValueError(f"beta must be >= 0, got {beta!r}")
-        self.objective = self_kd_objective(loss, temperature, alpha, kd_scale)
+        self.compat = compat
+        self.objective = resolve_objective(loss, temperature, alpha, kd_scale, compat=compat,
+                                           family="self", any_callable=False)
         super().__init__(mode=mode, interval_rate=interval_rate, self_kd=True,
                          steps_per_epoch=steps_per_epoch, trace=trace, source=source,
                          check_finite=check_finite, amp_dtype=amp_dtype, grad_scaler=grad_scaler,
-                         flush_tail=flush_tail, on_student_epoch_end=on_student_epoch_end,
+                         flush_tail=sw["flush_tail"], on_student_epoch_end=on_student_epoch_end,
                          copy_device=copy_device, copy_dtype=copy_dtype,
-                         first_replay=self_kd_first_replay)
+                         first_replay=sw["self_kd_first_replay"])
         self.model = model
         self.opt = self.student_opt = opt
         self.scheduler = self.student_scheduler = scheduler
         self.beta = float(beta)
-        self.feature_exits = self_kd_feature_exits
+        self.feature_exits = sw["self_kd_feature_exits"]
+        self.trigger_step = sw["self_kd_trigger_step"]
         self.device = self.student_device = self.teacher_device = model_device(model)
 
     def _forward(self, x: Tensor) -> tuple[list[Tensor] | None, list[Tensor]]:
@@ -153,6 +156,9 @@ class SelfDistiller(EngineBase):
     def _record_step(self, key: Any, x: Tensor, y: Tensor) -> None:
         x = to_device(x, self.device)
         y = to_device(y, self.device)
+        if self.trigger_step == "kd-only" and self.schedule.replay_due(self.n):
+            self._record_only(key, x, y)  # the replay that follows is its only step
+            return
 
         def ce_loss() -> Tensor:
             _, logits = self._forward(x)

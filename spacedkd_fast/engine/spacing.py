@@ -9,7 +9,24 @@ Which mode an ``interval_rate`` selects is the mode table's business (:mod:`.mod
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+FIRST_REPLAY_RULES = {
+    "interval": "n % I == 0",  # ours: replays at n = I, 2I, ...
+    "one-epoch": "n >= L and (n - L) % I == 0",  # the official self-KD counter, I >= L only
+    "official": "(n - L) % I == 0",  # the official self-KD counter with Python modulo, any I
+}
+"""Replay rules of a spaced schedule: name -> the condition on ``n`` (as the trace shows it)."""
+
+
+def smallest_rate(steps_per_epoch: int) -> float:
+    """The smallest ``interval_rate`` whose interval ``int(L * s)`` is one step, rounded up to
+    six decimals (a value the user can type)."""
+    s = math.ceil(1e6 / steps_per_epoch) / 1e6
+    while int(steps_per_epoch * s) < 1:  # float rounding of L * s
+        s += 1e-6
+    return s
 
 
 def interval_steps(steps_per_epoch: int, interval_rate: float) -> int:
@@ -25,8 +42,9 @@ def interval_steps(steps_per_epoch: int, interval_rate: float) -> int:
     if steps < 1:
         raise ValueError(
             f"interval_rate={interval_rate} with steps_per_epoch={steps_per_epoch} gives an "
-            f"interval of int({steps_per_epoch} * {interval_rate}) = 0 steps; use a larger rate"
-        )
+            f"interval of int({steps_per_epoch} * {interval_rate}) = 0 steps; the smallest "
+            f"valid interval_rate is 1/{steps_per_epoch} (use >= {smallest_rate(steps_per_epoch)})"
+            " or interval_rate=0 for online KD")
     return steps
 
 
@@ -34,15 +52,18 @@ def interval_steps(steps_per_epoch: int, interval_rate: float) -> int:
 class SpacedSchedule:
     """Replay points of a spaced mode.
 
-    ``first_replay_at``: the step of the first replay. ``interval`` (SPEC rule 4): ours replays at
-    ``n = I, 2I, ...``. ``one-epoch`` reproduces the official self-KD counter, which starts at
-    ``-L + 1`` and so replays at ``n = L, L + I, L + 2I, ...`` (we assume, as happens for the
-    official ``s = 4``, that negative counter values never trigger a replay).
+    ``first_replay_at``: the step of the first replay; replays follow every ``I`` steps
+    (:data:`FIRST_REPLAY_RULES`). ``interval`` (SPEC rule 4): ours, ``n = I, 2I, ...``.
+    ``official``: the official self-KD counter ``n_iter = n - L`` fires when ``n_iter % I == 0``
+    with Python's modulo, so at every ``n >= 1`` with ``n = L (mod I)``: inside the first epoch
+    when ``I < L`` (``L = 391``, ``I = 195``: ``n = 1, 196, 391, ...``), ``n = L, L + I, ...``
+    otherwise. ``one-epoch``: the same from ``n = L`` on (equal to ``official`` when ``I >= L``).
     """
 
     steps_per_epoch: int
     interval: int
     first_replay_at: int
+    rule: str = "interval"
 
     @classmethod
     def build(cls, steps_per_epoch: int, interval_rate: float,
@@ -52,9 +73,17 @@ class SpacedSchedule:
             first = interval
         elif first_replay == "one-epoch":
             first = steps_per_epoch
+        elif first_replay == "official":
+            first = steps_per_epoch % interval or interval  # the smallest n >= 1 with n = L mod I
         else:
-            raise ValueError(f"first_replay must be 'interval' or 'one-epoch', got {first_replay!r}")
-        return cls(steps_per_epoch, interval, first)
+            raise ValueError(f"first_replay must be one of {tuple(FIRST_REPLAY_RULES)}, got "
+                             f"{first_replay!r}")
+        return cls(steps_per_epoch, interval, first, first_replay)
+
+    @property
+    def condition(self) -> str:
+        """The rule that fires a replay, as written in :data:`FIRST_REPLAY_RULES`."""
+        return FIRST_REPLAY_RULES[self.rule]
 
     def replay_due(self, n: int) -> bool:
         """True when the student replays right after teacher step ``n`` (``n >= 1``)."""

@@ -1,0 +1,134 @@
+"""``SelfDistiller(compat="official")`` against a naive re-creation of the official self-KD loop.
+
+The reference is written from SPEC rule 4, not from the engine: the official counter
+``n_iter = (epoch - 1) * L + i + 1`` (epochs from 0) fires a replay when ``n_iter % I == 0`` with
+Python's modulo; the batch that fires it is buffered and replayed but gets no CE-only step; the
+feature loss skips the exit before the deepest; leftovers are dropped; the KD term has no T^2.
+The engine's loss uses the fused kernel and the reference plain torch ops, so weights are compared
+at 1e-9 after 3 epochs (see test_self_distill.py for why that bound is tight)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers.toys import (  # noqa: F401 (one_thread is an autouse fixture)
+    BETA,
+    TinyMultiExit,
+    make_source,
+    one_thread,
+    ref_self_kd_loss,
+    sgd,
+)
+
+from spacedkd_fast.engine.distill import SelfDistiller
+from spacedkd_fast.engine.trace import read_trace
+from spacedkd_fast.ops.objective import KDObjective
+
+L, EPOCHS = 7, 3
+RATES = [0.5, 1.0, 1.5, 2.0, 4.0]
+
+
+def official_self_kd_loop(model, epochs_of_batches, s, temperature=3.0, alpha=0.3, beta=BETA):
+    opt = sgd(model)
+    model.train()
+    interval = int(L * s)
+
+    def kd_step(x, y):
+        feats, logits = model(x)
+        loss, shallow = ref_self_kd_loss(feats, logits, y, temperature=temperature, alpha=alpha,
+                                         beta=beta, kd_scale=1.0, feature_exits="official")
+        for i in shallow:
+            loss = loss + beta * torch.dist(model.adapters[i](feats[i]), feats[-1].detach())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    buffer, replays = [], []
+    for epoch, batches in enumerate(epochs_of_batches):
+        for i, (x, y) in enumerate(batches):
+            n_iter = (epoch - 1) * L + i + 1
+            buffer.append((x.clone(), y.clone()))
+            if n_iter % interval == 0:
+                replays.append(epoch * L + i + 1)
+                for bx, by in buffer:
+                    kd_step(bx, by)
+                buffer.clear()
+            else:
+                _, logits = model(x)
+                loss = F.cross_entropy(logits[-1], y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    return replays  # leftovers in `buffer` are dropped
+
+
+def run_engine(s, trace=None, **kw):
+    src = make_source()
+    torch.manual_seed(0)
+    model = TinyMultiExit()
+    d = SelfDistiller(model, sgd(model), interval_rate=s, steps_per_epoch=L, source=src,
+                      trace=trace, **kw)
+    for key, (x, y) in src.epochs(EPOCHS):
+        d.step(key, x, y)
+    d.finish()
+    return model, d
+
+
+@pytest.mark.parametrize("s", RATES)
+def test_official_preset_matches_the_official_loop(s, tmp_path):
+    model, d = run_engine(s, trace=tmp_path / "t.jsonl", compat="official")
+    torch.manual_seed(0)
+    ref = TinyMultiExit()
+    src = make_source()
+    replays = official_self_kd_loop(ref, [[b for _, b in src.epoch(e)] for e in range(EPOCHS)], s)
+    for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=lambda m, k=k: f"{k}: {m}")
+    events = read_trace(tmp_path / "t.jsonl")
+    starts = [e for e in events if e["event"] == "replay_start"]
+    # k trigger batches (this one included) got no CE step before the k-th replay
+    assert [e["teacher_step"] for e in starts] == [n - k for k, n in enumerate(replays, 1)]
+    assert all(e["rule"] == "(n - L) % I == 0" for e in starts)
+    assert [e["n"] for e in events if e["event"] == "record"] == replays
+    assert d.teacher_steps == EPOCHS * L - len(replays)
+
+
+def test_first_replays_inside_the_first_epoch_follow_python_modulo():
+    # L = 7, s = 0.5: I = 3 and n - L = -6, -3, 0, ... fire: n = 1, 4, 7, 10, ...
+    _, d = run_engine(0.5, compat="official")
+    assert d.schedule.first_replay_at == 1
+    assert [n for n in range(1, 15) if d.schedule.replay_due(n)] == [1, 4, 7, 10, 13]
+
+
+def test_preset_objective_and_contradictions():
+    model = TinyMultiExit()
+    d = SelfDistiller(model, sgd(model), steps_per_epoch=L, compat="official", temperature=4.0,
+                      alpha=0.5)
+    assert d.objective == KDObjective(temperature=4.0, alpha=0.5, kd_scale=1.0)
+    assert (d.flush_tail, d.feature_exits, d.trigger_step) == (False, "official", "kd-only")
+    with pytest.raises(ValueError, match="compat='official' sets flush_tail=False"):
+        SelfDistiller(model, sgd(model), steps_per_epoch=L, compat="official", flush_tail=True)
+    with pytest.raises(ValueError, match="contradicts"):
+        SelfDistiller(model, sgd(model), steps_per_epoch=L, compat="official",
+                      loss=KDObjective())  # kd_scale T*T is not the official objective
+    with pytest.raises(ValueError, match="kd_scale=1.0"):
+        SelfDistiller(model, sgd(model), steps_per_epoch=L, compat="official", kd_scale=9.0)
+    with pytest.raises(ValueError, match="compat must be one of"):
+        SelfDistiller(model, sgd(model), steps_per_epoch=L, compat="official-vit")
+    with pytest.raises(ValueError, match=r"smallest valid interval_rate is 1/7 \(use >= 0.142858"):
+        SelfDistiller(model, sgd(model), steps_per_epoch=L, interval_rate=0.1, compat="official")
+
+
+def test_the_reference_tells_the_trigger_rules_apart():
+    # the same switches but ours for the trigger batch: a CE step first, then its KD step
+    model, _ = run_engine(1.5, self_kd_first_replay="official", self_kd_feature_exits="official",
+                          flush_tail=False, loss=KDObjective(kd_scale=1.0))
+    torch.manual_seed(0)
+    ref = TinyMultiExit()
+    src = make_source()
+    official_self_kd_loop(ref, [[b for _, b in src.epoch(e)] for e in range(EPOCHS)], 1.5)
+    assert (model.heads[0].weight - ref.heads[0].weight).abs().max() > 1e-4
+
+
+def test_each_official_switch_alone_changes_only_its_part():
+    # the trigger-step switch alone: same replay points as ours, one fewer CE step per replay
+    _, d = run_engine(1.5, self_kd_trigger_step="kd-only", loss=KDObjective(kd_scale=1.0))
+    assert d.teacher_steps == EPOCHS * L - 2 and d.student_steps == EPOCHS * L  # replays 10, 20
