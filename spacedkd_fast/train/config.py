@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from .config_checks import official_setting_errors, pending
+from .config_values import coerce
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 
@@ -373,85 +374,14 @@ def _coerce(name: str, value: Any) -> Any:
     """Turn YAML / CLI values into the field's type, with an error that names the setting."""
     f = _FIELDS[name]
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    type_text = str(f.type)
     if value is None:
-        if "None" in type_text:
+        if "None" in str(f.type):
             return None
         raise ConfigError(f"{name} cannot be empty")
     try:
-        if name == "kd_scale":
-            if isinstance(value, str) and value.strip().lower() in ("t2", "t*t", "t^2", "hinton"):
-                return None
-            return float(value)
-        if name.endswith("kwargs"):
-            return _parse_kwargs(value)
-        if name in LIST_FIELDS:
-            if isinstance(value, str):
-                value = [v for v in value.replace(" ", "").split(",") if v]
-            if not isinstance(value, (list, tuple)):
-                value = [value]
-            return [_number(LIST_FIELDS[name], v) for v in value]
-        if name == "seeds":
-            if isinstance(value, (list, tuple)):
-                return ",".join(str(_number(int, v)) for v in value)
-            return str(value).replace(" ", "")
-        if isinstance(default, bool):
-            if isinstance(value, str):
-                low = value.strip().lower()
-                if low in ("1", "true", "yes", "on"):
-                    return True
-                if low in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            if not isinstance(value, (bool, int)):
-                raise ValueError(value)
-            return bool(value)
-        if isinstance(default, int) and not isinstance(default, bool):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            if isinstance(value, bool):
-                raise ValueError(value)
-            return int(value)
-        if isinstance(default, float):
-            if isinstance(value, bool):
-                raise ValueError(value)
-            return float(value)
-        if type_text.startswith(("int", "float")):  # optional numbers (default None)
-            return _number(int if type_text.startswith("int") else float, value)
-        return str(value)
+        return coerce(name, value, default, str(f.type))
     except (TypeError, ValueError):
         raise ConfigError(f"{name}: cannot use {value!r} (expected {f.type})") from None
-
-
-# List-valued settings and the type of their elements.
-LIST_FIELDS: dict[str, type] = {"milestones": float, "inter_student_blocks": int,
-                                "inter_teacher_blocks": int}
-
-
-def _number(kind: type, value: Any) -> int | float:
-    """``value`` as ``kind`` (int or float); bools and fractional ints are refused."""
-    if isinstance(value, bool):
-        raise ValueError(value)
-    if kind is int:
-        if isinstance(value, float) and not value.is_integer():
-            raise ValueError(value)
-        return int(value)  # a string such as "1.5" raises too
-    return float(value)
-
-
-def _parse_kwargs(value: Any) -> dict[str, Any]:
-    """``{"k": v}`` from a mapping or from ``"k=v,k2=v2"`` (values read as YAML scalars)."""
-    if isinstance(value, dict):
-        return {str(k): v for k, v in value.items()}
-    if not isinstance(value, str):
-        raise ValueError(value)
-    out: dict[str, Any] = {}
-    for item in filter(None, (p.strip() for p in value.split(","))):
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(value)
-        out[key.strip()] = yaml.safe_load(text)
-    return out
 
 
 def normalise(cfg: TrainConfig) -> None:
