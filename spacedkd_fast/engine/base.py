@@ -193,23 +193,41 @@ class EngineBase:
     def _key_json(key: Any) -> Any:
         return key if isinstance(key, int | str | float) or key is None else repr(key)
 
-    def _backward_step(self, loss: Tensor, opt: torch.optim.Optimizer, scheduler) -> None:
+    def _backward_step(self, loss: Tensor, opt: torch.optim.Optimizer, scheduler,
+                       idle: list[Tensor] | tuple = ()) -> None:
+        """Backward and optimizer step. ``idle``: parameters that ``opt`` also holds but ``loss``
+        does not reach; they get an exactly-zero gradient (as the official ViT code's
+        ``0 * sum(params)`` term gives them), so that AdamW still decays and moves them."""
         opt.zero_grad(set_to_none=True)
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
+            self._zero_idle(idle)
             self.grad_scaler.step(opt)
             self.grad_scaler.update()
         else:
             loss.backward()
+            self._zero_idle(idle)
             opt.step()
         if scheduler is not None:
             scheduler.step()
 
+    @staticmethod
+    def _zero_idle(params) -> None:
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+    def _student_idle(self) -> list[Tensor] | tuple:
+        """Parameters the student's optimizer holds besides the student's (a shared optimizer)."""
+        return ()
+
     # -- the two kinds of step --------------------------------------------------------------
     def _recorded_ce_step(self, model: nn.Module, ce_loss: Callable[[], Tensor], key: Any,
                           x: Tensor, y: Tensor, opt: torch.optim.Optimizer, scheduler,
-                          what: str) -> None:
-        """A CE step of the teacher (or of the deepest exit), recorded for the replay.
+                          what: str, record: bool = True, idle: list[Tensor] | tuple = ()
+                          ) -> None:
+        """A CE step of the teacher (or of the deepest exit), recorded for the replay (unless
+        ``record`` is false: a student that never replays this batch).
 
         ``ce_loss()`` runs the forward; a non-finite loss is refused inside the buffer guard
         (nothing changes), else the optimizer steps, the batch is recorded and traced.
@@ -220,10 +238,11 @@ class EngineBase:
             (lossv,), cs, _ = self._host_read([loss], checksum, None,
                                               read_checksum=self.check_finite)
             self._check_loss(lossv, "teacher", self.teacher_steps + 1, key, what)
-        self._backward_step(loss, opt, scheduler)
+        self._backward_step(loss, opt, scheduler, idle)
         self.teacher_steps += 1
         self._stats.add("teacher_loss", loss)
-        self.replay_buffer.record(key, x, y, self._record_checksum(checksum, cs))
+        if record:
+            self.replay_buffer.record(key, x, y, self._record_checksum(checksum, cs))
         self._write("teacher_step", n=self.teacher_steps, epoch=(self.n - 1) // self.steps_per_epoch,
                     key=self._key_json(key), checksum=cs)
 
@@ -237,7 +256,8 @@ class EngineBase:
 
     def _student_step(self, key: Any, x: Tensor, y: Tensor, *, loss_fn: LossFn,
                       guard: tuple[nn.Module | None, ...], teacher_step: int | None,
-                      expected: Tensor | tuple | None = None, what: str = "") -> None:
+                      expected: Tensor | tuple | None = None, what: str = "",
+                      stream: int | None = None) -> None:
         """One student update on ``(x, y)``: the loss, the replayed batch verified against the
         ``expected`` checksum (when given), the loss checked, the optimizer step, the log."""
         verify = expected is not None
@@ -251,16 +271,18 @@ class EngineBase:
                     f"recorded by the teacher step: {exp}); refusing to train the student on it",
                     key=key, expected=exp, got=cs)
             self._check_loss(lossv, "student", self.student_steps + 1, key, what)
-        self._backward_step(loss, self.student_opt, self.student_scheduler)
-        self._student_done_one(key, teacher_step, cs, loss, parts)
+        self._backward_step(loss, self.student_opt, self.student_scheduler, self._student_idle())
+        self._student_done_one(key, teacher_step, cs, loss, parts, stream)
 
     def _student_done_one(self, key: Any, teacher_step: int | None, cs: list | None,
-                          loss: Tensor, parts: dict[str, Tensor] | None) -> None:
+                          loss: Tensor, parts: dict[str, Tensor] | None,
+                          stream: int | None = None) -> None:
         self.student_steps += 1
         self._stats.add("student_loss", loss)
         self._stats.add_parts(parts)
+        extra = {} if stream is None else {"stream": stream}  # a batch of another data stream
         self._write("student_step", n=self.student_steps, key=self._key_json(key),
-                    teacher_step=teacher_step, checksum=cs)
+                    teacher_step=teacher_step, checksum=cs, **extra)
         if self.student_steps % self.steps_per_epoch == 0 and self.on_student_epoch_end:
             self.on_student_epoch_end(self.student_steps // self.steps_per_epoch)
 

@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..ops.losses import FEATURE_LOSSES, feature_loss
-from ..ops.objective import as_objective
 from .base import EngineBase, LossFn
+from .compat import check_compat, resolve_objective, resolve_switches
 from .model_io import (
     autocast,
     ce_logits,
@@ -46,9 +46,14 @@ from .model_io import (
 from .overlap import Lanes, make_snapshot
 from .projection import ProjectionHead
 from .replay import Record
+from .spacing import catch_up_passes
 from .trace import batch_checksum
 
 REPLAY_KINDS = ("keyed", "fresh")
+"""``keyed``: the student replays the teacher's recorded batches. ``fresh``: the official ViT
+loop, whose student catches up on batches of a second, independently shuffled loader."""
+STUDENT_DATA = ("replay", "fresh")
+"""Offline student data: the teacher's recorded batches, or new passes of the source (official)."""
 
 
 class SpacedDistiller(EngineBase):
@@ -79,9 +84,13 @@ class SpacedDistiller(EngineBase):
     def __init__(self, teacher: nn.Module | None, student: nn.Module,
                  teacher_opt: torch.optim.Optimizer | None, student_opt: torch.optim.Optimizer, *,
                  mode: str = "spaced", interval_rate: float = 1.5, steps_per_epoch: int,
-                 loss: Callable[..., Tensor] | None = None, beta: float = 0.0,
+                 loss: Callable[..., Tensor] | None = None, temperature: float | None = None,
+                 alpha: float | None = None, kd_scale: float | None = None, beta: float = 0.0,
                  feature_loss: str | Callable[[Tensor, Tensor], Tensor] = "dist",
-                 flush_tail: bool = True, teacher_bn_update: bool = False, replay: str = "keyed",
+                 compat: str | None = None, flush_tail: bool | None = None,
+                 teacher_bn_update: bool | None = None, replay: str | None = None,
+                 offline_student_data: str | None = None, zero_interval: str | None = None,
+                 shared_optimizer: bool | None = None, kd_second_forward: bool | None = None,
                  trace: str | os.PathLike | None = None, source: Any = None,
                  overlap: bool | str = "auto", teacher_device: torch.device | str | None = None,
                  student_device: torch.device | str | None = None, teacher_scheduler: Any = None,
@@ -90,28 +99,46 @@ class SpacedDistiller(EngineBase):
                  on_student_epoch_end: Callable[[int], None] | None = None,
                  copy_device: torch.device | str | None = None,
                  copy_dtype: torch.dtype | None = None, projector_seed: int = 0) -> None:
-        if replay not in REPLAY_KINDS:
-            raise ValueError(f"replay must be one of {REPLAY_KINDS}, got {replay!r}")
-        if replay == "fresh":
-            # The official ViT loop trains the student, at each replay, on as many batches drawn
-            # from a second, independently augmented train loader; reproducing that needs a
-            # second augmentation stream in the replayable-source protocol.
-            raise NotImplementedError(
-                "replay='fresh' (the official ViT code's student training on fresh batches from a "
-                "second loader) is not implemented yet; use replay='keyed'")
+        check_compat(compat, "pair")
+        sw = resolve_switches(compat, "pair", {
+            "flush_tail": flush_tail, "teacher_bn_update": teacher_bn_update, "replay": replay,
+            "offline_student_data": offline_student_data, "zero_interval": zero_interval,
+            "shared_optimizer": shared_optimizer, "kd_second_forward": kd_second_forward})
+        for name, allowed in (("replay", REPLAY_KINDS), ("offline_student_data", STUDENT_DATA)):
+            if sw[name] not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {sw[name]!r}")
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta!r}")
+        self.compat, self.replay = compat, sw["replay"]
+        self.offline_student_data = sw["offline_student_data"]
         super().__init__(mode=mode, interval_rate=interval_rate, self_kd=False,
                          steps_per_epoch=steps_per_epoch, trace=trace, source=source,
                          check_finite=check_finite, amp_dtype=amp_dtype, grad_scaler=grad_scaler,
-                         flush_tail=flush_tail, on_student_epoch_end=on_student_epoch_end,
-                         copy_device=copy_device, copy_dtype=copy_dtype)
+                         flush_tail=sw["flush_tail"], on_student_epoch_end=on_student_epoch_end,
+                         copy_device=copy_device, copy_dtype=copy_dtype,
+                         first_replay="vit" if self.replay == "fresh" else "interval",
+                         zero_interval=sw["zero_interval"])
         if self.spec.teacher and (teacher is None or teacher_opt is None):
             raise ValueError(f"mode {self.mode!r} needs a teacher and a teacher optimizer")
+        needs_stream = self.replay == "fresh" and self.spec.replays == "interval"
+        if needs_stream and not callable(getattr(source, "stream", None)):
+            raise ValueError("replay='fresh' needs a source with a second stream "
+                             "(source.stream(1): the same data, independently shuffled and "
+                             "augmented), e.g. spacedkd_fast.data.InMemorySource; use "
+                             "replay='keyed' otherwise")
+        if self.mode == "offline" and self.offline_student_data == "fresh" and source is None:
+            raise ValueError("offline_student_data='fresh' trains the student on new passes of "
+                             "the source: pass source=... (a replayable source), or use "
+                             "offline_student_data='replay'")
+        self.shared_optimizer = bool(sw["shared_optimizer"])
+        if self.shared_optimizer and (teacher_opt is None or teacher_opt is not student_opt):
+            raise ValueError("shared_optimizer=True needs one optimizer over both networks, "
+                             "passed as teacher_opt and student_opt (the same object)")
+        self.kd_second_forward = bool(sw["kd_second_forward"])
         self.teacher, self.student = teacher, student
         self.teacher_opt, self.student_opt = teacher_opt, student_opt
         self.teacher_scheduler, self.student_scheduler = teacher_scheduler, student_scheduler
-        self.teacher_bn_update = bool(teacher_bn_update)
+        self.teacher_bn_update = bool(sw["teacher_bn_update"])
         self.beta = float(beta)
         self.projector_seed = int(projector_seed)
 
@@ -126,7 +153,10 @@ class SpacedDistiller(EngineBase):
             if teacher_device is not None:
                 teacher.to(self.teacher_device)
 
-        self.kd = as_objective(loss) if self.spec.teacher else None
+        self.kd = (resolve_objective(loss, temperature, alpha, kd_scale, compat=compat,
+                                     family="pair", any_callable=True)
+                   if self.spec.teacher else None)
+        self._fresh_passes_done = 0  # replay='fresh': passes begun over the second stream
         self.feature_loss = self._build_feature_loss(feature_loss)
         self.projector: nn.Module | None = None
         self._projector_dims: tuple[int, int] | None = None
@@ -159,11 +189,13 @@ class SpacedDistiller(EngineBase):
             raise ValueError(f"overlap must be 'auto', True or False, got {overlap!r}")
         cuda = self.teacher_device.type == "cuda" and self.student_device.type == "cuda"
         possible = (self.spec.replays == "interval" and self.spec.teacher and cuda
-                    and not self.teacher_bn_update and self.grad_scaler is None)
+                    and not self.teacher_bn_update and self.grad_scaler is None
+                    and self.replay == "keyed" and not self.shared_optimizer)
         if overlap is True and not possible:
             raise ValueError(
                 "overlap=True needs mode 'spaced', CUDA teacher and student, "
-                "teacher_bn_update=False and no grad_scaler; use overlap='auto' or False")
+                "teacher_bn_update=False, no grad_scaler, replay='keyed' and no shared "
+                "optimizer; use overlap='auto' or False")
         return possible if overlap == "auto" else bool(overlap)
 
     def _make_projector(self, s_dim: int, t_dim: int) -> None:
@@ -193,7 +225,8 @@ class SpacedDistiller(EngineBase):
             return F.cross_entropy(fp32(ce_logits(z)), y)
 
         self._recorded_ce_step(self.teacher, ce_loss, key, x, y, self.teacher_opt,
-                               self.teacher_scheduler, "")
+                               self.teacher_scheduler, "", record=self.replay == "keyed",
+                               idle=self._idle(self.student, self.projector))
         if self._queue:  # overlap: one student step of the previous interval per teacher step
             self._issue_queued(1)
 
@@ -225,12 +258,17 @@ class SpacedDistiller(EngineBase):
             (tv, sv), cs, _ = self._host_read([t_loss, s_loss], checksum, None)
             self._check_loss(tv, "teacher", self.teacher_steps + 1, key, "")
             self._check_loss(sv, "student", self.student_steps + 1, key, "")
-        self._backward_step(t_loss, self.teacher_opt, self.teacher_scheduler)
+        if self.shared_optimizer:  # official ViT: (1 - a) (CE_s + CE_t) + a KD, one step
+            self._backward_step(s_loss + (1 - self.kd.alpha) * t_loss, self.student_opt,
+                                self.student_scheduler)
+        else:
+            self._backward_step(t_loss, self.teacher_opt, self.teacher_scheduler)
         self.teacher_steps += 1
         self._stats.add("teacher_loss", t_loss)
         self._write("teacher_step", n=self.teacher_steps, epoch=(self.n - 1) // self.steps_per_epoch,
                     key=self._key_json(key), checksum=cs)
-        self._backward_step(s_loss, self.student_opt, self.student_scheduler)
+        if not self.shared_optimizer:
+            self._backward_step(s_loss, self.student_opt, self.student_scheduler)
         self._student_done_one(key, self.teacher_steps - 1, cs, s_loss, parts)
 
     # -- the student's KD loss --------------------------------------------------------------
@@ -239,6 +277,10 @@ class SpacedDistiller(EngineBase):
         train_mode(self.student)
         with autocast(self.student_device, self.amp_dtype):
             s_feat, s_z = split_output(self.student(x))
+            if self.kd_second_forward and isinstance(s_z, Tensor):
+                # official ViT: a student without a distillation head gets its KD logits from a
+                # second forward (new drop-path draws); CE stays on the first
+                s_z = (s_z, split_output(self.student(x))[1])
         if kd_logits(s_z).shape != t_logits.shape:
             raise ValueError(
                 f"student and teacher logits must have the same shape [B, C]; got student "
@@ -287,7 +329,44 @@ class SpacedDistiller(EngineBase):
         with in_mode(self.teacher, reason != "offline") as teacher:  # offline: eval mode
             yield teacher
 
+    def _idle(self, *modules: nn.Module | None) -> list[Tensor]:
+        """With a shared optimizer: the parameters of ``modules`` (the network a step does not
+        train), which get a zero gradient; else none."""
+        if not self.shared_optimizer:
+            return []
+        return [p for m in modules if m is not None for p in m.parameters()]
+
+    def _student_idle(self) -> list[Tensor]:
+        return self._idle(self.teacher)
+
+    def _catch_up(self) -> None:
+        """replay='fresh' (the official ViT loop): ``S = I`` student steps on the second stream,
+        over ``catch_up_passes(S, L)`` passes, each a new epoch of ``source.stream(1)``, against
+        the current teacher in train mode."""
+        steps = self.schedule.interval
+        stream = self.source.stream(1)
+        self._write("replay_start", teacher_step=self.teacher_steps, count=steps,
+                    reason="interval", rule=self.schedule.condition)
+        taken = 0
+        with self._replay_teacher("interval") as teacher:
+            for length in catch_up_passes(steps, self.steps_per_epoch):
+                batches = stream.epoch(self._fresh_passes_done)
+                self._fresh_passes_done += 1
+                for _, (key, (x, y)) in zip(range(length), batches):
+                    x = to_device(x, self.student_device)
+                    y = to_device(y, self.student_device)
+                    self._student_step(key, x, y, loss_fn=self._replay_loss(teacher),
+                                       guard=self._replay_guard(teacher),
+                                       teacher_step=self.teacher_steps, stream=1,
+                                       what=", catching up on stream 1")
+                    taken += 1
+        self._write("replay_end", teacher_step=self.teacher_steps, count=taken,
+                    reason="interval")
+
     def _replay(self, reason: str) -> None:
+        if self.replay == "fresh" and reason == "interval":
+            self._catch_up()
+            return
         if not (self.overlap and reason == "interval"):
             super()._replay(reason)
             return
@@ -301,7 +380,7 @@ class SpacedDistiller(EngineBase):
         self._queue, self._queue_teacher_step = records, self.teacher_steps
         self._queue_count = len(records)
         self._write("replay_start", teacher_step=self.teacher_steps, count=len(records),
-                    reason=reason)
+                    reason=reason, rule=self._replay_rule(reason))
 
     def _issue_queued(self, count: int) -> None:
         """Overlap: issue ``count`` queued student steps on the student lane."""
@@ -326,11 +405,13 @@ class SpacedDistiller(EngineBase):
         """The shared state (:meth:`EngineBase.state_dict`) and the projector."""
         state = super().state_dict()
         state.update(projector_dims=self._projector_dims,
-                     projector=None if self.projector is None else self.projector.state_dict())
+                     projector=None if self.projector is None else self.projector.state_dict(),
+                     fresh_passes=self._fresh_passes_done)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
+        self._fresh_passes_done = int(state.get("fresh_passes", 0))  # absent before 2026-11
         if state["projector_dims"] is not None:
             if self.projector is None:
                 self._make_projector(*state["projector_dims"])

@@ -16,8 +16,23 @@ FIRST_REPLAY_RULES = {
     "interval": "n % I == 0",  # ours: replays at n = I, 2I, ...
     "one-epoch": "n >= L and (n - L) % I == 0",  # the official self-KD counter, I >= L only
     "official": "(n - L) % I == 0",  # the official self-KD counter with Python modulo, any I
+    "vit": "space_counter >= L * s",  # the official ViT loop: I = ceil(L * s), counter carried
 }
 """Replay rules of a spaced schedule: name -> the condition on ``n`` (as the trace shows it)."""
+
+
+def catch_up_passes(steps: int, steps_per_epoch: int) -> list[int]:
+    """Student steps per pass of the official ViT catch-up of ``S = steps`` steps: up to
+    ``floor(S / L) + 1`` passes over the second loader, each a fresh shuffle, leaving a pass once
+    ``S`` steps are done; as the ``break`` leaves only the inner loop, every pass after the one
+    that reaches ``S`` still takes one step (``S = L``: ``[L, 1]``; ``S = 1.5 L``: ``[L, L/2]``).
+    """
+    lengths, done = [], 0
+    for _ in range(steps // steps_per_epoch + 1):
+        take = min(steps_per_epoch, steps - done) if done < steps else 1
+        lengths.append(take)
+        done += take
+    return lengths
 
 
 def smallest_rate(steps_per_epoch: int) -> float:
@@ -68,6 +83,15 @@ class SpacedSchedule:
     @classmethod
     def build(cls, steps_per_epoch: int, interval_rate: float,
               first_replay: str = "interval") -> SpacedSchedule:
+        if first_replay == "vit":
+            # a counter of teacher steps, carried across epochs and reset by each catch-up, fires
+            # at counter >= L * s (a float): every ceil(L * s) steps, at least every step
+            interval_steps(steps_per_epoch, 1.0)  # checks L
+            if not interval_rate > 0:
+                raise ValueError(f"a spaced interval needs interval_rate > 0, got "
+                                 f"{interval_rate!r}")
+            interval = max(1, math.ceil(steps_per_epoch * interval_rate))
+            return cls(steps_per_epoch, interval, interval, first_replay)
         interval = interval_steps(steps_per_epoch, interval_rate)
         if first_replay == "interval":
             first = interval

@@ -147,7 +147,7 @@ def test_non_finite_check_can_be_turned_off():
 
 
 def test_switches_that_cannot_apply():
-    with pytest.raises(NotImplementedError, match="fresh"):
+    with pytest.raises(ValueError, match=r"replay='fresh' needs a source with a second stream"):
         make(replay="fresh")
     with pytest.raises(ValueError, match="replay must be"):
         make(replay="sometimes")

@@ -108,9 +108,9 @@ def seeded_projector(student_dim: int, teacher_dim: int, seed: int = 0) -> nn.Mo
         return ProjectionHead(student_dim, teacher_dim)
 
 
-def _student_step(student, proj, opt, x, y, t_f, t_z, beta):
+def _student_step(student, proj, opt, x, y, t_f, t_z, beta, kd=ref_kd_loss):
     s_f, s_z = student(x)
-    loss = ref_kd_loss(s_z, t_z, y)
+    loss = kd(s_z, t_z, y)
     if beta > 0:
         loss = loss + beta * torch.dist(proj(s_f), t_f)
     opt.zero_grad()
@@ -135,7 +135,7 @@ def _with_projector(student, teacher, beta):
     return opt, proj
 
 
-def naive_online(teacher, student, batches, beta=BETA):
+def naive_online(teacher, student, batches, beta=BETA, kd=ref_kd_loss):
     """Official online KD: teacher and student on the same batch, the teacher's logits from the
     forward before its update."""
     t_opt = sgd(teacher)
@@ -146,7 +146,7 @@ def naive_online(teacher, student, batches, beta=BETA):
         t_f, t_z = teacher(x)
         t_loss = F.cross_entropy(t_z, y)
         s_f, s_z = student(x)
-        s_loss = ref_kd_loss(s_z, t_z.detach(), y)
+        s_loss = kd(s_z, t_z.detach(), y)
         if beta > 0:
             s_loss = s_loss + beta * torch.dist(proj(s_f), t_f.detach())
         t_opt.zero_grad()
@@ -158,7 +158,7 @@ def naive_online(teacher, student, batches, beta=BETA):
     return proj
 
 
-def naive_spaced(teacher, student, batches, interval, beta=BETA, official=True):
+def naive_spaced(teacher, student, batches, interval, beta=BETA, official=True, kd=ref_kd_loss):
     """Spaced KD with a host buffer of pixel copies.
 
     ``official=True`` is the official code: replay forwards update the teacher's BN running stats
@@ -181,7 +181,7 @@ def naive_spaced(teacher, student, batches, interval, beta=BETA, official=True):
                 with torch.no_grad():
                     for name, b in teacher.named_buffers():
                         b.copy_(saved[name])
-            _student_step(student, proj, s_opt, bx, by, t_f, t_z, beta)
+            _student_step(student, proj, s_opt, bx, by, t_f, t_z, beta, kd)
         buffer.clear()
 
     for n, (x, y) in enumerate(batches, start=1):
