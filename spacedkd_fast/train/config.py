@@ -26,6 +26,9 @@ from .config_values import coerce
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 
+# Name lists of the engine (engine/modes.py, engine/spaced.py, ops/losses.py), mirrored because the
+# engine loads torch and the CLI answers --help without it; tests/train/test_config.py checks that
+# each copy equals the engine's. The interval-rate -> mode convention itself is the engine's.
 MODES = ("base", "online", "spaced", "offline", "self", "spaced-self")
 SELF_MODES = ("self", "spaced-self")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -35,9 +38,12 @@ KD_LOSSES = ("fused", "paper-code")
 AMP_MODES = ("off", "bf16", "fp16")
 OVERLAP_MODES = ("auto", "on", "off")
 REPLAY_KINDS = ("keyed", "fresh")
-FIRST_REPLAY = ("interval", "one-epoch")
+FIRST_REPLAY = ("interval", "one-epoch", "official")
 FEATURE_EXITS = ("all", "official")
-COMPAT_MODES = ("none", "official")
+COMPAT_MODES = ("none", "official", "official-vit")  # the engine's presets (engine/compat.py)
+STUDENT_DATA = ("replay", "fresh")
+ZERO_INTERVAL = ("error", "online")
+TRIGGER_STEPS = ("ce-and-kd", "kd-only")
 WEIGHT_DECAY_GROUPS = ("all", "official")  # the same names as optim.WEIGHT_DECAY_GROUPS
 WARMUP_PER = ("step", "epoch")
 KD_NORMALIZATIONS = ("batch", "class")
@@ -190,9 +196,10 @@ class TrainConfig:
                                  "official deit-ti_c100_ours_offline)", G_KD,
                                  choices=TEACHER_FEATURES)
     # compatibility switches
-    compat: str = _opt("none", "official: turn on every official behaviour of the family "
-                       "(online_KD, self_KD or vit code); the switches below restore one each",
-                       G_COMPAT, choices=COMPAT_MODES)
+    compat: str = _opt("none", "turn on every official behaviour of a code base: official (the "
+                       "online_KD code, or self_KD for the self modes) or official-vit (the vit "
+                       "code); the switches below restore one each", G_COMPAT,
+                       choices=COMPAT_MODES)
     shared_optimizer: bool = _opt(False, "one optimiser over teacher and student, so that the "
                                   "idle network still decays and moves on the other's steps "
                                   "(official ViT code)", G_COMPAT)
@@ -204,8 +211,20 @@ class TrainConfig:
                        "student trains on new batches (official ViT code)", G_COMPAT,
                        choices=REPLAY_KINDS)
     self_kd_first_replay: str = _opt("interval", "spaced self KD: first replay after the "
-                                     "interval, or after one epoch (official)", G_COMPAT,
-                                     choices=FIRST_REPLAY)
+                                     "interval, after one epoch, or official (the official "
+                                     "counter (n - L) %% I == 0, also inside the first epoch)",
+                                     G_COMPAT, choices=FIRST_REPLAY)
+    self_kd_trigger_step: str = _opt("ce-and-kd", "spaced self KD: the batch that triggers a "
+                                     "replay gets a CE step and its KD step, or only the KD step "
+                                     "(official)", G_COMPAT, choices=TRIGGER_STEPS)
+    offline_student_data: str = _opt("replay", "offline KD: the student replays the teacher's "
+                                     "batches, or trains on fresh passes of the data (official)",
+                                     G_COMPAT, choices=STUDENT_DATA)
+    zero_interval: str = _opt("error", "an interval int(L*s) of 0 steps is an error, or runs "
+                              "online KD (official)", G_COMPAT, choices=ZERO_INTERVAL)
+    kd_second_forward: bool = _opt(False, "students without a distillation head get their KD "
+                                   "logits from a second forward pass (official ViT code)",
+                                   G_COMPAT)
     self_kd_feature_exits: str = _opt("all", "self KD feature loss on all shallow exits, or "
                                       "skipping the layer-3 exit (official)", G_COMPAT,
                                       choices=FEATURE_EXITS)
@@ -392,18 +411,16 @@ def normalise(cfg: TrainConfig) -> None:
         cfg.amp = "off"
     if cfg.dataset is not None and not cfg.dataset.startswith("folder:"):
         cfg.dataset = cfg.dataset.strip().lower()
-    # The official code selects the mode through the interval rate; honour it when the user
-    # asked for a spaced mode (or named only the rate).
-    if cfg.mode == "spaced" or ("interval_rate" in cfg.explicit and "mode" not in cfg.explicit
-                                and cfg.mode in ("spaced", "online", "offline")):
-        if cfg.interval_rate == 0:
-            cfg.mode = "online"
-        elif cfg.interval_rate >= OFFLINE_INTERVAL_RATE:
-            cfg.mode = "offline"
-        else:
-            cfg.mode = "spaced"
-    if cfg.mode == "spaced-self" and cfg.interval_rate == 0:
-        cfg.mode = "self"
+    # The official code selects the mode through the interval rate (0: online / plain self KD,
+    # >= 50: offline); the engine's mode table holds that convention. Imported here, not at the
+    # top, because the engine loads torch and the CLI answers --help without it.
+    if cfg.mode in ("spaced", "spaced-self") and isinstance(cfg.interval_rate, (int, float)):
+        from ..engine.modes import resolve_mode
+
+        try:
+            cfg.mode = resolve_mode(cfg.mode, cfg.interval_rate, self_kd=cfg.mode == "spaced-self")
+        except ValueError:
+            pass  # validate() names the bad rate
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -437,8 +454,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.warmup_epochs >= cfg.epochs > 0:
         errors.append(f"warmup_epochs ({cfg.warmup_epochs}) must be shorter than epochs "
                       f"({cfg.epochs})")
-    if cfg.mode == "spaced" and not 0 < cfg.interval_rate < OFFLINE_INTERVAL_RATE:
-        errors.append(f"spaced mode needs 0 < interval_rate < {OFFLINE_INTERVAL_RATE:g}, got "
+    if cfg.mode in ("spaced", "spaced-self") and not 0 < cfg.interval_rate < OFFLINE_INTERVAL_RATE:
+        errors.append(f"{cfg.mode} mode needs 0 < interval_rate < {OFFLINE_INTERVAL_RATE:g}, got "
                       f"{cfg.interval_rate}")
     if any(m <= 0 for m in cfg.milestones):
         errors.append(f"milestones must be positive epochs, got {cfg.milestones}")

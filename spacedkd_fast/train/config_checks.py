@@ -16,8 +16,18 @@ from typing import Any
 # has no KD behaviour to switch on, so the KD entries leave it alone: the official *_base recipes
 # (and r-56_c100, the teacher of the *_ours recipes) run today.
 PENDING: tuple[tuple[Callable[[Any], bool], str, str], ...] = (
-    (lambda c: c.compat == "official" and c.mode != "base", "compat=official",
-     "the official preset (issue 10 item 1); drop --compat or pass --compat none"),
+    (lambda c: c.compat != "none" and c.mode != "base", "compat",
+     "the trainer's wiring of the engine's presets (issue 10 item 1); pass --compat none"),
+    (lambda c: c.replay == "fresh", "replay=fresh",
+     "the trainer's second data stream for the student (issue 10 item 5)"),
+    (lambda c: c.offline_student_data == "fresh", "offline_student_data=fresh",
+     "the trainer's fresh passes for the offline student (issue 10 item 3)"),
+    (lambda c: c.self_kd_trigger_step != "ce-and-kd", "self_kd_trigger_step",
+     "the trainer's wiring of the official trigger step (issue 10 item 2)"),
+    (lambda c: c.zero_interval != "error", "zero_interval",
+     "the trainer's wiring of the official zero-interval rule (issue 10 item 4)"),
+    (lambda c: c.kd_second_forward, "kd_second_forward",
+     "the trainer's wiring of the second-forward KD logits (issue 10 item 6)"),
     (lambda c: c.kd_normalization == "class" and c.mode != "base", "kd_normalization=class",
      "the per-class KD normalisation (issue 10 item 6); the same scale is "
      "--kd-normalization batch --kd-scale T*T/C (C classes)"),
@@ -54,6 +64,8 @@ def official_setting_errors(cfg: Any) -> list[str]:
     if cfg.teacher_image_size is not None and cfg.teacher_image_size <= 0:
         errors.append(f"teacher_image_size must be greater than zero, got {cfg.teacher_image_size}")
     errors += _seed_errors(cfg.seeds)
+    if cfg.compat == "official-vit" and cfg.mode in ("self", "spaced-self"):
+        errors.append("compat=official-vit is the vit code's preset; self KD's is compat=official")
     no_teacher = cfg.mode == "base" or cfg.mode in ("self", "spaced-self")
     for name in ("teacher_checkpoint", "teacher_image_size", "shared_optimizer"):
         if no_teacher and getattr(cfg, name):

@@ -241,7 +241,7 @@ def test_settings_the_trainer_cannot_run_yet_are_refused_by_name():
     with pytest.raises(ConfigError) as err:
         build_config(values)
     text = str(err.value)
-    for name in ("compat=official", "shared_optimizer", "teacher_checkpoint"):
+    for name in ("compat", "shared_optimizer", "teacher_checkpoint"):
         assert f"{name}: not supported yet, needs" in text
     assert build_config(values, runnable=False).compat == "official"  # printable
     assert build_config({"mode": "base", "compat": "official"}).compat == "official"
@@ -277,3 +277,23 @@ def test_importing_the_configuration_does_not_import_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_name_lists_mirrored_for_a_torch_free_cli_equal_the_engines():
+    # config.py keeps copies so that --help loads no torch; the engine and ops own the names
+    from spacedkd_fast.engine import base, compat, modes, self_kd, spaced, spacing
+    from spacedkd_fast.ops import losses, objective
+    from spacedkd_fast.train import config
+
+    assert config.MODES == modes.MODE_NAMES and config.SELF_MODES == modes.SELF_MODES
+    assert config.OFFLINE_INTERVAL_RATE == modes.OFFLINE_RATE
+    assert config.FEATURE_LOSSES == losses.FEATURE_LOSSES
+    assert config.KD_NORMALIZATIONS == objective.KD_NORMALIZATIONS
+    assert config.REPLAY_KINDS == spaced.REPLAY_KINDS
+    assert config.ZERO_INTERVAL == base.ZERO_INTERVAL
+    assert (config.FEATURE_EXITS, config.TRIGGER_STEPS) == (self_kd.FEATURE_EXITS,
+                                                            self_kd.TRIGGER_STEPS)
+    assert set(config.COMPAT_MODES) == {"none"} | {name for _, name in compat.PRESETS}
+    assert set(config.FIRST_REPLAY) == set(spacing.FIRST_REPLAY_RULES) - {"vit"}  # vit: pair only
+    if hasattr(spaced, "STUDENT_DATA"):
+        assert config.STUDENT_DATA == spaced.STUDENT_DATA

@@ -116,7 +116,7 @@ def test_official_recipe_resolves_to_the_official_values(stem, kind, student, te
         assert cfg.teacher == teacher
     assert cfg.interval_rate == interval
     assert cfg.image_size == (32 if student == R56 else 224)
-    assert (cfg.augment, cfg.drop_last, cfg.compat) == ("vit-official", True, "official")
+    assert (cfg.augment, cfg.drop_last, cfg.compat) == ("vit-official", True, "official-vit")
     assert "official" in list_recipes()[stem].lower()
     # Table C: optimisation
     assert (cfg.epochs, cfg.batch_size, cfg.schedule, cfg.warmup_per) == (300, 128, "cosine", "epoch")
@@ -180,7 +180,7 @@ def test_pit_files_named_1_5_and_2_0_reproduce_the_file(stem):
 def test_base_recipes_run_today_and_kd_recipes_name_what_they_lack():
     assert build_config(load_yaml("deit-ti_c100_base")).mode == "base"
     assert build_config(load_yaml("r-56_c100")).arch == R56
-    with pytest.raises(ConfigError, match=r"compat=official: not supported yet"):
+    with pytest.raises(ConfigError, match=r"compat: not supported yet"):
         build_config(load_yaml("deit-ti_c100_space_1_5"))
     with pytest.raises(ConfigError, match=r"feature_kd=inter: not supported yet"):
         build_config(load_yaml("pvt-ti_c100_ours"), {"compat": "none"})
