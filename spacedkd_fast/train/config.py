@@ -412,15 +412,16 @@ def normalise(cfg: TrainConfig) -> None:
     if cfg.dataset is not None and not cfg.dataset.startswith("folder:"):
         cfg.dataset = cfg.dataset.strip().lower()
     # The official code selects the mode through the interval rate (0: online / plain self KD,
-    # >= 50: offline); the engine's mode table holds that convention. Imported here, not at the
-    # top, because the engine loads torch and the CLI answers --help without it.
-    if cfg.mode in ("spaced", "spaced-self") and isinstance(cfg.interval_rate, (int, float)):
-        from ..engine.modes import resolve_mode
-
-        try:
-            cfg.mode = resolve_mode(cfg.mode, cfg.interval_rate, self_kd=cfg.mode == "spaced-self")
-        except ValueError:
-            pass  # validate() names the bad rate
+    # >= 50: offline). The engine's mode table owns that convention (engine.modes.resolve_mode);
+    # this copy keeps configurations buildable without torch and the compiled extension, and
+    # tests/train/test_config.py checks that it agrees with the engine on every mode and rate.
+    rate = cfg.interval_rate
+    if cfg.mode == "spaced" and rate == 0:
+        cfg.mode = "online"
+    elif cfg.mode == "spaced" and rate >= OFFLINE_INTERVAL_RATE:
+        cfg.mode = "offline"
+    elif cfg.mode == "spaced-self" and rate == 0:
+        cfg.mode = "self"
 
 
 def validate(cfg: TrainConfig) -> None:

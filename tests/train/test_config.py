@@ -297,3 +297,18 @@ def test_name_lists_mirrored_for_a_torch_free_cli_equal_the_engines():
     assert set(config.FIRST_REPLAY) == set(spacing.FIRST_REPLAY_RULES) - {"vit"}  # vit: pair only
     if hasattr(spaced, "STUDENT_DATA"):
         assert config.STUDENT_DATA == spaced.STUDENT_DATA
+
+
+@pytest.mark.parametrize("mode", ["base", "online", "spaced", "offline", "self", "spaced-self"])
+@pytest.mark.parametrize("rate", [0, 0.5, 1.5, 49.9, 50, 60])
+def test_interval_rate_convention_agrees_with_the_engines(mode, rate):
+    from spacedkd_fast.engine.modes import resolve_mode
+
+    self_kd = mode in ("self", "spaced-self")
+    try:
+        want = resolve_mode(mode, rate, self_kd=self_kd)
+    except ValueError:  # spaced-self at >= 50: the engine refuses, so does the configuration
+        with pytest.raises(ConfigError, match="interval_rate"):
+            build_config({"mode": mode, "interval_rate": rate})
+        return
+    assert build_config({"mode": mode, "interval_rate": rate}).mode == want
