@@ -120,3 +120,18 @@ def test_the_official_models_tokens_are_not_decayed(arch, no_decay_tokens, froze
     # everything else: decayed exactly when it is a >1-D tensor that is not a bias
     for name in set(params) - no_decay_tokens - frozen:
         assert (name in decay) == (params[name].ndim > 1 and not name.endswith(".bias")), name
+
+
+def test_the_official_resnet56_recipe_builds_nesterov_sgd_without_decay_on_batchnorm():
+    from spacedkd_fast.models import create
+    from spacedkd_fast.train.config import build_config, load_yaml
+
+    cfg = build_config(load_yaml("r-56_c100"))
+    model = create(cfg.arch, 100, image_size=cfg.image_size)
+    opt = build_optimizer(cfg, model)
+    assert isinstance(opt, torch.optim.SGD)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert all(g["nesterov"] and g["momentum"] == 0.9 and g["dampening"] == 0 for g in opt.param_groups)
+    assert groups["decay"]["weight_decay"] == 5e-4 and groups["no_decay"]["weight_decay"] == 0.0
+    assert all(p.ndim == 4 or p.ndim == 2 for p in groups["decay"]["params"])  # convs and the fc
+    assert all(p.ndim == 1 for p in groups["no_decay"]["params"])  # BatchNorm and biases
