@@ -142,9 +142,11 @@ class EpochSchedule:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def set_epoch(self, epoch: int) -> None:
-        """Follow the main loop's epoch from now on (see the class docstring)."""
-        self.pinned_epoch = int(epoch)
+    def set_epoch(self, epoch: int | None) -> None:
+        """Follow the main loop's epoch from now on (see the class docstring); ``None`` returns
+        to this optimiser's own step count (e.g. for an offline student trained after the
+        teacher)."""
+        self.pinned_epoch = None if epoch is None else int(epoch)
         self._apply()
 
     def step(self) -> None:

@@ -77,6 +77,9 @@ def test_set_epoch_pins_the_clock_and_state_restores():
     fresh = build_schedule(_opt(), _official_cfg(), 10)
     fresh.load_state_dict(sched.state_dict())
     assert fresh.optimizer.param_groups[0]["lr"] == sched.lr_at_epoch(5) and fresh.t == 55
+    sched.set_epoch(None)  # back on its own clock: 55 steps = epoch 5 of 10 steps
+    sched.step()
+    assert sched.epoch == 5 and sched.state_dict() == {"t": 56, "epoch": None}
 
 
 def test_per_epoch_constant_and_multistep_after_a_warmup():
