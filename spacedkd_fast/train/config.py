@@ -317,7 +317,7 @@ def resolve_recipe(name_or_path: str) -> Path:
     close = difflib.get_close_matches(stem, names, n=3)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise ConfigError(f"config file {name_or_path!r} not found (neither a file nor a shipped "
-                      f"recipe).{hint} Shipped recipes: {', '.join(names)} (see --list-recipes).")
+                      f"recipe).{hint} --list-recipes lists the {len(names)} shipped recipes.")
 
 
 def load_yaml(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
