@@ -38,6 +38,7 @@ VIT_SWITCHES: dict[str, tuple[Any, Any]] = {
     "offline_student_data": ("replay", "fresh"),
     "shared_optimizer": (False, True),  # one AdamW over teacher and student
     "kd_second_forward": (False, True),  # non-DeiT students: KD logits from a second forward
+    "frozen_teacher_mode": ("eval", "train"),  # a frozen teacher runs in train mode (drop path)
 }
 
 PRESETS: dict[tuple[str, str], dict[str, tuple[Any, Any]]] = {

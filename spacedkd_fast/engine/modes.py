@@ -19,10 +19,12 @@ class Mode:
     """One training mode.
 
     - ``family``: ``pair`` (teacher and student networks) or ``self`` (one multi-exit network).
-    - ``teacher``: a teacher network trains (``pair`` family only).
+    - ``teacher``: a separate teacher network gives soft targets (``pair`` family only);
+      ``frozen_teacher``: it does not train (a pretrained teacher; no teacher optimizer).
     - ``step``: what each batch does: ``student`` (student CE only), ``online`` (teacher CE step
       and student KD step on it), ``record`` (a CE step of the teacher, or of the deepest exit,
-      recorded for a later replay), ``self-kd`` (the self-KD loss on it).
+      recorded for a later replay), ``self-kd`` (the self-KD loss on it), ``frozen`` (a student
+      KD step against the frozen teacher).
     - ``replays``: when recorded batches reach the student: ``interval`` (the spacing schedule),
       ``end`` (all of them after training, against the final teacher in eval mode), or ``None``.
     - ``at_rate_zero`` / ``at_offline_rate``: the mode that ``interval_rate == 0`` /
@@ -36,6 +38,7 @@ class Mode:
     replays: str | None
     at_rate_zero: str | None = None
     at_offline_rate: str | None = None
+    frozen_teacher: bool = False
 
 
 MODES: dict[str, Mode] = {m.name: m for m in (
@@ -44,6 +47,7 @@ MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("spaced", "pair", teacher=True, step="record", replays="interval",
          at_rate_zero="online", at_offline_rate="offline"),
     Mode("offline", "pair", teacher=True, step="record", replays="end"),
+    Mode("frozen", "pair", teacher=True, step="frozen", replays=None, frozen_teacher=True),
     Mode("self", "self", teacher=False, step="self-kd", replays=None),
     Mode("spaced-self", "self", teacher=False, step="record", replays="interval",
          at_rate_zero="self"),

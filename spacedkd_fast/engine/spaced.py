@@ -91,6 +91,7 @@ class SpacedDistiller(SpacedReplays, EngineBase):
                  teacher_bn_update: bool | None = None, replay: str | None = None,
                  offline_student_data: str | None = None, zero_interval: str | None = None,
                  shared_optimizer: bool | None = None, kd_second_forward: bool | None = None,
+                 frozen_teacher_mode: str | None = None,
                  trace: str | os.PathLike | None = None, source: Any = None,
                  overlap: bool | str = "auto", teacher_device: torch.device | str | None = None,
                  student_device: torch.device | str | None = None, teacher_scheduler: Any = None,
@@ -103,7 +104,8 @@ class SpacedDistiller(SpacedReplays, EngineBase):
         sw = resolve_switches(compat, "pair", {
             "flush_tail": flush_tail, "teacher_bn_update": teacher_bn_update, "replay": replay,
             "offline_student_data": offline_student_data, "zero_interval": zero_interval,
-            "shared_optimizer": shared_optimizer, "kd_second_forward": kd_second_forward})
+            "shared_optimizer": shared_optimizer, "kd_second_forward": kd_second_forward,
+            "frozen_teacher_mode": frozen_teacher_mode})
         for name, allowed in (("replay", REPLAY_KINDS), ("offline_student_data", STUDENT_DATA)):
             if sw[name] not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {sw[name]!r}")
@@ -118,7 +120,9 @@ class SpacedDistiller(SpacedReplays, EngineBase):
                          copy_device=copy_device, copy_dtype=copy_dtype,
                          first_replay="vit" if self.replay == "fresh" else "interval",
                          zero_interval=sw["zero_interval"])
-        if self.spec.teacher and (teacher is None or teacher_opt is None):
+        if self.spec.teacher and teacher is None:
+            raise ValueError(f"mode {self.mode!r} needs a teacher")
+        if self.spec.teacher and not self.spec.frozen_teacher and teacher_opt is None:
             raise ValueError(f"mode {self.mode!r} needs a teacher and a teacher optimizer")
         needs_stream = self.replay == "fresh" and self.spec.replays == "interval"
         if needs_stream and not callable(getattr(source, "stream", None)):
@@ -130,7 +134,13 @@ class SpacedDistiller(SpacedReplays, EngineBase):
             raise ValueError("offline_student_data='fresh' trains the student on new passes of "
                              "the source: pass source=... (a replayable source), or use "
                              "offline_student_data='replay'")
-        self.shared_optimizer = bool(sw["shared_optimizer"])
+        # a frozen teacher has nothing to share an optimizer with (the official frozen teacher's
+        # parameters have requires_grad=False, which AdamW skips)
+        self.shared_optimizer = bool(sw["shared_optimizer"]) and not self.spec.frozen_teacher
+        self.frozen_teacher_mode = sw["frozen_teacher_mode"]
+        if self.frozen_teacher_mode not in ("eval", "train"):
+            raise ValueError("frozen_teacher_mode must be 'eval' or 'train', got "
+                             f"{self.frozen_teacher_mode!r}")
         if self.shared_optimizer and (teacher_opt is None or teacher_opt is not student_opt):
             raise ValueError("shared_optimizer=True needs one optimizer over both networks, "
                              "passed as teacher_opt and student_opt (the same object)")
@@ -157,6 +167,10 @@ class SpacedDistiller(SpacedReplays, EngineBase):
                                      family="pair", any_callable=True)
                    if self.spec.teacher else None)
         self._fresh_passes_done = 0  # replay='fresh': passes begun over the second stream
+        if self.shared_optimizer and self.mode == "online" and not hasattr(self.kd, "alpha"):
+            raise ValueError("shared_optimizer=True in online mode trains (1 - alpha) (CE_s + CE_t)"
+                             " + alpha KD in one step: pass loss=KDObjective(...) (or "
+                             "temperature=/alpha=) so that alpha is known")
         self.feature_loss = self._build_feature_loss(feature_loss)
         self.projector: nn.Module | None = None
         self._projector_dims: tuple[int, int] | None = None
@@ -209,7 +223,7 @@ class SpacedDistiller(SpacedReplays, EngineBase):
     # -- batch steps (the mode table's ``step`` values) -------------------------------------
     def _batch_steps(self):
         return {"student": self._base_step, "online": self._online_step,
-                "record": self._record_step}
+                "record": self._record_step, "frozen": self._frozen_step}
 
     def _teacher_forward_train(self, x: Tensor) -> tuple[Tensor | None, Any]:
         train_mode(self.teacher)
@@ -241,6 +255,13 @@ class SpacedDistiller(SpacedReplays, EngineBase):
             return F.cross_entropy(fp32(ce_logits(z)), y), {}
 
         self._student_step(key, x, y, loss_fn=ce, guard=(self.student,), teacher_step=None)
+
+    def _frozen_step(self, key: Any, x: Tensor, y: Tensor) -> None:
+        x = to_device(x, self.student_device)
+        y = to_device(y, self.student_device)
+        with in_mode(self.teacher, self.frozen_teacher_mode == "train") as teacher:
+            self._student_step(key, x, y, loss_fn=self._replay_loss(teacher),
+                               guard=self._replay_guard(teacher), teacher_step=None)
 
     def _online_step(self, key: Any, x: Tensor, y: Tensor) -> None:
         xt = to_device(x, self.teacher_device)

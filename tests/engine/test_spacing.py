@@ -98,7 +98,7 @@ def test_spec_numbers_cifar100_80_epochs():
 
 
 def test_mode_table_names_each_mode_once():
-    assert MODE_NAMES == ("base", "online", "spaced", "offline", "self", "spaced-self")
+    assert MODE_NAMES == ("base", "online", "spaced", "offline", "frozen", "self", "spaced-self")
     assert set(TWO_MODEL_MODES) | set(SELF_MODES) == set(MODE_NAMES)
     assert not set(TWO_MODEL_MODES) & set(SELF_MODES)
     assert [n for n, m in MODES.items() if m.replays == "interval"] == ["spaced", "spaced-self"]

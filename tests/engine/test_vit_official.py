@@ -9,6 +9,8 @@ added (exact zero gradients: AdamW still decays and moves the student), ``space_
 targets. The toy models have no BatchNorm and no dropout, so the official loop's logging-only
 student forward in the teacher step changes nothing."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -163,8 +165,6 @@ def test_official_vit_preset_matches_the_official_loop(s, tmp_path):
 
 
 def test_fresh_replay_resumes_exactly(tmp_path):
-    import copy
-
     full = tmp_path / "full.jsonl"
     t_full, s_full, _ = run_engine(1.5, torch.float64, trace=full, compat="official-vit")
     src = make_source(torch.float64)
@@ -211,3 +211,71 @@ def test_bad_combinations():
     with pytest.raises(ValueError, match="contradicts"):
         SpacedDistiller(teacher, student, opt, opt, steps_per_epoch=L, source=src,
                         compat="official-vit", loss=KDObjective())
+
+
+def official_vit_online(teacher, student, src):
+    """Official online mode: (1 - a) (CE_s + CE_t) + a KD(z_s_kd, stopgrad z_t), one AdamW step;
+    the student's KD logits come from a second forward."""
+    opt = adamw(teacher, student)
+    for epoch in range(EPOCHS):
+        for _, (x, y) in src.epoch(epoch):
+            z_t = teacher(x)
+            z_s = student(x)
+            z_kd = student(x)
+            kd = vit_kd(z_kd, z_t.detach(), y) - (1 - ALPHA) * F.cross_entropy(z_kd, y)
+            loss = (1 - ALPHA) * (F.cross_entropy(z_s, y) + F.cross_entropy(z_t, y)) + kd
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+def test_official_vit_online_objective_is_one_step_over_both_networks():
+    teacher, student, d = run_engine(0.0, torch.float64, compat="official-vit", temperature=T,
+                                     alpha=ALPHA)
+    assert d.mode == "online" and d.student_steps == d.teacher_steps == EPOCHS * L
+    t_ref, s_ref = mlp(0, 12, torch.float64), mlp(1, 7, torch.float64)
+    official_vit_online(t_ref, s_ref, make_source(torch.float64))
+    for a, b in zip([*teacher.parameters(), *student.parameters()],
+                    [*t_ref.parameters(), *s_ref.parameters()]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("compat,teacher_mode", [(None, "eval"), ("official-vit", "train")])
+def test_frozen_teacher_mode(compat, teacher_mode):
+    """A pretrained teacher that never trains; the official one runs in train mode (its drop path
+    and BatchNorm batch statistics on), ours in eval mode."""
+    src = make_source(torch.float64)
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.ReLU(),
+                            nn.Linear(12, CLASSES)).double()
+    student = mlp(1, 7, torch.float64)
+    ref_t, ref_s = copy.deepcopy(teacher), copy.deepcopy(student)
+    opt = torch.optim.SGD(student.parameters(), lr=0.05)
+    d = SpacedDistiller(teacher, student, None, opt, mode="frozen", steps_per_epoch=L,
+                        compat=compat, temperature=T, alpha=ALPHA)
+    for key, (x, y) in src.epochs(2):
+        d.step(key, x, y)
+    d.finish()
+    assert d.teacher_steps == 0 and d.student_steps == 2 * L
+    ref_opt = torch.optim.SGD(ref_s.parameters(), lr=0.05)
+    ref_t.train(teacher_mode == "train")
+    for _, (x, y) in src.epochs(2):
+        with torch.no_grad():
+            z_t = ref_t(x)
+        z_s = ref_s(x)
+        if compat:  # second forward for the KD logits (the same values: no dropout here)
+            loss = (1 - ALPHA) * F.cross_entropy(z_s, y) + (
+                vit_kd(ref_s(x), z_t, y) - (1 - ALPHA) * F.cross_entropy(ref_s(x), y))
+        else:  # ours: KDObjective(T, alpha) with kd_scale T*T, batch-mean KL
+            kl = F.kl_div(F.log_softmax(z_s / T, 1), F.softmax(z_t / T, 1), reduction="batchmean")
+            loss = (1 - ALPHA) * F.cross_entropy(z_s, y) + ALPHA * T * T * kl
+        ref_opt.zero_grad()
+        loss.backward()
+        ref_opt.step()
+    for a, b in zip(student.parameters(), ref_s.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    # the teacher's weights never move; its BN statistics move only in official train mode
+    assert all(torch.equal(a, b) for a, b in zip(teacher.parameters(), ref_t.parameters()))
+    moved = not torch.equal(teacher[1].running_mean, torch.zeros(12, dtype=torch.float64))
+    assert moved == (teacher_mode == "train")
+    assert teacher.training  # the user's mode is restored
