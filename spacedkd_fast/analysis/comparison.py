@@ -102,6 +102,12 @@ def _num(x: float | None, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _decimals(*values: float | None) -> str:
+    """A fixed-point format with about four significant digits for the largest of ``values``."""
+    big = max((abs(v) for v in values if v is not None and v != 0), default=1.0)
+    return f".{max(0, 3 - math.floor(math.log10(big)))}f"
+
+
 def _mean_std(stat: dict[str, Any], fmt: str = ".2f") -> str:
     if not stat or not stat["n"]:
         return "-"
@@ -137,18 +143,20 @@ def format_text(summary: dict[str, Any]) -> str:
             h = g["hessian_trace"]
             if h:
                 se = [s for s in h["stderr"] if s is not None]
-                se_text = (f"{max(se):.3g}" if se else "-")
-                rows.append([g["name"], _mean_std(h, ".4g"), se_text, str(h["n"])])
+                se_text = (f"{max(se):.2g}" if se else "-")
+                rows.append([g["name"], _mean_std(h, _decimals(h["mean"])), se_text, str(h["n"])])
             else:
                 rows.append([g["name"], "- (run python -m spacedkd_fast.flatness)", "", "0"])
-        out += _table(["group", "trace", "max probe s.e.", "n"], rows, "lrrr")
+        out += _table(["group", "trace", "s.e. of estimate (max)", "n"], rows, "lrrr")
     if summary["differences"]:
         pct = int(round(100 * summary["confidence"]))
         out += ["", f"Difference from {summary['baseline']} (group - baseline; Welch's t-test, "
                 f"{pct}% interval):"]
         rows = []
         for d in summary["differences"]:
-            fmt = ".4g" if d["metric"] == "Hessian trace" else "+.2f"
+            fmt = "+.2f"
+            if d["metric"] == "Hessian trace":
+                fmt = "+" + _decimals(d["diff"], d["low"], d["high"])
             interval = ("-" if d["low"] is None else
                         f"[{format(d['low'], fmt)}, {format(d['high'], fmt)}]")
             rows.append([d["group"], d["metric"], _num(d["diff"], fmt), interval,

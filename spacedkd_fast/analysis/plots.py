@@ -64,7 +64,8 @@ def plot_compare(groups: Sequence[Group], path: str | Path) -> Path:
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    roles = [("student", "student (self KD: ensemble)")]
+    self_kd = any(p.startswith("exit") for g in groups for _, p in g.models())
+    roles = [("student", "student (self KD: ensemble)" if self_kd else "student")]
     if any(p == "teacher" for g in groups for _, p in g.models()):
         roles.append(("teacher", "teacher"))
     fig, axes = plt.subplots(1, len(roles), figsize=(5.5 * len(roles), 4), dpi=110, squeeze=False)
@@ -118,7 +119,9 @@ def plot_flatness(entries: Sequence[tuple[str, dict[str, Any]]], path: str | Pat
                            color=color, capsize=3, label=name)
             mean = spread([t for t, _ in traces]).mean
             ax_tr.hlines(mean, i - 0.3, i + 0.3, color=color, linewidth=2)
-    ax_loss.set_ylabel("test loss (mean cross-entropy)")
+    ax_loss.set_ylabel("test loss (mean cross-entropy, log scale)")
+    if ax_loss.has_data():
+        ax_loss.set_yscale("log")
     ax_acc.set_ylabel("test top-1 (%)")
     for ax in (ax_loss, ax_acc):
         ax.set_xlabel("step along a filter-normalised random direction")
@@ -126,6 +129,7 @@ def plot_flatness(entries: Sequence[tuple[str, dict[str, Any]]], path: str | Pat
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     ax_tr.set_xticks(range(len(names)), names)
+    ax_tr.set_xlim(-0.6, len(names) - 0.4)
     ax_tr.set_ylabel("Hessian trace (± 1 s.e. of the estimate; bar: mean)")
     ax_tr.grid(alpha=0.3, axis="y")
     fig.suptitle("flatness of the best students (smaller trace, wider basin = flatter)",
