@@ -15,7 +15,10 @@ Order of operations per recipe (as the official transforms): ``cifar``: crop(pad
 rotate(15) -> normalise. ``cifar-selfkd``: crop(pad 4, fill 128) -> flip -> AutoAugment -> Cutout
 (16) -> normalise. ``tiny``: crop(pad 4) -> flip -> normalise. ``imagenet``: random-resized crop ->
 flip -> normalise. ``vit``: random-resized crop -> flip -> RandAugment m9 -> normalise -> random
-erasing 0.25. ``none``: normalise. Test images: normalise; resized to the output size when it
+erasing 0.25. ``vit-official``: the same steps with PIL's resampling as timm's
+``create_transform`` runs them in the official ViT code (bicubic crop, bicubic policy ops filled
+with the ImageNet mean, ImageNet statistics, bilinear test resize, ``drop_last``; see
+:data:`VIT_OFFICIAL`). ``none``: normalise. Test images: normalise; resized to the output size when it
 differs (``imagenet``: resize 256 / centre crop 224 as one resized crop).
 """
 
@@ -27,9 +30,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from . import imageops
+from . import imageops, pilops
 from .keyed import STREAM_AUGMENT, STREAM_NOISE, keyed_generator, keyed_seed, stream_tag
-from .policies import apply_rounds, draw_autoaugment, draw_randaugment
+from .policies import POLICY_RESAMPLES, apply_rounds, draw_autoaugment, draw_randaugment
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
@@ -39,6 +42,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _ATTEMPTS = 10  # rejection-sampling attempts of random-resized crop and random erasing
+
+# How images are resized: "bilinear" (batched half-pixel bilinear, no antialiasing: fast, the
+# torch backends' default) or PIL's own filters, reproduced exactly ("pil-bicubic", "pil-bilinear").
+RESAMPLES = ("bilinear", "pil-bicubic", "pil-bilinear")
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,8 @@ class Recipe:
     flip: bool = False
     rotate_degrees: float = 0.0
     policy: str | None = None  # "autoaugment-cifar10" | "randaugment"
-    policy_fill: int = 128
+    policy_fill: int | tuple[int, int, int] = 128
+    policy_resample: str = "nearest"  # geometric policy ops: "nearest" | "pil-bicubic"
     randaugment_ops: int = 2
     randaugment_magnitude: float = 9.0
     randaugment_std: float = 0.5
@@ -66,6 +74,22 @@ class Recipe:
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     test_crop_fraction: float = 1.0  # imagenet: 224 / 256
+    resample: str = "bilinear"  # random-resized crop and training resizes (see RESAMPLES)
+    test_resample: str = "bilinear"  # the evaluation resize
+    drop_last: bool = False  # the training stream drops the last partial batch by default
+
+
+# The official ViT pipeline (OFFICIAL_VIT_FACTS 1.1): timm ``create_transform(is_training=True,
+# auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, re_mode="pixel", interpolation="bicubic")``
+# on PIL images: RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3, bicubic) + flip 0.5, RandAugment
+# (2 ops from the "increasing" set, p 0.5, magnitude N(9, 0.5); geometric ops bicubic, filled
+# with the ImageNet mean in 8 bits as timm does), ImageNet mean/std, RandomErasing(0.25, per-pixel
+# normal noise); test: Resize((S, S)) bilinear; train loaders with drop_last.
+VIT_OFFICIAL = Recipe(
+    "vit-official", random_resized_crop=True, flip=True, policy="randaugment",
+    policy_fill=tuple(min(255, round(255 * m)) for m in IMAGENET_MEAN),
+    policy_resample="pil-bicubic", erasing_p=0.25, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    resample="pil-bicubic", test_resample="pil-bilinear", drop_last=True)
 
 
 RECIPES: dict[str, Recipe] = {
@@ -76,6 +100,7 @@ RECIPES: dict[str, Recipe] = {
     "tiny": Recipe("tiny", crop_padding=4, flip=True),
     "imagenet": Recipe("imagenet", random_resized_crop=True, flip=True, test_crop_fraction=224 / 256),
     "vit": Recipe("vit", random_resized_crop=True, flip=True, policy="randaugment", erasing_p=0.25),
+    "vit-official": VIT_OFFICIAL,
     "none": Recipe("none"),
 }
 
@@ -164,8 +189,15 @@ class Augmenter:
         self.seed = int(seed)
         self.mean = tuple(self.recipe.mean or mean)
         self.std = tuple(self.recipe.std or std)
-        if self.recipe.policy not in (None, "autoaugment-cifar10", "randaugment"):
-            raise ValueError(f"unknown policy {self.recipe.policy!r}")
+        r = self.recipe
+        if r.policy not in (None, "autoaugment-cifar10", "randaugment"):
+            raise ValueError(f"unknown policy {r.policy!r}")
+        for field, value, allowed in (("resample", r.resample, RESAMPLES),
+                                      ("test_resample", r.test_resample, RESAMPLES),
+                                      ("policy_resample", r.policy_resample, POLICY_RESAMPLES)):
+            if value not in allowed:
+                raise ValueError(f"recipe {r.name!r}: unknown {field} {value!r}; choose one of "
+                                 f"{allowed}")
 
     def with_recipe(self, recipe: Recipe) -> Augmenter:
         return Augmenter(replace(recipe), self.out_size, seed=self.seed, mean=self.mean, std=self.std)
@@ -214,6 +246,15 @@ class Augmenter:
         return rrc_boxes(p["rrc"], heights, widths, r.rrc_scale, r.rrc_ratio)
 
     # ----------------------------------------------------------------------------- stages
+    def resize(self, x: Tensor, top: Tensor, left: Tensor, h: Tensor, w: Tensor,
+               flip: Tensor | None = None, *, test: bool = False) -> Tensor:
+        """Boxes ``(top, left, h, w)`` of ``uint8 [B, C, H, W]`` resized to the output size with
+        the recipe's resampling (``test``: the evaluation one), mirrored where ``flip``."""
+        kind = self.recipe.test_resample if test else self.recipe.resample
+        if kind == "bilinear":
+            return imageops.resized_crop(x, top, left, h, w, self.out_size, flip=flip)
+        return pilops.resized_crop(x, top, left, h, w, self.out_size, kind[len("pil-"):], flip=flip)
+
     def geometric(self, x: Tensor, p: dict) -> Tensor:
         """Crop/flip/rotate or random-resized crop/flip: ``uint8 [B, C, H, W] -> [B, C, oh, ow]``."""
         r = self.recipe
@@ -224,7 +265,7 @@ class Augmenter:
         if r.random_resized_crop:
             full = torch.full((B,), H), torch.full((B,), W)
             top, left, h, w = self.boxes(p, *full)
-            return imageops.resized_crop(x, top, left, h, w, (oh, ow), flip=flip_dev)
+            return self.resize(x, top, left, h, w, flip=flip_dev)
         if (H, W) != (oh, ow):  # crop recipes work at the output size: resize whole images first
             zeros = torch.zeros(B, dtype=torch.long)
             x = imageops.resized_crop(x, zeros, zeros, torch.full((B,), H), torch.full((B,), W), (oh, ow))
@@ -242,7 +283,7 @@ class Augmenter:
         """Policy ops and Cutout on ``uint8 [B, C, H, W]``."""
         r = self.recipe
         if "policy" in p:
-            x = apply_rounds(x, p["policy"], fill=r.policy_fill)
+            x = apply_rounds(x, p["policy"], fill=r.policy_fill, resample=r.policy_resample)
         if r.cutout_length:
             H, W = x.shape[2:]
             c = imageops.h2d(torch.floor(p["cutout"] * torch.tensor([H, W])).long(), x.device)
@@ -296,7 +337,7 @@ class Augmenter:
         B, _, H, W = x.shape
         if (H, W) != self.out_size or self.recipe.test_crop_fraction < 1.0:
             top, left, h, w = self.test_boxes(torch.full((B,), H), torch.full((B,), W))
-            x = imageops.resized_crop(x, top, left, h, w, self.out_size)
+            x = self.resize(x, top, left, h, w, test=True)
         return imageops.normalize(x, self.mean, self.std)
 
 

@@ -96,7 +96,8 @@ def _load(dataset: str, data_dir: str, download: bool):
     raise ValueError(f"unknown data set {dataset!r}; choose one of {', '.join(DATASETS)}")
 
 
-def _choose_backend(backend: str, device: torch.device, files: bool) -> tuple[str, str]:
+def _choose_backend(backend: str, device: torch.device, files: bool, pil_resample: bool = False
+                    ) -> tuple[str, str]:
     from .dali import dali_available
 
     if backend not in BACKENDS:
@@ -104,9 +105,10 @@ def _choose_backend(backend: str, device: torch.device, files: bool) -> tuple[st
     if backend == "auto":
         if device.type == "cuda" and not files:
             return "gpu-resident", "in-memory data set on a CUDA device"
-        if device.type == "cuda" and files and dali_available():
+        if device.type == "cuda" and files and dali_available() and not pil_resample:
             return "dali", "image folder on a CUDA device"
-        why = "no CUDA device" if device.type != "cuda" else "DALI not installed"
+        why = ("no CUDA device" if device.type != "cuda" else
+               "the recipe resamples as PIL does" if pil_resample else "DALI not installed")
         return "torch-cpu", why
     if backend in ("gpu", "gpu-resident"):
         if device.type != "cuda":
@@ -125,7 +127,7 @@ def _choose_backend(backend: str, device: torch.device, files: bool) -> tuple[st
 def build_data(dataset: str | None, *, data_dir: str = "./data", recipe: str | None = None,
                batch_size: int = 128, seed: int = 0, device: str | torch.device = "cpu",
                backend: str = "auto", rank: int = 0, world_size: int = 1, download: bool = False,
-               image_size: int | None = None, drop_last: bool = False) -> DataBundle:
+               image_size: int | None = None, drop_last: bool | None = None) -> DataBundle:
     """Build the training source and test loader of ``dataset``.
 
     ``dataset``: ``"cifar100"``, ``"cifar10"``, ``"tiny-imagenet"``, ``"imagenet"`` (read from
@@ -133,6 +135,8 @@ def build_data(dataset: str | None, *, data_dir: str = "./data", recipe: str | N
     ``"digits"``, or ``None`` (CIFAR-100 if it is under ``data_dir``, else the embedded digits,
     announced). A named data set missing on disk raises ``FileNotFoundError`` naming the folder.
     ``batch_size`` is the global batch: rank ``r`` gets rows ``r::world_size`` of each batch.
+    ``drop_last``: drop the last partial training batch; ``None`` takes the recipe's default
+    (``vit-official``: True, as the official loaders: CIFAR-100 at batch 128 gives 390 steps).
     """
     device = torch.device(device)
     fallback_note = ""
@@ -146,9 +150,12 @@ def build_data(dataset: str | None, *, data_dir: str = "./data", recipe: str | N
     kind, tr, te, classes, mean, std, desc = _load(dataset, data_dir, download)
     recipe_name = recipe or _DEFAULT_RECIPE[kind]
     rec = get_recipe(recipe_name)
-    size = image_size or (224 if recipe_name == "vit" else _DEFAULT_SIZE[kind])
+    size = image_size or (224 if recipe_name in ("vit", "vit-official") else _DEFAULT_SIZE[kind])
+    if drop_last is None:
+        drop_last = rec.drop_last
     files = isinstance(tr, FileData)
-    chosen, why = _choose_backend(backend, device, files)
+    pil_resample = "pil" in rec.resample or "pil" in rec.test_resample
+    chosen, why = _choose_backend(backend, device, files, pil_resample)
     aug = Augmenter(rec, size, seed=seed, mean=mean, std=std)
     test_aug = Augmenter(rec, size, seed=seed, mean=mean, std=std)
     common = dict(batch_size=batch_size, seed=seed, drop_last=drop_last, rank=rank, world_size=world_size)
@@ -183,7 +190,8 @@ def build_data(dataset: str | None, *, data_dir: str = "./data", recipe: str | N
     head = fallback_note or f"data set {desc}"
     announcement = (f"{head}: {len(tr)} train / {len(te)} test images, {len(classes)} classes, "
                     f"{size} px, recipe '{recipe_name}', backend {backend_name} ({why}), "
-                    f"{train.steps_per_epoch} steps per epoch")
+                    f"{train.steps_per_epoch} steps per epoch"
+                    + (" (last partial batch dropped)" if drop_last else ""))
     log.info(announcement)
     return DataBundle(train=train, test=test, num_classes=len(classes), image_size=size, name=kind,
                       backend=backend_name, announcement=announcement, recipe=recipe_name)

@@ -62,6 +62,10 @@ class DaliSource(_SourceBase):
                  rank: int = 0, world_size: int = 1, num_threads: int = 2, prefetch: int = 2):
         if not dali_available():
             raise ImportError("the DALI backend needs nvidia-dali (pip install nvidia-dali-cuda130)")
+        r = augmenter.recipe
+        if r.resample != "bilinear" or r.test_resample != "bilinear":
+            raise ValueError(f"recipe {r.name!r} resamples as PIL does ({r.resample}, test "
+                             f"{r.test_resample}), which DALI cannot; use backend 'gpu' or 'cpu'")
         self.data = data
         self.augmenter = augmenter
         self.device = torch.device(device)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import imageops
+from . import imageops, pilops
 
 OPS = (
     "Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Color", "Brightness",
@@ -171,8 +171,24 @@ def _geometric_inverse(name: str, value: Tensor, height: int, width: int) -> Ten
     return m
 
 
-def _apply_op(name: str, x: Tensor, value: Tensor, fill: int) -> Tensor:
+def _pil_affine_data(name: str, value: Tensor, height: int, width: int) -> Tensor:
+    """PIL's affine data ``[b, 6]`` of a geometric op, as timm's ops pass it to
+    ``Image.transform`` / ``Image.rotate`` (rotation: PIL's own matrix, cosines rounded)."""
+    if name == "Rotate":
+        return torch.tensor([pilops.rotation_data(float(v), width, height) for v in value.tolist()],
+                            dtype=torch.float64).view(-1, 6)
+    return _geometric_inverse(name, value, height, width).view(-1, 6)
+
+
+def _apply_op(name: str, x: Tensor, value: Tensor, fill: int | tuple[int, ...],
+              resample: str = "nearest") -> Tensor:
     if name in _GEOMETRIC:
+        if resample == "pil-bicubic":
+            fills = (fill,) * x.shape[1] if isinstance(fill, int) else tuple(fill)
+            data = _pil_affine_data(name, value, x.shape[2], x.shape[3])
+            return pilops.affine_bicubic(x, data, fills)
+        if not isinstance(fill, int):
+            raise ValueError(f"nearest-neighbour policy ops take one fill value, got {fill!r}")
         inv = imageops.h2d(_geometric_inverse(name, value, x.shape[2], x.shape[3]), x.device)
         return imageops.affine_nearest(x, inv, fill)
     if name == "Color":
@@ -198,8 +214,19 @@ def _apply_op(name: str, x: Tensor, value: Tensor, fill: int) -> Tensor:
     return x
 
 
-def apply_rounds(x: Tensor, rounds: list[tuple[Tensor, Tensor, Tensor]], fill: int = 128) -> Tensor:
-    """Apply policy rounds to ``uint8 [B, C, H, W]``; ``rounds`` hold CPU tensors of length B."""
+POLICY_RESAMPLES = ("nearest", "pil-bicubic")
+
+
+def apply_rounds(x: Tensor, rounds: list[tuple[Tensor, Tensor, Tensor]],
+                 fill: int | tuple[int, ...] = 128, resample: str = "nearest") -> Tensor:
+    """Apply policy rounds to ``uint8 [B, C, H, W]``; ``rounds`` hold CPU tensors of length B.
+
+    ``resample``: how the geometric ops (shear, translate, rotate) sample: ``"nearest"`` (one
+    ``fill`` value), or ``"pil-bicubic"`` (PIL's bicubic affine transform, as timm's RandAugment
+    with ``interpolation="bicubic"``; ``fill`` may give one value per channel).
+    """
+    if resample not in POLICY_RESAMPLES:
+        raise ValueError(f"unknown policy resampling {resample!r}; choose one of {POLICY_RESAMPLES}")
     if not rounds:
         return x
     x = x.clone()
@@ -213,5 +240,5 @@ def apply_rounds(x: Tensor, rounds: list[tuple[Tensor, Tensor, Tensor]], fill: i
             rows = (active == op_id).nonzero().flatten()
             rows_dev = imageops.h2d(rows, x.device)
             sub = x[rows_dev]  # advanced indexing: several times faster than index_select for uint8 on CPU
-            x.index_copy_(0, rows_dev, _apply_op(name, sub, value[rows], fill))
+            x.index_copy_(0, rows_dev, _apply_op(name, sub, value[rows], fill, resample))
     return x

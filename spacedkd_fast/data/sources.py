@@ -324,7 +324,7 @@ class FileSource(_SourceBase):
             box = (torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), hs, ws)
         if (H, W) == a.out_size and all(int(b) == v for b, v in zip(box, (0, 0, H, W))):
             return img[0]
-        return imageops.resized_crop(img, *box, a.out_size)[0]
+        return a.resize(img, *box, test=not train)[0]
 
     def _decode_batch(self, idx: Tensor, p: dict | None, train: bool) -> Tensor:
         paths = [self.data.paths[i] for i in idx.tolist()]

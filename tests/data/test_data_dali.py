@@ -97,7 +97,10 @@ def test_test_time_resize_is_identical(pair, data):
     assert torch.allclose(xt, ref, atol=1e-6)  # whole-image bilinear upscaling: same pixels
 
 
-@pytest.mark.parametrize("recipe", sorted(RECIPES))
+DALI_RECIPES = sorted(n for n, r in RECIPES.items() if "pil" not in r.resample + r.test_resample)
+
+
+@pytest.mark.parametrize("recipe", DALI_RECIPES)
 def test_dali_replays_every_recipe(pair, recipe):
     _, ds = pair(recipe)
     x1, y1 = ds.batch(2)
@@ -157,3 +160,26 @@ def test_build_data_dali_backend_is_announced():
     assert key == 1 and x.shape == (64, 3, 32, 32)
     assert torch.equal(x, b.train.batch(1)[0])
     assert sum(len(t[1]) for t in b.test()) == 359
+
+
+def test_dali_refuses_pil_resampling_recipes(data):
+    from spacedkd_fast.data.dali import DaliSource
+
+    with pytest.raises(ValueError, match="resamples as PIL does.*backend 'gpu' or 'cpu'"):
+        DaliSource(data, Augmenter("vit-official", 24), batch_size=8)
+
+
+def test_dali_second_stream_and_mid_epoch_resume(pair):
+    ts, ds = pair("tiny")
+    full = list(ds.epoch(1))
+    rest = list(ds.epoch(1, start=1))
+    assert [k for k, _ in rest] == [k for k, _ in full[1:]]
+    assert all(torch.equal(a[0], b[0]) for (_, a), (_, b) in zip(rest, full[1:]))
+    s1 = ds.stream(1)
+    assert s1.stream_id == 1 and list(ds.epoch(1, start=ds.steps_per_epoch)) == []
+    x1, y1 = s1.batch(4)
+    assert torch.equal(x1, s1.batch(4)[0])
+    assert not torch.equal(y1, ds.batch(4)[1])
+    # the DALI stream-1 batch equals the torch stream-1 batch (tiny: crop + flip, identical pixels)
+    xt, yt = ts.stream(1).batch(4)
+    assert torch.equal(yt, y1) and torch.equal(xt, x1)
