@@ -37,9 +37,10 @@ class Tap:
 
 def block_taps(model: nn.Module) -> list[Tap]:
     """The taps of ``model`` (which must define ``block_taps()``), unwrapping DDP / compile."""
-    inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-    if isinstance(inner, nn.Module) and not hasattr(model, "block_taps"):
-        model = inner
+    for attr in ("module", "_orig_mod"):  # DistributedDataParallel, torch.compile
+        inner = getattr(model, attr, None)
+        if isinstance(inner, nn.Module) and not hasattr(model, "block_taps"):
+            model = inner
     taps = getattr(model, "block_taps", None)
     if taps is None:
         raise TypeError(

@@ -117,3 +117,9 @@ def test_features_are_refreshed_each_forward_and_indices_select():
 def test_a_model_without_taps_is_a_clear_error():
     with pytest.raises(TypeError, match="no per-block features"):
         block_taps(create("resnet18", 5))
+
+
+def test_taps_are_found_through_a_compiled_wrapper():
+    model = create("resnet56", 5)
+    taps = block_taps(torch.compile(model))  # compiles nothing until called
+    assert [t.module for t in taps] == [model.s1, model.s2, model.s3]
