@@ -143,7 +143,7 @@ def format_text(summary: dict[str, Any]) -> str:
             h = g["hessian_trace"]
             if h:
                 se = [s for s in h["stderr"] if s is not None]
-                se_text = (f"{max(se):.2g}" if se else "-")
+                se_text = format(max(se), _decimals(max(se))) if se else "-"
                 rows.append([g["name"], _mean_std(h, _decimals(h["mean"])), se_text, str(h["n"])])
             else:
                 rows.append([g["name"], "- (run python -m spacedkd_fast.flatness)", "", "0"])

@@ -134,21 +134,25 @@ def hessian_trace(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], *,
                 continue
             loss = nn.functional.cross_entropy(_upcast(_logits(model(x))), y, reduction="sum")
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-            used = [(p, g) for p, g in zip(params, grads) if g is not None]
+            # a gradient that does not depend on the weights (or a weight the loss does not use)
+            # has zero Hessian rows
+            keep = [g is not None and g.requires_grad for g in grads]
+            used_grads = [g for g, k in zip(grads, keep) if k]
             values = torch.zeros(samples, dtype=torch.float64, device=device)
             for i in range(samples):
                 # the same probe i for every batch: sum_b v^T H_b v = v^T H v
                 generator.manual_seed(seed * 1_000_003 + i)
                 probe = _rademacher(params, generator)
-                probe_used = [v for v, g in zip(probe, grads) if g is not None]
-                hv = torch.autograd.grad([g for _, g in used], [p for p, _ in used],
-                                         grad_outputs=probe_used, retain_graph=i < samples - 1,
-                                         allow_unused=True)
-                values[i] = sum((h * v).sum(dtype=torch.float64) for h, v in zip(hv, probe_used)
+                if not used_grads:
+                    continue
+                probe_used = [v for v, k in zip(probe, keep) if k]
+                hv = torch.autograd.grad(used_grads, params, grad_outputs=probe_used,
+                                         retain_graph=i < samples - 1, allow_unused=True)
+                values[i] = sum((h * v).sum(dtype=torch.float64) for h, v in zip(hv, probe)
                                 if h is not None)
             sums += values.cpu()
             total += n
-            del loss, grads, used
+            del loss, grads, used_grads
             if progress is not None:
                 progress(f"batch {b + 1}: {total} samples, {samples} probes, "
                          f"{time.monotonic() - t0:.1f} s")

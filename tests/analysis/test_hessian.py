@@ -136,3 +136,11 @@ def test_batches_are_weighted_by_their_rows():
     split = hessian_trace(model, batches, samples=6, seed=5)
     whole = hessian_trace(model, [(x, y)], samples=6, seed=5)
     assert split.per_probe == pytest.approx(whole.per_probe, rel=1e-10)
+
+
+def test_parameters_the_loss_does_not_use_have_zero_hessian_rows():
+    model, x, y, batches = _model_and_data()
+    model.spare = nn.Parameter(torch.ones(3, dtype=torch.float64))  # never used in forward
+    est = hessian_trace(model, batches, samples=4, seed=0)
+    assert est.num_params == sum(p.numel() for p in model.parameters())
+    assert all(math.isfinite(v) for v in est.per_probe)
