@@ -29,7 +29,7 @@ RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 # Name lists of the engine (engine/modes.py, engine/spaced.py, ops/losses.py), mirrored because the
 # engine loads torch and the CLI answers --help without it; tests/train/test_config.py checks that
 # each copy equals the engine's. The interval-rate -> mode convention itself is the engine's.
-MODES = ("base", "online", "spaced", "offline", "self", "spaced-self")
+MODES = ("base", "online", "spaced", "offline", "frozen", "self", "spaced-self")
 SELF_MODES = ("self", "spaced-self")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "multistep", "cosine")
@@ -94,7 +94,8 @@ class TrainConfig:
 
     # what to train
     mode: str = _opt("spaced", "training mode: base (one model, CE), online KD, spaced KD, offline KD, "
-                     "self KD (multi-exit BYOT network), spaced-self KD", G_WHAT, choices=MODES)
+                     "frozen (KD from a pretrained teacher, --teacher-checkpoint), self KD "
+                     "(multi-exit BYOT network), spaced-self KD", G_WHAT, choices=MODES)
     arch: str = _opt("resnet18", "architecture of both teacher and student (self modes: the multi-exit "
                      "network; a plain name such as resnet18 maps to byot_resnet18)", G_WHAT,
                      metavar="NAME")
@@ -119,9 +120,10 @@ class TrainConfig:
     image_size: int | None = _opt(None, "train and test at this image size in pixels", G_DATA, metavar="PX")
     download: bool = _opt(False, "fetch CIFAR-10/100 through torchvision when not under --data-dir",
                           G_DATA)
-    drop_last: bool = _opt(False, "drop the last incomplete training batch of each epoch (official "
-                           "ViT code: 390 steps per epoch on CIFAR-100, 781 on Tiny-ImageNet)",
-                           G_DATA)
+    drop_last: bool | None = _opt(None, "drop the last incomplete training batch of each epoch: on, "
+                                  "off, or the augmentation recipe's choice (vit-official: on, "
+                                  "as the official ViT code: 390 steps per epoch on CIFAR-100)",
+                                  G_DATA, metavar="on|off")
     data_backend: str = _opt("auto", "batch pipeline: auto, gpu (data resident on the GPU), cpu (batched torch ops), "
                              "dali", G_DATA,
                              metavar="NAME")
@@ -185,9 +187,9 @@ class TrainConfig:
     inter_teacher_blocks: list[int] = _opt(None, "feature_kd inter: the teacher blocks they are "
                                            "matched with, pairwise (e.g. 0,1,2)", G_KD,
                                            metavar="J,J,...", factory=list)
-    teacher_checkpoint: str | None = _opt(None, "start the teacher from this file (a run's "
-                                          "best_student.pt or checkpoint.pt) and keep it frozen",
-                                          G_KD, metavar="FILE")
+    teacher_checkpoint: str | None = _opt(None, "mode frozen: the pretrained teacher's weights (a "
+                                          "run's best_student.pt or checkpoint.pt)", G_KD,
+                                          metavar="FILE")
     teacher_image_size: int | None = _opt(None, "the teacher sees each batch resized (bilinear) to "
                                           "this size (official: ResNet-56 teacher at 32 px)",
                                           G_KD, metavar="PX")
@@ -222,6 +224,9 @@ class TrainConfig:
                                      G_COMPAT, choices=STUDENT_DATA)
     zero_interval: str = _opt("error", "an interval int(L*s) of 0 steps is an error, or runs "
                               "online KD (official)", G_COMPAT, choices=ZERO_INTERVAL)
+    frozen_teacher_mode: str = _opt("eval", "mode frozen: the teacher gives soft targets in eval "
+                                    "mode, or in train mode with drop path on (official ViT code)",
+                                    G_COMPAT, choices=("eval", "train"))
     kd_second_forward: bool = _opt(False, "students without a distillation head get their KD "
                                    "logits from a second forward pass (official ViT code)",
                                    G_COMPAT)

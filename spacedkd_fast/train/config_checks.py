@@ -33,8 +33,10 @@ PENDING: tuple[tuple[Callable[[Any], bool], str, str], ...] = (
      "--kd-normalization batch --kd-scale T*T/C (C classes)"),
     (lambda c: c.feature_kd == "inter", "feature_kd=inter",
      "intermediate-feature KD with 1x1 adapters (issue 10 item 7)"),
-    (lambda c: c.teacher_checkpoint is not None, "teacher_checkpoint",
-     "frozen-teacher KD from a checkpoint (issue 10 item 7)"),
+    (lambda c: c.mode == "frozen", "mode=frozen",
+     "the trainer's frozen-teacher runs from --teacher-checkpoint (issue 10 item 7)"),
+    (lambda c: c.frozen_teacher_mode != "eval", "frozen_teacher_mode",
+     "the trainer's wiring of the frozen teacher's train mode (issue 10 item 7)"),
     (lambda c: c.teacher_image_size is not None, "teacher_image_size",
      "a teacher fed the batch resized to its own size (issue 10 item 7)"),
     (lambda c: c.teacher_features == "precomputed", "teacher_features=precomputed",
@@ -67,9 +69,13 @@ def official_setting_errors(cfg: Any) -> list[str]:
     if cfg.compat == "official-vit" and cfg.mode in ("self", "spaced-self"):
         errors.append("compat=official-vit is the vit code's preset; self KD's is compat=official")
     no_teacher = cfg.mode == "base" or cfg.mode in ("self", "spaced-self")
-    for name in ("teacher_checkpoint", "teacher_image_size", "shared_optimizer"):
+    for name in ("teacher_image_size", "shared_optimizer"):
         if no_teacher and getattr(cfg, name):
             errors.append(f"{name} needs a teacher; mode {cfg.mode} has none")
+    if (cfg.mode == "frozen") != (cfg.teacher_checkpoint is not None):
+        errors.append("mode frozen distils from a pretrained teacher: use --mode frozen with "
+                      f"--teacher-checkpoint FILE (got mode {cfg.mode}, teacher_checkpoint "
+                      f"{cfg.teacher_checkpoint})")
     if cfg.feature_kd == "inter":
         s, t = cfg.inter_student_blocks, cfg.inter_teacher_blocks
         if cfg.mode in ("self", "spaced-self"):

@@ -41,6 +41,8 @@ def coerce(name: str, value: Any, default: Any, type_text: str) -> Any:
         return switch(value)
     if isinstance(default, (int, float)):
         return number(type(default), value)
+    if type_text.startswith("bool"):  # an optional switch (default None)
+        return switch(value)
     if type_text.startswith(("int", "float")):  # optional numbers (default None)
         return number(int if type_text.startswith("int") else float, value)
     return str(value)

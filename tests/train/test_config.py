@@ -203,11 +203,12 @@ def test_objective_defaults_are_the_packages_one_default():
 
 
 def test_settings_of_the_official_recipes_parse_from_flags():
-    ns, cli = parse(["--download", "--drop-last", "--seeds", "0,1,2", "--feature-kd", "inter",
+    ns, cli = parse(["--download", "--drop-last", "on", "--seeds", "0,1,2", "--feature-kd", "inter",
                      "--inter-student-blocks", "0,6,11", "--inter-teacher-blocks", "0,1,2",
                      "--warmup-per", "epoch", "--warmup-start-factor", "0.001",
                      "--weight-decay-groups", "official", "--teacher-image-size", "32",
-                     "--mode", "offline", "--optimizer", "sgd", "--nesterov",
+                     "--mode", "frozen", "--teacher-checkpoint", "t.pt", "--optimizer", "sgd",
+                     "--nesterov",
                      "--compat", "official", "--kd-normalization", "class"])
     cfg = build_config({}, cli, runnable=False)
     assert cfg.download and cfg.drop_last and cfg.nesterov and cfg.seeds == "0,1,2"
@@ -225,7 +226,9 @@ def test_settings_of_the_official_recipes_parse_from_flags():
     ({"seeds": "0,x"}, "seeds must be comma-separated whole numbers"),
     ({"seeds": "1,1"}, "seeds must be distinct"),
     ({"feature_kd": "inter", "inter_student_blocks": [0, 6]}, "of the same, non-zero length"),
-    ({"mode": "base", "teacher_checkpoint": "t.pt"}, "teacher_checkpoint needs a teacher"),
+    ({"mode": "online", "teacher_checkpoint": "t.pt"}, "use --mode frozen with --teacher-check"),
+    ({"mode": "frozen"}, "mode frozen distils from a pretrained teacher"),
+    ({"mode": "base", "shared_optimizer": True}, "shared_optimizer needs a teacher"),
     ({"teacher_features": "precomputed"}, "is for --feature-kd inter"),
     ({"inter_student_blocks": "0,x"}, "inter_student_blocks: cannot use"),
     ({"compat": "paper"}, "compat='paper' is not one of"),
@@ -236,14 +239,14 @@ def test_official_settings_that_make_no_sense_are_errors(values, message):
 
 
 def test_settings_the_trainer_cannot_run_yet_are_refused_by_name():
-    values = {"mode": "online", "compat": "official", "shared_optimizer": True,
-              "teacher_checkpoint": "t.pt"}
+    values = {"mode": "frozen", "compat": "official-vit", "teacher_checkpoint": "t.pt",
+              "shared_optimizer": True}
     with pytest.raises(ConfigError) as err:
         build_config(values)
     text = str(err.value)
-    for name in ("compat", "shared_optimizer", "teacher_checkpoint"):
+    for name in ("compat", "mode=frozen", "shared_optimizer"):
         assert f"{name}: not supported yet, needs" in text
-    assert build_config(values, runnable=False).compat == "official"  # printable
+    assert build_config(values, runnable=False).compat == "official-vit"  # printable
     assert build_config({"mode": "base", "compat": "official"}).compat == "official"
 
 
@@ -299,7 +302,8 @@ def test_name_lists_mirrored_for_a_torch_free_cli_equal_the_engines():
         assert config.STUDENT_DATA == spaced.STUDENT_DATA
 
 
-@pytest.mark.parametrize("mode", ["base", "online", "spaced", "offline", "self", "spaced-self"])
+@pytest.mark.parametrize("mode", ["base", "online", "spaced", "offline", "frozen", "self",
+                                  "spaced-self"])
 @pytest.mark.parametrize("rate", [0, 0.5, 1.5, 49.9, 50, 60])
 def test_interval_rate_convention_agrees_with_the_engines(mode, rate):
     from spacedkd_fast.engine.modes import resolve_mode
@@ -311,4 +315,5 @@ def test_interval_rate_convention_agrees_with_the_engines(mode, rate):
         with pytest.raises(ConfigError, match="interval_rate"):
             build_config({"mode": mode, "interval_rate": rate})
         return
-    assert build_config({"mode": mode, "interval_rate": rate}).mode == want
+    extra = {"teacher_checkpoint": "t.pt"} if mode == "frozen" else {}
+    assert build_config({"mode": mode, "interval_rate": rate, **extra}, runnable=False).mode == want

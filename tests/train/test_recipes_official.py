@@ -19,8 +19,8 @@ T2T7, T2T14, CVT, CONVIT = "t2t_vit_7", "t2t_vit_14", "cvt_13", "convit_tiny"
 R56, R18 = "resnet56", "resnet18"
 
 # (file stem, kind, student, teacher, SPACE_INTERVAL as written in the file, INTER_S_IDX or None)
-# kind: base / online / space / offline (frozen pretrained same-arch teacher) / ours (inter-feature
-# KD from a frozen ResNet-56) / ours_offline (the same with precomputed teacher maps)
+# kind: base / online / space / offline (a frozen pretrained same-arch teacher: our mode frozen) /
+# ours (inter-feature KD from a frozen ResNet-56) / ours_offline (the same, precomputed teacher maps)
 OFFICIAL = [
     ("convit-ti_c100_base", "base", CONVIT, None, 0.0, None),
     ("convit-ti_c100_ours", "ours", CONVIT, R56, 0.0, [0, 6, 11]),
@@ -84,8 +84,8 @@ OFFICIAL = [
     ("t2t-7_c100_space_0_5", "space", T2T7, T2T7, 0.5, None),
     ("t2t-7_c100_space_1_0", "space", T2T7, T2T7, 1.0, None),
 ]
-OUR_MODE = {"base": "base", "online": "online", "space": "spaced", "offline": "offline",
-            "ours": "offline", "ours_offline": "offline"}
+OUR_MODE = {"base": "base", "online": "online", "space": "spaced", "offline": "frozen",
+            "ours": "frozen", "ours_offline": "frozen"}
 # Table A: student parameters (100 classes) of the official builder
 OFFICIAL_PARAMS = {DEIT: 5_543_716, DEIT_D: 5_563_400, PIT: 4_615_972, PVT: 12_767_588,
                    PVT2: 3_435_460, T2T7: 4_078_922, T2T14: 21_199_050, CVT: 19_650_980,
