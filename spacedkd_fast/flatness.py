@@ -20,7 +20,8 @@ DESCRIPTION = """\
 Measure the flatness of the best student of each run: the trace of the Hessian of the test loss
 (Hutchinson's estimator with Rademacher probes and Hessian-vector products; smaller = flatter, the
 paper's evidence for Spaced KD) and a 1-D profile of the test loss and accuracy along a
-filter-normalised random direction (Li et al. 2018).
+filter-normalised random direction (Li et al. 2018). BatchNorm uses its running statistics; for a
+multi-exit self-KD network the loss is the deepest exit's cross-entropy.
 
 RUN_OR_GROUP: as for python -m spacedkd_fast.compare (run folders, group folders, folders of
 groups). The model is rebuilt from the run's config.yaml and best_student.pt, the test set from its
@@ -44,6 +45,11 @@ exit status: 0 done, 2 bad input (no runs, no best_student.pt, data or model tha
 FLATNESS_VERSION = 1
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=34, width=100)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, no usage block
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -51,7 +57,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m spacedkd_fast.flatness", description=DESCRIPTION, epilog=EPILOG,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+                formatter_class=_Formatter)
     p.add_argument("paths", nargs="*", metavar="RUN_OR_GROUP",
                    help="run folders, group folders, or folders of groups")
     p.add_argument("--group", action="append", default=[], metavar="NAME=DIR,DIR,...",
