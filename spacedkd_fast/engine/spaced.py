@@ -77,6 +77,29 @@ class SpacedDistiller(SpacedReplays, EngineBase):
     are kept as copies (``CopyReplay(copy_device, copy_dtype)``); with a :class:`ReplayableSource`
     only keys are kept and each replayed batch is verified against the recorded checksum.
 
+    ``frozen``: a pretrained teacher that never trains (``teacher_opt=None``) gives soft targets
+    on every batch (eval mode; ``frozen_teacher_mode="train"`` as in the official ViT code).
+
+    ``compat`` turns on every behaviour of an official code base (:mod:`.compat`); each one is
+    also a keyword of its own, whose ``None`` means "ours, or the preset's":
+
+    =========================  ==================  =======================================
+    keyword                    ours                ``"official"`` (online_KD) / ``"official-vit"``
+    =========================  ==================  =======================================
+    objective                  ``KDObjective()``   ``kind="paper-code"`` / ``normalization="class"``
+    ``teacher_bn_update``      False               True / True
+    ``flush_tail``             True                False / False
+    ``offline_student_data``   ``"replay"``        ``"fresh"`` / ``"fresh"``
+    ``zero_interval``          ``"error"``         ``"online"`` / -
+    ``replay``                 ``"keyed"``         - / ``"fresh"`` (needs ``source.stream(1)``)
+    ``shared_optimizer``       False               - / True (``teacher_opt is student_opt``)
+    ``kd_second_forward``      False               - / True
+    ``frozen_teacher_mode``    ``"eval"``          - / ``"train"``
+    =========================  ==================  =======================================
+
+    Under a preset the objective is built from ``temperature`` / ``alpha``; a ``loss=`` of
+    another form, or a keyword that contradicts the preset, is a ``ValueError``.
+
     Resuming: call ``load_state_dict`` on a fresh distiller before loading ``student_opt``'s state
     (the projector's param group must exist first).
     """

@@ -1,8 +1,19 @@
 """The JSONL training trace and batch checksums.
 
-One JSON object per line, each with an ``event`` field (``teacher_step``, ``student_step``,
-``replay_start``, ``replay_end``, ``flush``). A checksum is four float64 numbers computed on the
-batch's device::
+One JSON object per line, each with an ``event`` field:
+
+- ``teacher_step`` (``n``, ``epoch``, ``key``, ``checksum``): a CE step of the teacher (or of the
+  deepest exit in spaced self KD);
+- ``record`` (``n``, ``key``, ``checksum``): a batch recorded without a CE step (the official
+  self-KD trigger batch);
+- ``student_step`` (``n``, ``key``, ``teacher_step``: the teacher steps taken when its soft targets
+  were computed, ``checksum``; ``stream``: present for a batch of another data stream);
+- ``replay_start`` (``teacher_step``, ``count``, ``reason``, ``rule``: the condition that fired it,
+  e.g. ``n % I == 0``, ``(n - L) % I == 0``, ``space_counter >= L * s``, or the end of training)
+  and ``replay_end``;
+- ``flush`` (``replayed``, ``dropped``): the batches still pending when training ended.
+
+A checksum is four float64 numbers computed on the batch's device::
 
     [sum(x), sum_i (i + 1) * sum(x[i]), sum(y), sum_i (i + 1) * y[i]]
 
