@@ -1,6 +1,6 @@
 // Schemas of the spacedkd ops and the argument checks shared by the CPU and CUDA kernels.
-// No math lives here: kernels are in cpu/ and cuda/, autograd and fake kernels in Python
-// (spacedkd_fast/ops.py).
+// No math lives here: kernels are in cpu/ and cuda/, autograd in kd_loss_autograd.cpp, fake
+// kernels (for torch.compile) in Python (spacedkd_fast/ops/kd_op.py).
 #include "kd_loss.h"
 
 #include <torch/library.h>
@@ -100,18 +100,21 @@ TORCH_LIBRARY(spacedkd, m) {
   // Fused KD loss. Per row: (1 - alpha) * CE + alpha * kd_scale * KL(q || p), 0 for ignored
   // rows; reduction 0 (none), 1 (mean over non-ignored rows) or 2 (sum). Returns
   //   loss      [B] for none, [] otherwise
-  //   row_stats [B, 7]  max s, max t, three log-sums, CE, KL  (see csrc/kd_loss.h)
+  //   row_stats [B, kNumRowStats]  row maxima, log-sums, CE and KL (columns in row_stats.h)
   //   grad      [B, C]  d loss / d student when write_grad, else an empty tensor
   //                     (for none: d row_loss[b] / d student[b])
   //   count     []      number of non-ignored rows
+  //   parts     [2]     mean CE and mean KL (no alpha, no kd_scale) over the non-ignored rows,
+  //                     0 when there are none: the loss parts a trainer logs
   // in the accumulation dtype (float32, or float64 for float64 logits); grad in the logits dtype.
   m.def(
       "kd_loss_forward(Tensor student, Tensor teacher, Tensor target, float temperature, "
       "float alpha, float kd_scale, int ignore_index, int reduction, bool write_grad) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Gradient w.r.t. the student logits, recomputed from the logits and the saved row maxima and
   // log-sums: grad_loss is the gradient of the forward's loss ([B] for reduction none, [] else),
-  // count the forward's count; the kernel scales each row itself (no extra launches).
+  // count the forward's count; the kernel scales each row itself (one kernel, no extra
+  // elementwise launches).
   m.def(
       "kd_loss_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor target, "
       "Tensor row_stats, Tensor count, float temperature, float alpha, float kd_scale, "

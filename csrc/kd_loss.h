@@ -1,26 +1,12 @@
-// Shared declarations of the spacedkd::kd_loss_* ops: the input contract and the layout of the
-// per-row statistics that the forward saves for the backward.
+// Shared declarations of the spacedkd::kd_loss_* ops: the input contract, the reduction codes
+// and the accumulation dtype. The layout of the saved per-row statistics is in row_stats.h.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
-namespace spacedkd {
+#include "row_stats.h"
 
-// Columns of the [B, 7] row_stats output of kd_loss_forward, in the accumulation dtype.
-// The backward needs the row maxima and the log-sums, kept apart rather than added into
-// log-sum-exp values: exp((s - max) - log Z) is as accurate as softmax itself at any logit
-// magnitude, while exp(s - lse) loses the digits that lse loses when rounded at |s| ~ 1e4.
-// ce and kl let a trainer log the loss parts without another pass over the logits.
-enum RowStat : int64_t {
-  kMaxS = 0,     // max_j s_j
-  kMaxT = 1,     // max_j t_j
-  kLogZS = 2,    // log sum_j exp(s_j - max_s)
-  kLogZST = 3,   // log sum_j exp((s_j - max_s) / T)
-  kLogZTT = 4,   // log sum_j exp((t_j - max_t) / T)
-  kCE = 5,
-  kKL = 6,
-  kNumRowStats = 7
-};
+namespace spacedkd {
 
 // The reduction argument of kd_loss_forward.
 enum Reduction : int64_t { kReductionNone = 0, kReductionMean = 1, kReductionSum = 2 };

@@ -2,6 +2,8 @@
 // registrations of the ops; its only Python entry point is build_info().
 #include <pybind11/pybind11.h>
 
+#include "row_stats.h"
+
 #ifndef SPACEDKD_VERSION  // normally from the generated spacedkd_build_config.h
 #define SPACEDKD_VERSION "unknown"
 #endif
@@ -32,8 +34,13 @@ PYBIND11_MODULE(_C, m) {
 #endif
         info["cuda_version"] = SPACEDKD_CUDA_VERSION;
         info["cuda_arch_list"] = SPACEDKD_CUDA_ARCH_LIST;
+        // The column layout of kd_loss_forward's row_stats: Python's one source for it.
+        py::tuple row_stats(static_cast<size_t>(spacedkd::kNumRowStats));
+        for (int k = 0; k < spacedkd::kNumRowStats; ++k) row_stats[k] = spacedkd::kRowStatNames[k];
+        info["row_stats"] = row_stats;
         return info;
       },
       "How this extension was built: package version, the torch it was compiled against, "
-      "whether CUDA kernels were compiled, and for which architectures.");
+      "whether CUDA kernels were compiled, and for which architectures; and the column names "
+      "of kd_loss_forward's row_stats output.");
 }

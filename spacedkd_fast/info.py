@@ -43,7 +43,11 @@ def main(argv: list[str] | None = None) -> int:
               "against, CUDA kernels compiled and for which architectures) and what torch sees\n"
               "now (CUDA devices, threads, DALI).")
         return 0
-    info = collect()
+    try:
+        info = collect()
+    except ImportError as exc:  # no usable compiled extension: the message says what to run
+        print(f"spacedkd_fast.info: {exc}", file=sys.stderr)
+        return 2
     if argv and argv[0] == "--json":
         print(json.dumps(info, indent=2))
         return 0

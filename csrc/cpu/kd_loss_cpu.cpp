@@ -2,7 +2,7 @@
 //
 // Per row (student logits s, teacher logits t, target y, temperature T, invT = 1 / T):
 //   lse_s  = logsumexp(s)      lse_sT = logsumexp(s / T)      lse_tT = logsumexp(t / T)
-//   (saved as row maxima and log-sums apart, see csrc/kd_loss.h)
+//   (saved as row maxima and log-sums apart, see csrc/row_stats.h)
 //   CE     = lse_s - s[y]
 //   KL     = sum_j q_j (t_j - s_j) / T - lse_tT + lse_sT       with q = softmax(t / T)
 //   loss   = (1 - alpha) CE + alpha kd_scale KL                  (0 for rows with y == ignore_index)
@@ -93,7 +93,7 @@ struct RowSums {
   bool finite;
 };
 
-// Saved per-row values the gradient is computed from (csrc/kd_loss.h, RowStat).
+// Saved per-row values the gradient is computed from (csrc/row_stats.h, RowStat).
 template <typename acc_t>
 struct RowNorm {
   acc_t max_s, max_t, log_z_s, log_z_sT, log_z_tT;
@@ -451,7 +451,7 @@ void backward_kernel(const at::Tensor& grad_loss, const at::Tensor& student,
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_loss_forward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_loss_forward_cpu(
     const at::Tensor& student_in, const at::Tensor& teacher_in, const at::Tensor& target_in,
     double temperature, double alpha, double kd_scale, int64_t ignore_index, int64_t reduction,
     bool write_grad) {
@@ -480,17 +480,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_loss_forward_cpu(
       });
   at::Tensor count = at::empty({}, acc_opts);
   at::Tensor loss = reduction == kReductionNone ? row_loss : at::empty({}, acc_opts);
+  at::Tensor parts = at::empty({2}, acc_opts);
   AT_DISPATCH_FLOATING_TYPES(acc_type, "kd_loss_reduce_cpu", [&] {
     count.mutable_data_ptr<scalar_t>()[0] = static_cast<scalar_t>(valid);
+    // Serial, in double, in row order: the same result whatever the thread count. Ignored rows
+    // hold zeros, so the CE and KL columns can be summed over all rows.
+    const scalar_t* rows = row_loss.const_data_ptr<scalar_t>();
+    const scalar_t* stats = row_stats.const_data_ptr<scalar_t>();
+    double total = 0.0, ce = 0.0, kl = 0.0;
+    for (int64_t b = 0; b < B; ++b) {
+      total += static_cast<double>(rows[b]);
+      ce += static_cast<double>(stats[b * kNumRowStats + kCE]);
+      kl += static_cast<double>(stats[b * kNumRowStats + kKL]);
+    }
+    const double inv_count = 1.0 / static_cast<double>(std::max<int64_t>(valid, 1));
     if (reduction != kReductionNone) {
-      // Serial, in double, in row order: the same result whatever the thread count.
-      const scalar_t* rows = row_loss.const_data_ptr<scalar_t>();
-      double total = 0.0;
-      for (int64_t b = 0; b < B; ++b) total += static_cast<double>(rows[b]);
       loss.mutable_data_ptr<scalar_t>()[0] = static_cast<scalar_t>(total * grad_scale);
     }
+    parts.mutable_data_ptr<scalar_t>()[0] = static_cast<scalar_t>(ce * inv_count);
+    parts.mutable_data_ptr<scalar_t>()[1] = static_cast<scalar_t>(kl * inv_count);
   });
-  return {loss, row_stats, grad, count};
+  return {loss, row_stats, grad, count, parts};
 }
 
 at::Tensor kd_loss_backward_cpu(const at::Tensor& grad_loss_in, const at::Tensor& student_in,

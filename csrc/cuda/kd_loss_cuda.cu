@@ -1,14 +1,16 @@
 // Fused temperature-softmax KL + cross-entropy + alpha blend: CUDA kernels.
 //
-// What is fused: for each row of student logits s and teacher logits t (C classes), one read of
-// both rows from global memory yields, through an online max/sum (a running maximum with the
-// sums rescaled whenever it grows),
+// A forward call runs two kernels: the row kernel, whose single read of both rows of student
+// logits s and teacher logits t (C classes) yields, through an online max/sum (a running maximum
+// with the sums rescaled whenever it grows),
 //   lse(s), lse(s/T), lse(t/T) and a = sum_j exp(t_j/T - max) (t_j - s_j),
 // from which CE = lse(s) - s_y and KL(q || p) = a / (T Z_t) - lse(t/T) + lse(s/T) follow
-// (computed with the maxima and log-sums kept apart; those are what the backward reads).
-// The gradient (1 - alpha)(softmax(s) - onehot(y)) + alpha kd_scale / T (softmax(s/T) - q) is
-// written either by the forward (second read of the row, usually from L2) or by the backward
-// kernel from the saved row maxima and log-sums.
+// (computed with the maxima and log-sums kept apart; those are what the backward reads); then a
+// one-block kernel that reduces the rows (loss, row count, mean CE and KL). The gradient
+// (1 - alpha)(softmax(s) - onehot(y)) + alpha kd_scale / T (softmax(s/T) - q) is written either
+// by the row kernel (a second read of the row, usually from L2; the mean's 1 / count is then
+// applied by one more elementwise pass in kd_loss_cuda_ops.cpp) or, the default, by the backward
+// kernel from the saved row maxima and log-sums (a third kernel, in the backward).
 //
 // Preconditions (checked by the C++ glue): contiguous [B, C] rows, int64 targets, T > 0. All
 // arithmetic in float32, whatever the storage type. Offsets are 64-bit.
@@ -22,12 +24,11 @@
 #include <cfloat>
 #include <cmath>
 
+#include "../row_stats.h"
+
 namespace spacedkd {
 namespace cuda {
 namespace {
-
-// Columns of row_stats: max s, max t, log Z_s, log Z_s/T, log Z_t/T, CE, KL (csrc/kd_loss.h).
-constexpr int kStats = 7;
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -147,7 +148,7 @@ __device__ __forceinline__ Online combine_row(Online st, float inv_T) {
   return st;
 }
 
-// Row maxima and log-sums (csrc/kd_loss.h, RowStat): softmax(x)_j = exp((x_j - max) - log Z)
+// Row maxima and log-sums (csrc/row_stats.h, RowStat): softmax(x)_j = exp((x_j - max) - log Z)
 // with x_j - max exact, as accurate as a softmax at any logit magnitude.
 struct RowNorm {
   float max_s, max_t, log_z_s, log_z_sT, log_z_tT;
@@ -200,7 +201,7 @@ kd_forward_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
   const T* s = student + row * C;
   const T* t = teacher + row * C;
   const int64_t y = target[row];
-  float* stats = row_stats + row * kStats;
+  float* stats = row_stats + row * kNumRowStats;
   const bool ignored = y == p.ignore_index;
   const bool invalid = !ignored && (y < 0 || y >= C);
   if (ignored || invalid) {
@@ -210,7 +211,7 @@ kd_forward_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
     if (lane == 0) {
       row_loss[row] = fill;
 #pragma unroll
-      for (int k = 0; k < kStats; ++k) stats[k] = fill;
+      for (int k = 0; k < kNumRowStats; ++k) stats[k] = fill;
     }
     if (grad != nullptr) {
       for (int64_t j = lane; j < C; j += kThreadsPerRow) grad[row * C + j] = from_float<T>(0.f);
@@ -248,13 +249,13 @@ kd_forward_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
     const float ce = (n.max_s - to_float(s[y])) + n.log_z_s;
     const float kl = st.a * inv_T / st.z_tT + (n.max_s - n.max_t) * inv_T + n.log_z_sT - n.log_z_tT;
     row_loss[row] = p.w_ce * ce + p.w_kd * kl;
-    stats[0] = n.max_s;
-    stats[1] = n.max_t;
-    stats[2] = n.log_z_s;
-    stats[3] = n.log_z_sT;
-    stats[4] = n.log_z_tT;
-    stats[5] = ce;
-    stats[6] = kl;
+    stats[kMaxS] = n.max_s;
+    stats[kMaxT] = n.max_t;
+    stats[kLogZS] = n.log_z_s;
+    stats[kLogZST] = n.log_z_sT;
+    stats[kLogZTT] = n.log_z_tT;
+    stats[kCE] = ce;
+    stats[kKL] = kl;
   }
   if (grad != nullptr) {
     write_grad_row<T, kThreadsPerRow, kVec>(s, t, grad + row * C, C, y, n, inv_T, p.w_ce,
@@ -278,8 +279,8 @@ kd_backward_kernel(const float* __restrict__ grad_loss, const float* __restrict_
     for (int64_t j = lane; j < C; j += kThreadsPerRow) g[j] = from_float<T>(0.f);
     return;
   }
-  const float* stats = row_stats + row * kStats;
-  const RowNorm n{stats[0], stats[1], stats[2], stats[3], stats[4]};
+  const float* stats = row_stats + row * kNumRowStats;
+  const RowNorm n{stats[kMaxS], stats[kMaxT], stats[kLogZS], stats[kLogZST], stats[kLogZTT]};
   const float scale = reduction == 0 ? grad_loss[row]
                       : reduction == 2 ? grad_loss[0]
                                        : grad_loss[0] / fmaxf(count[0], 1.f);
@@ -367,46 +368,56 @@ cudaError_t backward_typed(const float* grad_loss, const float* count, int reduc
                                          static_cast<T*>(grad), p, stream});
 }
 
-// One block sums the row losses of the non-ignored rows in a fixed order: each thread a strided
-// slice, then a shuffle tree per warp and one over the warps. NaN rows (bad targets, non-finite
-// logits) propagate into the sum on purpose.
+// One block sums the row losses and the CE / KL columns of the non-ignored rows in a fixed
+// order: each thread a strided slice, then a shuffle tree per warp and one over the warps. NaN
+// rows (bad targets, non-finite logits) propagate into the sums on purpose.
 constexpr int kReduceThreads = 1024;
+constexpr int kReduceSums = 4;  // row loss, CE, KL, row count
 
 __global__ void __launch_bounds__(kReduceThreads)
-kd_reduce_kernel(const float* __restrict__ row_loss, const int64_t* __restrict__ target,
-                 int64_t rows, int64_t ignore_index, int reduction, float* __restrict__ loss,
-                 float* __restrict__ count) {
-  float sum = 0.f, n = 0.f;
+kd_reduce_kernel(const float* __restrict__ row_loss, const float* __restrict__ row_stats,
+                 const int64_t* __restrict__ target, int64_t rows, int64_t ignore_index,
+                 int reduction, float* __restrict__ loss, float* __restrict__ count,
+                 float* __restrict__ parts) {
+  float acc[kReduceSums] = {0.f, 0.f, 0.f, 0.f};
   for (int64_t i = threadIdx.x; i < rows; i += kReduceThreads) {
     if (target[i] != ignore_index) {
-      sum += row_loss[i];
-      n += 1.f;
+      acc[0] += row_loss[i];
+      acc[1] += row_stats[i * kNumRowStats + kCE];
+      acc[2] += row_stats[i * kNumRowStats + kKL];
+      acc[3] += 1.f;
     }
   }
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    sum += __shfl_down_sync(0xffffffffu, sum, offset);
-    n += __shfl_down_sync(0xffffffffu, n, offset);
+  for (int k = 0; k < kReduceSums; ++k) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      acc[k] += __shfl_down_sync(0xffffffffu, acc[k], offset);
+    }
   }
-  __shared__ float warp_sum[kReduceThreads / 32], warp_n[kReduceThreads / 32];
+  __shared__ float warp_acc[kReduceSums][kReduceThreads / 32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) {
-    warp_sum[warp] = sum;
-    warp_n[warp] = n;
+#pragma unroll
+    for (int k = 0; k < kReduceSums; ++k) warp_acc[k][warp] = acc[k];
   }
   __syncthreads();  // every warp's partial sums must be visible to warp 0
   if (warp == 0) {
-    sum = warp_sum[lane];
-    n = warp_n[lane];
 #pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) {
-      sum += __shfl_down_sync(0xffffffffu, sum, offset);
-      n += __shfl_down_sync(0xffffffffu, n, offset);
+    for (int k = 0; k < kReduceSums; ++k) {
+      acc[k] = warp_acc[k][lane];
+#pragma unroll
+      for (int offset = 16; offset > 0; offset >>= 1) {
+        acc[k] += __shfl_down_sync(0xffffffffu, acc[k], offset);
+      }
     }
     if (lane == 0) {
+      const float n = acc[3], divisor = fmaxf(n, 1.f);
       count[0] = n;
-      if (reduction == 2) loss[0] = sum;
-      if (reduction == 1) loss[0] = sum / fmaxf(n, 1.f);
+      if (reduction == 2) loss[0] = acc[0];
+      if (reduction == 1) loss[0] = acc[0] / divisor;
+      parts[0] = acc[1] / divisor;
+      parts[1] = acc[2] / divisor;
     }
   }
 }
@@ -448,11 +459,12 @@ cudaError_t launch_kd_loss_backward(LogitsType type, const float* grad_loss, con
   return cudaErrorInvalidValue;
 }
 
-cudaError_t launch_kd_loss_reduce(const float* row_loss, const int64_t* target, int64_t rows,
-                                  int64_t ignore_index, int reduction, float* loss, float* count,
+cudaError_t launch_kd_loss_reduce(const float* row_loss, const float* row_stats,
+                                  const int64_t* target, int64_t rows, int64_t ignore_index,
+                                  int reduction, float* loss, float* count, float* parts,
                                   cudaStream_t stream) {
-  kd_reduce_kernel<<<1, kReduceThreads, 0, stream>>>(row_loss, target, rows, ignore_index,
-                                                     reduction, loss, count);
+  kd_reduce_kernel<<<1, kReduceThreads, 0, stream>>>(row_loss, row_stats, target, rows,
+                                                     ignore_index, reduction, loss, count, parts);
   return cudaGetLastError();
 }
 

@@ -20,18 +20,20 @@ struct KDLossParams {
   int64_t ignore_index;
 };
 
-// row_loss [B] and row_stats [B, 7] are float32; grad [B, C] has the logits' type and may be
-// null (no gradient written). Returns the launch status (cudaGetLastError after the launch).
+// row_loss [B] and row_stats [B, kNumRowStats] (csrc/row_stats.h) are float32; grad [B, C] has
+// the logits' type and may be null (no gradient written). Returns the launch status (cudaGetLastError after the launch).
 cudaError_t launch_kd_loss_forward(
     LogitsType type, const void* student, const void* teacher, const int64_t* target,
     float* row_loss, float* row_stats, void* grad, const KDLossParams& params,
     cudaStream_t stream);
 
-// loss[0] = sum (reduction 2) or mean over non-ignored rows (reduction 1) of row_loss, and
-// count[0] = number of non-ignored rows; one block, fixed summation order (deterministic).
-// With reduction 0 only count is written. Runs for rows == 0 too (writes zeros).
-cudaError_t launch_kd_loss_reduce(const float* row_loss, const int64_t* target, int64_t rows,
-                                  int64_t ignore_index, int reduction, float* loss, float* count,
+// loss[0] = sum (reduction 2) or mean over non-ignored rows (reduction 1) of row_loss,
+// count[0] = number of non-ignored rows, parts[0..1] = mean CE and mean KL of those rows (from
+// row_stats); one block, fixed summation order (deterministic). With reduction 0 loss is not
+// written. Runs for rows == 0 too (writes zeros).
+cudaError_t launch_kd_loss_reduce(const float* row_loss, const float* row_stats,
+                                  const int64_t* target, int64_t rows, int64_t ignore_index,
+                                  int reduction, float* loss, float* count, float* parts,
                                   cudaStream_t stream);
 
 // grad[b, :] = scale_b * d row_loss[b] / d student[b, :] from the saved row_stats, with scale_b

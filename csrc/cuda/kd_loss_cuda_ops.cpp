@@ -39,7 +39,7 @@ cuda::KDLossParams make_params(const at::Tensor& student, double temperature, do
   return p;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_loss_forward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_loss_forward_cuda(
     const at::Tensor& student_in, const at::Tensor& teacher_in, const at::Tensor& target_in,
     double temperature, double alpha, double kd_scale, int64_t ignore_index, int64_t reduction,
     bool write_grad) {
@@ -61,19 +61,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_loss_forward_cuda(
       write_grad ? grad.mutable_data_ptr() : nullptr,
       make_params(student, temperature, alpha, kd_scale, ignore_index),
       c10::cuda::getCurrentCUDAStream().stream()));
-  // Reduction and row count in one small kernel on the same stream: no host synchronisation.
+  // Reduction, row count and the mean CE / KL in one small kernel on the same stream: no host
+  // synchronisation.
   at::Tensor count = at::empty({}, f32);
   at::Tensor loss = reduction == kReductionNone ? row_loss : at::empty({}, f32);
+  at::Tensor parts = at::empty({2}, f32);
   C10_CUDA_CHECK(cuda::launch_kd_loss_reduce(
-      row_loss.const_data_ptr<float>(), target.const_data_ptr<int64_t>(), B, ignore_index,
-      static_cast<int>(reduction), reduction == kReductionNone ? nullptr : loss.mutable_data_ptr<float>(),
-      count.mutable_data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream()));
+      row_loss.const_data_ptr<float>(), row_stats.const_data_ptr<float>(),
+      target.const_data_ptr<int64_t>(), B, ignore_index, static_cast<int>(reduction),
+      reduction == kReductionNone ? nullptr : loss.mutable_data_ptr<float>(),
+      count.mutable_data_ptr<float>(), parts.mutable_data_ptr<float>(),
+      c10::cuda::getCurrentCUDAStream().stream()));
   if (write_grad && reduction == kReductionMean) {
-    // Only when asked for the gradient in the forward (not the CUDA default, see ops.py): the
-    // rows' gradients are scaled by 1 / count here, on the device.
+    // Only when asked for the gradient in the forward (not the CUDA default, see
+    // spacedkd_fast/ops/kd_op.py): the rows' gradients are scaled by 1 / count here, on the
+    // device, at the cost of one more pass over [B, C].
     grad.div_(count.clamp_min(1.0));
   }
-  return {loss, row_stats, grad, count};
+  return {loss, row_stats, grad, count, parts};
 }
 
 at::Tensor kd_loss_backward_cuda(

@@ -4,8 +4,8 @@ SPEC section 2. The fused loss per row, with ``p = softmax(z_s / T)`` and ``q = 
 
     loss = (1 - alpha) * CE(z_s, y) + alpha * kd_scale * KL(q || p)
 
-computed by the fused op (``spacedkd_fast.ops.kd_op``): one forward call whose kernels read the
-logits once per pass and accumulate in float32. :mod:`spacedkd_fast.ops.objective` wraps these
+computed by the fused op (``spacedkd_fast.ops.kd_op``): one op call per forward whose row kernel
+reads the logits once and accumulates in float32 (on CUDA a one-block kernel then reduces the rows). :mod:`spacedkd_fast.ops.objective` wraps these
 functions in the one objective type that the engine and the trainer use.
 """
 
@@ -20,6 +20,8 @@ from torch import Tensor
 from . import kd_op as ops
 
 _REDUCTIONS = ("mean", "sum", "none")
+_REDUCTION_CODES = ops.REDUCTIONS
+_KD_LOSS_FORWARD = torch.ops.spacedkd.kd_loss_forward.default
 FEATURE_LOSSES = ("dist", "l1", "l2", "smooth-l1")
 
 # The one default objective of the package (library functions, KDObjective, the distillers and the
@@ -110,15 +112,15 @@ def kd_loss(
         and torch.is_grad_enabled()
         and student_logits.requires_grad
     )
-    loss, row_stats, _, count = ops.kd_loss_forward(
+    # The op overload itself (not the wrapper): this is on every training step's path.
+    loss, _, _, _, parts = _KD_LOSS_FORWARD(
         student_logits, teacher_logits.detach(), target, temperature, alpha, kd_scale,
-        ignore_index, reduction, write_grad,
+        ignore_index, _REDUCTION_CODES[reduction], write_grad,
     )
     if not return_parts:
         return loss
-    # The ce and kl columns of row_stats (0 on ignored rows), averaged over the counted rows.
-    parts = row_stats.detach()[:, ops.ROW_CE:ops.ROW_KL + 1].sum(0) / count.clamp(min=1)
-    return KDLossParts(loss, parts[0], parts[1])
+    ce, kl = parts.unbind()  # mean CE and KL over the counted rows, from the same op call
+    return KDLossParts(loss, ce, kl)
 
 
 def paper_code_kd_loss(

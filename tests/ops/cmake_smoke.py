@@ -19,7 +19,8 @@ def main(library: str) -> int:
     t = torch.randn(16, 37, dtype=torch.float64)
     y = torch.randint(0, 37, (16,))
     T, alpha = 2.0, 0.4
-    loss, _, grad, _ = torch.ops.spacedkd.kd_loss_forward(s, t, y, T, alpha, T * T, -100, 1, True)
+    loss, _, grad, _, _ = torch.ops.spacedkd.kd_loss_forward(s, t, y, T, alpha, T * T, -100, 1,
+                                                             True)
     sr = s.clone().requires_grad_(True)
     ref = (1 - alpha) * F.cross_entropy(sr, y) + alpha * T * T * F.kl_div(
         F.log_softmax(sr / T, 1), F.log_softmax(t / T, 1), log_target=True, reduction="batchmean")
