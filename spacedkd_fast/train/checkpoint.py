@@ -21,6 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import __version__
+from ..engine.model_io import unwrap
+
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best_student.pt"
 FORMAT = "spacedkd_fast-checkpoint"
@@ -105,6 +108,61 @@ def save_checkpoint(out_dir: str | Path, payload: dict[str, Any]) -> Path:
     return path
 
 
+def checkpoint_payload(parts, history, position, *, engines: list[Any], rngs: list[Any]
+                       ) -> dict[str, Any]:
+    """What ``checkpoint.pt`` holds for a run (``parts``: a ``RunParts``; ``history``: its
+    ``RunHistory``; ``position``: where the loop stands; ``engines``/``rngs``: every rank's)."""
+    models = {"student": unwrap(parts.student).state_dict()}
+    optimizers = {"student": parts.student_opt.state_dict()}
+    schedulers = {"student": parts.student_sched.state_dict()}
+    if parts.teacher is not None:
+        models["teacher"] = unwrap(parts.teacher).state_dict()
+        optimizers["teacher"] = parts.teacher_opt.state_dict()
+        schedulers["teacher"] = parts.teacher_sched.state_dict()
+    return {
+        "config": parts.cfg.to_dict(), "epoch": position.epoch,
+        "step_in_epoch": position.step_in_epoch, "finished": position.finished,
+        "world_size": parts.info.world_size,
+        "models": models, "optimizers": optimizers, "schedulers": schedulers,
+        "engine": engines, "rng": rngs,
+        "grad_scaler": None if parts.scaler is None else parts.scaler.state_dict(),
+        "metrics": history.rows, "best": dict(history.best),
+        "epoch_sums": position.sums.state(), "epoch_images": position.images,
+        "epoch_wall": position.wall, "wall_s": history.wall(),
+        "torch": str(torch.__version__), "spacedkd_fast": __version__,
+    }
+
+
+def restore_parts(parts, state: dict[str, Any]) -> None:
+    """Load a checkpoint's models, optimisers, schedules, engine, scaler and RNGs into ``parts``
+    (built from the same configuration); ``CheckpointError`` when it cannot fit."""
+    rank, world = parts.info.rank, parts.info.world_size
+    if state.get("world_size", 1) != world:
+        raise CheckpointError(f"the checkpoint was written by {state.get('world_size', 1)} "
+                              f"process(es); resume it with as many (got {world})")
+    try:
+        unwrap(parts.student).load_state_dict(state["models"]["student"])
+        if parts.teacher is not None:
+            unwrap(parts.teacher).load_state_dict(state["models"]["teacher"])
+        # the engine first: it recreates the projector's param group in the student optimiser
+        parts.distiller.load_state_dict(state["engine"][rank])
+        parts.student_opt.load_state_dict(state["optimizers"]["student"])
+        parts.student_sched.load_state_dict(state["schedulers"]["student"])
+        if parts.teacher is not None:
+            parts.teacher_opt.load_state_dict(state["optimizers"]["teacher"])
+            parts.teacher_sched.load_state_dict(state["schedulers"]["teacher"])
+        if parts.scaler is not None and state.get("grad_scaler") is not None:
+            parts.scaler.load_state_dict(state["grad_scaler"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
+        raise CheckpointError(
+            f"cannot resume: the checkpoint was written by spacedkd_fast "
+            f"{state.get('spacedkd_fast', '?')} (format version {state.get('version', '?')}) and "
+            f"does not fit what spacedkd_fast {__version__} builds from its configuration "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}); "
+            "resume it with that version, or start a new run") from None
+    set_rng_state(state["rng"][rank])
+
+
 def load_checkpoint(out_dir: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read ``OUT/checkpoint.pt``; ``CheckpointError`` when it is missing, corrupt or foreign."""
     folder = Path(out_dir)
@@ -126,8 +184,9 @@ def load_checkpoint(out_dir: str | Path, map_location: str | torch.device = "cpu
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"cannot resume: {path} is not a spacedkd_fast training checkpoint")
     if payload.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"cannot resume: {path} has format version {payload.get('version')}, "
-                              f"this version of spacedkd_fast reads version {FORMAT_VERSION}")
+        raise CheckpointError(f"cannot resume: {path} has format version {payload.get('version')} "
+                              f"(written by spacedkd_fast {payload.get('spacedkd_fast', '?')}); "
+                              f"spacedkd_fast {__version__} reads version {FORMAT_VERSION}")
     missing = [k for k in REQUIRED_KEYS if k not in payload]
     if missing:
         raise CheckpointError(f"cannot resume: {path} lacks {', '.join(missing)}")

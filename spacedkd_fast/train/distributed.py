@@ -122,13 +122,3 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
         dist.all_reduce(t)
     return t
 
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DDP / torch.compile wrappers."""
-    while True:
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner

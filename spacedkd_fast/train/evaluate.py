@@ -13,7 +13,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from .distributed import DistInfo, all_reduce_sum, unwrap
+from ..engine.model_io import unwrap
+from .distributed import DistInfo, all_reduce_sum
 
 
 def topk_correct(logits: Tensor, target: Tensor, ks: tuple[int, ...] = (1, 5)) -> Tensor:

@@ -293,3 +293,83 @@ class ExternalLoggers:
             self.tb.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+# ------------------------------------------------------------------------------ run text
+def _pct_cell(value: float | None) -> str:
+    return "   -  " if value is None else f"{100 * value:5.2f}%"
+
+
+def row_text(row: dict[str, Any], cfg: Any, *, has_teacher: bool) -> str:
+    """The one line printed per epoch row (``cfg``: the run's ``TrainConfig``)."""
+    total = cfg.epochs * (2 if cfg.mode == "offline" else 1)
+    parts = [f"epoch {row['epoch']:>3}/{total}"]
+    if row.get("phase") not in (None, "train"):
+        parts.append(f"[{row['phase']}]")
+    if cfg.is_self:
+        exits = " ".join(_pct_cell(row.get(f"exit{i}_top1")).strip()
+                         for i in range(1, 9) if row.get(f"exit{i}_top1") is not None)
+        parts.append(f"exits top-1 {exits}  ensemble top-1 {_pct_cell(row['student_top1'])} "
+                     f"top-5 {_pct_cell(row['student_top5'])}")
+    else:
+        if has_teacher:
+            parts.append(f"teacher top-1 {_pct_cell(row['teacher_top1'])} top-5 "
+                         f"{_pct_cell(row['teacher_top5'])}")
+        parts.append(f"student top-1 {_pct_cell(row['student_top1'])} top-5 "
+                     f"{_pct_cell(row['student_top5'])}")
+    losses = [f"{k.replace('_loss', '')} {row[k]:.4f}" for k in ("teacher_loss", "student_loss")
+              if row.get(k) is not None]
+    if losses:
+        parts.append("loss " + " ".join(losses))
+    parts.append(f"lr {row['lr']:.3g}")
+    if row.get("images_per_s"):
+        parts.append(f"{row['images_per_s']:.0f} img/s")
+    parts.append(f"{row['epoch_s']:.1f} s")
+    return "  ".join(parts)
+
+
+def models_text(cfg: Any, names_and_sizes: list[tuple[str, str]]) -> str:
+    """``teacher resnet18 (11.2M) -> student resnet18 (11.2M)``, ``model ...`` or ``network ...``."""
+    if cfg.is_self:
+        return "network {} ({})".format(*names_and_sizes[0])
+    if len(names_and_sizes) == 1:
+        return "model {} ({})".format(*names_and_sizes[0])
+    (t, tn), (s, sn) = names_and_sizes
+    return f"teacher {t} ({tn}) -> student {s} ({sn})"
+
+
+def run_header(cfg: Any, *, models: str, num_classes: int, image_size: int,
+               steps_per_epoch: int) -> str:
+    """The line that says what the run trains: mode, spacing, models, data shape, optimiser."""
+    spacing = ""
+    if cfg.mode in ("spaced", "spaced-self"):
+        spacing = (f", s={cfg.interval_rate:g} (replay every "
+                   f"{int(steps_per_epoch * cfg.interval_rate)} steps)")
+    return (f"mode {cfg.mode}{spacing}; {models}; {num_classes} classes, {image_size} px; "
+            f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs, batch {cfg.batch_size}, "
+            f"{cfg.optimizer} lr {cfg.lr:g} ({cfg.schedule})")
+
+
+def nonfinite_text(err: Any, *, steps_per_epoch: int, last_epoch: int, checkpoint: Path) -> str:
+    """The stop message of a run whose loss became NaN/inf (``err``: a ``NonFiniteLossError``)."""
+    kept = (f"the last good checkpoint (after epoch {last_epoch}) is kept in {checkpoint}"
+            if last_epoch else "no checkpoint had been written yet")
+    where = f"batch key {err.key}"
+    if isinstance(err.key, int):
+        L = steps_per_epoch
+        where = (f"step n={err.key}: epoch {(err.key - 1) // L + 1}, batch "
+                 f"{(err.key - 1) % L + 1} of {L}")
+    return (f"stopped: non-finite {err.role} loss at {where} ({err.role} update {err.step} was "
+            f"not applied); {kept}. Lower --lr, try --amp off, or check the data.")
+
+
+def summary_models(cfg: Any, *, has_teacher: bool, last_row: dict[str, Any]
+                   ) -> list[tuple[str, str]]:
+    """``(display name, metrics prefix)`` of the models the summary table lists."""
+    if cfg.is_self:
+        models = [(f"exit {i}", f"exit{i}") for i in range(1, 9)
+                  if last_row.get(f"exit{i}_top1") is not None]
+        return models + [("ensemble (student)", "student")]
+    if not has_teacher:
+        return [("model", "student")]
+    return [("teacher", "teacher"), ("student", "student")]

@@ -142,3 +142,12 @@ def test_a_param_group_added_later_follows_the_schedule_and_state_restores():
     fresh = StepSchedule(_opt(), kind="cosine", peak_lr=1.0, total_steps=10)
     fresh.load_state_dict(s.state_dict())
     assert fresh.optimizer.param_groups[0]["lr"] == s.lr_at(2)
+
+
+def test_other_format_version_names_both_versions(tmp_path):
+    payload = _payload()
+    payload.update(format="spacedkd_fast-checkpoint", version=0, spacedkd_fast="0.0.1")
+    atomic_save(payload, tmp_path / CHECKPOINT_NAME)
+    with pytest.raises(CheckpointError, match=r"format version 0 \(written by spacedkd_fast "
+                                              r"0\.0\.1\); spacedkd_fast .* reads version 1"):
+        load_checkpoint(tmp_path)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 
 from spacedkd_fast.train.report import (
     MetricsLog,
@@ -83,12 +82,18 @@ def test_summary_table_best_final_gain():
              "student_top5": 0.8},
             {"epoch": 2, "teacher_top1": 0.6, "teacher_top5": 0.95, "student_top1": 0.38,
              "student_top5": 0.85}]
-    online = [{"epoch": 1, "student_top1": 0.3}, {"epoch": 2, "student_top1": 0.35}]
+    # the comparison run's best (0.36, epoch 1) is not its last epoch: the gain is best vs best
+    online = [{"epoch": 1, "student_top1": 0.36}, {"epoch": 2, "student_top1": 0.35}]
     text = summary_table(rows, wall_s=75.0, images_per_s=123.4,
                          models=[("teacher", "teacher"), ("student", "student")],
                          compare=online, compare_name="online")
-    student = next(line for line in text.splitlines() if line.startswith("student "))
-    assert "40.00%" in student and "38.00%" in student and "85.00%" in student
-    assert "gain +5.00 points" in text and "35.00% -> 40.00%" in text
-    assert "01:15" in text and "123.4 training images/s" in text
-    assert math.isclose(0.4 - 0.35, 0.05)
+    table = {line.split()[0]: line.split()[1:] for line in text.splitlines()
+             if line.startswith(("teacher ", "student ")) and "%" in line.split()[1]}
+    # columns: best top-1, its epoch, final top-1, final top-5
+    assert table["teacher"] == ["60.00%", "2", "60.00%", "95.00%"]
+    assert table["student"] == ["40.00%", "1", "38.00%", "85.00%"]
+    assert "online: 36.00% -> 40.00% (gain +4.00 points)" in text
+    assert "01:15" in text and "(75.0 s)" in text and "123.4 training images/s" in text
+    worse = summary_table(rows, wall_s=3725.0, images_per_s=1.0, models=[("student", "student")],
+                          compare=[{"epoch": 1, "student_top1": 0.455}], compare_name="x")
+    assert "gain -5.50 points" in worse and "1:02:05" in worse

@@ -148,8 +148,8 @@ class PoisonedSource:
             x[0, 0, 0, 0] = float("nan")
         return x, y
 
-    def epoch(self, e):
-        for key, batch in self.inner.epoch(e):
+    def epoch(self, e, start=0):
+        for key, batch in self.inner.epoch(e, start=start):
             yield key, self._poison(key, batch)
 
     def batch(self, key):
@@ -181,9 +181,39 @@ def test_amp_bf16_channels_last_and_paper_code_objective_run(tmp_path, digits_bu
     assert row["student_loss"] is not None and row["student_loss"] == row["student_loss"]
 
 
-def test_amp_bf16_with_the_feature_loss(tmp_path, digits_bundle):
+def test_amp_bf16_with_the_feature_loss(tmp_path, digits_bundle, monkeypatch):
+    """Under --amp bf16 the student's layers compute in bfloat16, the projection head trains, and
+    the logged loss is the KD objective plus beta times the logged feature term."""
+    seen: dict[str, set] = {"student": set()}
+    built = {}
+
+    def build_and_watch(cfg, info, **kw):
+        parts = runner_build(cfg, info, **kw)
+        last_linear = [m for m in parts.student.modules() if isinstance(m, torch.nn.Linear)][-1]
+        last_linear.register_forward_hook(
+            lambda m, i, out: seen["student"].add(out.dtype) if m.training else None)
+        built["parts"] = parts
+        return parts
+
+    runner_build = runner.build_run
+    monkeypatch.setattr(runner, "build_run", build_and_watch)
     cfg = tiny_config(tmp_path, mode="online", epochs=1, amp="bf16", beta=0.03)
-    assert run(cfg, data=digits_bundle)[0] == 0
+    status, out = run(cfg, data=digits_bundle)
+    assert status == 0, out
+    assert seen["student"] == {torch.bfloat16}
+    row = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[-1])
+    assert row["feat"] > 0 and row["ce"] > 0 and row["kl"] >= 0
+    # per step: loss = (1 - alpha) * ce + alpha * kd_scale * kl + beta * feat; epoch means keep it
+    saved = yaml.safe_load((tmp_path / "run/config.yaml").read_text())
+    scale = saved["temperature"] ** 2 if saved["kd_scale"] is None else saved["kd_scale"]
+    a = saved["alpha"]
+    expected = (1 - a) * row["ce"] + a * scale * row["kl"] + 0.03 * row["feat"]
+    assert row["student_loss"] == pytest.approx(expected, rel=1e-2)
+    # the projection head was trained and saved with the run, in float32
+    head = load_checkpoint(tmp_path / "run")["engine"][0]["projector"]
+    assert head is not None and all(t.dtype == torch.float32 for t in head.values())
+    live = built["parts"].distiller.projector
+    assert all(torch.equal(v, head[k]) for k, v in live.state_dict().items())
 
 
 def test_an_existing_run_is_never_overwritten(tmp_path, digits_bundle):

@@ -24,7 +24,10 @@ from spacedkd_fast.train.checkpoint import load_checkpoint
 L = 12  # digits at global batch 128
 ARGS = ["--dataset", "digits", "--image-size", "8", "--augment", "none", "--model-kwargs",
         "downsample_factor=64", "--batch-size", "128", "--epochs", "2", "--lr", "0.05",
-        "--device", "cpu", "--log-every", "4", "--no-progress", "--interval-rate", "0.5"]
+        "--device", "cpu", "--log-every", "4", "--no-progress", "--interval-rate", "0.5",
+        # the paper's scale: with T*T on the KL term two epochs at this rate are too noisy for the
+        # accuracy band below (this test checks DDP equivalence, not the objective)
+        "--kd-scale", "1"]
 
 
 def run(cmd: list[str], env: dict, cwd) -> subprocess.CompletedProcess:

@@ -1,0 +1,237 @@
+"""Everything a run trains with, built in one place: ``build_run(cfg, info) -> RunParts``.
+
+The order of construction is part of the result: the seeds are set first, then the data, then the
+teacher and the student under the run's seed (teacher first), so the same configuration always
+starts from the same weights. Nothing here trains or writes files.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..engine.model_io import unwrap
+from .config import TrainConfig
+from .distributed import DistInfo, average_gradients_of, wrap_ddp
+from .errors import UserError
+from .lr_schedule import EpochSchedule, StepSchedule, build_schedule
+from .optim import build_optimizer
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+OVERLAP = {"auto": "auto", "on": True, "off": False}
+
+
+@dataclass
+class RunParts:
+    """The objects one run trains with (``teacher`` and its optimiser are ``None`` without one)."""
+
+    cfg: TrainConfig
+    info: DistInfo
+    data: Any  # a DataBundle: .train (keyed source), .test(), .name, .num_classes, .image_size
+    source: Any  # the replayable training source the loop and the engine read
+    steps_per_epoch: int
+    teacher: nn.Module | None
+    student: nn.Module
+    teacher_opt: torch.optim.Optimizer | None
+    student_opt: torch.optim.Optimizer
+    teacher_sched: StepSchedule | EpochSchedule | None
+    student_sched: StepSchedule | EpochSchedule
+    scaler: Any  # torch.amp.GradScaler under fp16, else None
+    distiller: Any  # SpacedDistiller or SelfDistiller
+    amp_dtype: torch.dtype | None
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+    @property
+    def student_arch(self) -> str:
+        """The architecture name of the student (self KD: the multi-exit network)."""
+        return self_arch(self.cfg.arch) if self.cfg.is_self else self.cfg.student
+
+    def lr(self) -> float:
+        """The learning rate shown in logs: the teacher's when there is one."""
+        return (self.teacher_opt or self.student_opt).param_groups[0]["lr"]
+
+    def num_train_samples(self) -> int:
+        n = getattr(self.source, "num_samples", None)
+        return int(n) if n is not None else self.steps_per_epoch * self.cfg.batch_size
+
+
+def self_arch(name: str) -> str:
+    """Self KD trains a multi-exit network: ``resnet18`` means ``byot_resnet18``."""
+    from ..models import list_models
+
+    if not name.startswith("byot_") and f"byot_{name}" in list_models():
+        return f"byot_{name}"
+    return name
+
+
+def resolve_dataset(cfg: TrainConfig) -> str:
+    """The data set the run will use (``None`` -> cifar100 when on disk, else digits)."""
+    if cfg.dataset:
+        return cfg.dataset
+    from ..data.datasets import cifar_present
+
+    return "cifar100" if cifar_present(cfg.data_dir, 100) else "digits"
+
+
+def seed_everything(cfg: TrainConfig, device: torch.device) -> None:
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    random.seed(cfg.seed)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def _build_data(cfg: TrainConfig, info: DistInfo):
+    from ..data import build_data
+
+    try:
+        return build_data(cfg.dataset, data_dir=cfg.data_dir, recipe=cfg.augment,
+                          batch_size=cfg.batch_size, seed=cfg.seed, device=str(info.device),
+                          backend=cfg.data_backend, rank=info.rank,
+                          world_size=info.world_size, image_size=cfg.image_size)
+    except FileNotFoundError as err:
+        raise UserError(str(err)) from None
+    except ValueError as err:
+        raise UserError(f"data: {err}") from None
+
+
+def _build_model(cfg: TrainConfig, data: Any, name: str, extra: dict[str, Any],
+                 device: torch.device) -> nn.Module:
+    from ..models import create
+
+    try:
+        model = create(name, data.num_classes, data.image_size, **{**cfg.model_kwargs, **extra})
+    except (ValueError, TypeError) as err:
+        raise UserError(f"model {name!r}: {err}") from None
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _build_distiller(cfg: TrainConfig, info: DistInfo, common: dict[str, Any], teacher, student,
+                     teacher_opt, student_opt, teacher_sched, student_sched):
+    try:
+        if cfg.is_self:
+            from ..engine.distill import SelfDistiller
+
+            return SelfDistiller(
+                student, student_opt, mode=cfg.mode, interval_rate=cfg.interval_rate,
+                temperature=cfg.temperature, alpha=cfg.alpha, beta=cfg.beta,
+                kd_scale=cfg.temperature ** 2 if cfg.kd_scale is None else cfg.kd_scale,
+                self_kd_first_replay=cfg.self_kd_first_replay,
+                self_kd_feature_exits=cfg.self_kd_feature_exits,
+                scheduler=student_sched, **common)
+        from ..engine.distill import SpacedDistiller
+
+        objective = None
+        if cfg.mode != "base":
+            from ..ops.objective import KDObjective
+
+            objective = KDObjective(temperature=cfg.temperature, alpha=cfg.alpha,
+                                    kd_scale=cfg.kd_scale,
+                                    kind="paper-code" if cfg.kd_loss == "paper-code" else "kl")
+        return SpacedDistiller(
+            teacher, student, teacher_opt, student_opt, mode=cfg.mode,
+            interval_rate=cfg.interval_rate, loss=objective, beta=cfg.beta,
+            feature_loss=cfg.feature_loss, teacher_bn_update=cfg.teacher_bn_update,
+            replay=cfg.replay, overlap=OVERLAP[cfg.overlap],
+            teacher_scheduler=teacher_sched, student_scheduler=student_sched,
+            projector_seed=cfg.seed, **common)
+    except (NotImplementedError, ValueError) as err:
+        raise UserError(str(err)) from None
+
+
+def build_run(cfg: TrainConfig, info: DistInfo, *, data: Any = None) -> RunParts:
+    """Seeds, data (``data``: a prebuilt bundle, as tests inject), models, optimisers, LR
+    schedules, gradient scaler and the distiller of ``cfg``, on ``info.device``."""
+    seed_everything(cfg, info.device)
+    if data is None:
+        data = _build_data(cfg, info)
+    source = data.train
+    if cfg.channels_last:
+        source = ChannelsLastSource(source)
+    steps = int(source.steps_per_epoch)
+    # models under the run's seed: teacher first, then student (fixed order = fixed weights)
+    torch.manual_seed(cfg.seed)
+    teacher = None
+    if cfg.is_self:
+        student = _build_model(cfg, data, self_arch(cfg.arch), cfg.student_kwargs, info.device)
+    else:
+        if cfg.mode != "base":
+            teacher = _build_model(cfg, data, cfg.teacher, cfg.teacher_kwargs, info.device)
+        student = _build_model(cfg, data, cfg.student, cfg.student_kwargs, info.device)
+    if cfg.compile:
+        for m in (teacher, student):
+            if m is not None:
+                m.compile()
+    if teacher is not None:
+        teacher = wrap_ddp(teacher, info)
+    student = wrap_ddp(student, info)
+
+    try:
+        teacher_opt = build_optimizer(cfg, teacher) if teacher is not None else None
+        student_opt = build_optimizer(cfg, student)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    teacher_sched = build_schedule(teacher_opt, cfg, steps) if teacher_opt is not None else None
+    student_sched = build_schedule(student_opt, cfg, steps)
+    scaler = torch.amp.GradScaler(info.device.type) if cfg.amp == "fp16" else None
+    amp_dtype = AMP_DTYPES[cfg.amp]
+    trace = cfg.trace
+    if trace and info.rank > 0:
+        trace = f"{trace}.rank{info.rank}"
+    common = dict(steps_per_epoch=steps, flush_tail=cfg.flush_tail, trace=trace, source=source,
+                  amp_dtype=amp_dtype, grad_scaler=scaler, check_finite=True)
+    distiller = _build_distiller(cfg, info, common, teacher, student, teacher_opt, student_opt,
+                                 teacher_sched, student_sched)
+    projector = getattr(distiller, "projector", None)
+    if projector is not None:
+        average_gradients_of(projector, info)
+    return RunParts(cfg=cfg, info=info, data=data, source=source, steps_per_epoch=steps,
+                    teacher=teacher, student=student, teacher_opt=teacher_opt,
+                    student_opt=student_opt, teacher_sched=teacher_sched,
+                    student_sched=student_sched, scaler=scaler, distiller=distiller,
+                    amp_dtype=amp_dtype)
+
+
+def n_params(model: nn.Module) -> str:
+    n = sum(p.numel() for p in unwrap(model).parameters())
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+
+
+class ChannelsLastSource:
+    """A replayable source whose batches come out in channels_last memory format."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.steps_per_epoch = inner.steps_per_epoch
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    @staticmethod
+    def _cl(batch):
+        x, y = batch
+        return x.contiguous(memory_format=torch.channels_last), y
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[int, Any]]:
+        for key, batch in self.inner.epoch(epoch, start=start):
+            yield key, self._cl(batch)
+
+    def batch(self, key: int):
+        return self._cl(self.inner.batch(key))

@@ -1,0 +1,232 @@
+"""The training loop: epochs of keyed batches into the distiller, an evaluation row per epoch, a
+checkpoint at each epoch end (and mid-epoch on a stop request), then offline KD's student phase.
+
+Exactness of resume: checkpoints hold models, optimisers, schedules, the engine's state (pending
+replay keys), the gradient scaler, every RNG state, the epoch's loss sums and the metric rows.
+Batches come from the keyed source, so the epoch after a resume sees exactly the batches it would
+have seen. Loss accumulators are read at steps ``n`` with ``n % log_every == 0`` (never at
+clock-dependent moments), so the per-epoch means are computed in the same order too.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..engine.model_io import unwrap
+from .build import RunParts
+from .checkpoint import checkpoint_payload, rng_state, save_checkpoint
+from .errors import Interrupted
+from .evaluate import evaluate
+from .history import RunHistory
+from .lr_schedule import EpochSchedule
+from .report import ProgressBar
+from .stop import StopRequest
+
+
+class EpochSums:
+    """Loss means of one epoch, from the engine's ``pop_stats`` means weighted by step counts."""
+
+    def __init__(self, state: dict[str, Any] | None = None) -> None:
+        self.sums: dict[str, float] = dict((state or {}).get("sums", {}))
+        self.counts: dict[str, int] = dict((state or {}).get("counts", {}))
+
+    def add(self, popped: dict[str, float], teacher_steps: int, student_steps: int) -> None:
+        for key, mean in popped.items():
+            weight = teacher_steps if key == "teacher_loss" else student_steps
+            if weight <= 0 or mean is None:
+                continue
+            self.sums[key] = self.sums.get(key, 0.0) + mean * weight
+            self.counts[key] = self.counts.get(key, 0) + weight
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts.get(k)}
+
+    def state(self) -> dict[str, Any]:
+        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+
+
+@dataclass
+class Position:
+    """Where the run stands when a checkpoint is taken."""
+
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # steps done in the epoch in progress
+    sums: EpochSums = field(default_factory=EpochSums)
+    images: int = 0  # images of the epoch in progress
+    wall: float = 0.0  # seconds spent in the epoch in progress
+    finished: bool = False
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def _gather(obj: Any, parts: RunParts) -> list[Any]:
+    """``obj`` of every rank, in rank order (on every rank)."""
+    if not parts.info.enabled:
+        return [obj]
+    out: list[Any] = [None] * parts.info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def save(parts: RunParts, history: RunHistory, position: Position) -> None:
+    engines = _gather(parts.distiller.state_dict(), parts)
+    rngs = _gather(rng_state(), parts)
+    if parts.info.is_main:
+        save_checkpoint(history.out, checkpoint_payload(parts, history, position, engines=engines,
+                                                        rngs=rngs))
+
+
+# ------------------------------------------------------------------------------ evaluation
+def _evaluate(parts: RunParts, model) -> dict[str, float]:
+    if parts.info.enabled:
+        # DDP broadcasts rank 0's buffers at each forward, then every rank updates its own BN
+        # statistics with its own share: evaluate all ranks with rank 0's (what is saved).
+        with torch.no_grad():
+            for b in unwrap(model).buffers():
+                dist.broadcast(b, src=0)
+    return evaluate(model, parts.data.test(), device=parts.device, amp_dtype=parts.amp_dtype,
+                    channels_last=parts.cfg.channels_last, info=parts.info)
+
+
+def epoch_row(parts: RunParts, history: RunHistory, epoch: int, phase: str, sums: EpochSums,
+              images: int, epoch_wall: float, teacher_metrics: dict[str, float] | None = None
+              ) -> dict[str, Any]:
+    """Test accuracies after ``epoch``, the epoch's loss means, counters and speed."""
+    row: dict[str, Any] = {"epoch": epoch, "phase": phase}
+    if parts.cfg.is_self:
+        m = _evaluate(parts, parts.student)
+        exits = sorted(k for k in m if k.startswith("exit") and k.endswith("_top1"))
+        deepest = exits[-1].removesuffix("_top1") if exits else None
+        row["teacher_top1"] = m.get(f"{deepest}_top1") if deepest else None
+        row["teacher_top5"] = m.get(f"{deepest}_top5") if deepest else None
+        row["student_top1"], row["student_top5"] = m["top1"], m["top5"]
+        row.update({k: v for k, v in m.items() if k.startswith(("exit", "ensemble"))})
+    else:
+        if parts.teacher is not None:
+            tm = teacher_metrics if teacher_metrics is not None else _evaluate(parts, parts.teacher)
+            row["teacher_top1"], row["teacher_top5"] = tm["top1"], tm["top5"]
+        else:
+            row["teacher_top1"] = row["teacher_top5"] = None
+        sm = _evaluate(parts, parts.student)
+        row["student_top1"], row["student_top5"] = sm["top1"], sm["top5"]
+    means = sums.means()
+    row["teacher_loss"] = means.get("teacher_loss")
+    row["student_loss"] = means.get("student_loss")
+    for key in ("ce", "kl", "feat"):
+        if key in means:
+            row[key] = means[key]
+    row["lr"] = parts.lr()
+    row["student_lr"] = parts.student_opt.param_groups[0]["lr"]
+    row["teacher_steps"] = parts.distiller.teacher_steps
+    row["student_steps"] = parts.distiller.student_steps
+    row["images_per_s"] = images / epoch_wall if epoch_wall > 0 else None
+    row["epoch_s"] = epoch_wall
+    row["wall_s"] = history.wall()
+    return row
+
+
+# ------------------------------------------------------------------------------ the loop
+def _stop_requested(parts: RunParts, stop: StopRequest, at_log_point: bool) -> bool:
+    if not parts.info.enabled:
+        return stop.requested
+    if not at_log_point:  # ranks agree only at the shared log points
+        return False
+    flag = torch.tensor([1 if stop.requested else 0], device=parts.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _train_epoch(parts: RunParts, history: RunHistory, stop: StopRequest, epoch: int,
+                 at: Position, *, progress: bool) -> None:
+    """One epoch from step ``at.step_in_epoch``; saves and raises ``Interrupted`` on a stop."""
+    cfg, d, L = parts.cfg, parts.distiller, parts.steps_per_epoch
+    sums, images0, wall0 = at.sums, at.images, at.wall
+    for sched in (parts.teacher_sched, parts.student_sched):
+        if isinstance(sched, EpochSchedule):  # the official clock: every step of epoch e at lr(e)
+            sched.set_epoch(epoch)
+    t0 = time.monotonic()
+    bar = ProgressBar(L, f"epoch {epoch + 1}/{cfg.epochs}", stream=history.stream,
+                      enabled=progress and parts.info.is_main)
+    images, done = images0, at.step_in_epoch
+    last_t, last_s = d.teacher_steps, d.student_steps
+    # a mid-epoch resume starts at the next batch; the source names the keys
+    for key, (x, y) in parts.source.epoch(epoch, start=at.step_in_epoch):
+        d.step(key, x, y)
+        done += 1
+        images += x.shape[0] * parts.info.world_size
+        log_point = key % cfg.log_every == 0 or done == L
+        stats = None
+        if log_point:
+            stats = d.pop_stats()
+            sums.add(stats, d.teacher_steps - last_t, d.student_steps - last_s)
+            last_t, last_s = d.teacher_steps, d.student_steps
+        bar.update(done, images - images0, stats=stats, lr=parts.lr())
+        if done < L and _stop_requested(parts, stop, log_point):
+            if not log_point:
+                sums.add(d.pop_stats(), d.teacher_steps - last_t, d.student_steps - last_s)
+            bar.close()
+            save(parts, history, Position(epoch, done, sums, images,
+                                          wall0 + time.monotonic() - t0))
+            raise Interrupted
+    bar.close()
+    last = epoch == cfg.epochs - 1
+    if last and cfg.mode != "offline":
+        d.finish()  # replay the tail before the final evaluation
+        sums.add(d.pop_stats(), d.teacher_steps - last_t, d.student_steps - last_s)
+    wall = wall0 + time.monotonic() - t0
+    phase = "teacher" if cfg.mode == "offline" else "train"
+    history.record(epoch_row(parts, history, epoch + 1, phase, sums, images, wall))
+    save(parts, history, Position(epoch + 1, finished=last and cfg.mode != "offline"))
+    if not last and _stop_requested(parts, stop, True):
+        raise Interrupted
+
+
+def _offline_student_phase(parts: RunParts, history: RunHistory, stop: StopRequest) -> None:
+    """Offline KD after the teacher's epochs: the student's epochs, each evaluated."""
+    cfg, d = parts.cfg, parts.distiller
+    last = history.rows[-1] if history.rows else None
+    final_teacher = {"top1": last["teacher_top1"], "top5": last["teacher_top5"]} if last else None
+    history.say(f"offline KD: teacher done; the student now trains {cfg.epochs} epochs against "
+                "the final teacher")
+    if isinstance(parts.student_sched, EpochSchedule):
+        parts.student_sched.set_epoch(None)  # the student's own epochs from here on
+    L = parts.steps_per_epoch
+    steps_before, t0 = d.student_steps, time.monotonic()
+    for student_steps in d.end_phase():  # one student step at a time, against the final teacher
+        if student_steps % L:
+            continue
+        student_epoch = student_steps // L
+        sums = EpochSums()
+        sums.add(d.pop_stats(), 0, d.student_steps - steps_before)
+        steps_before, now = d.student_steps, time.monotonic()
+        wall, t0 = now - t0, now
+        history.record(epoch_row(parts, history, cfg.epochs + student_epoch, "student", sums,
+                                 parts.num_train_samples(), wall, teacher_metrics=final_teacher))
+        if student_epoch < cfg.epochs and _stop_requested(parts, stop, True):
+            history.say("interrupted during the offline student phase, which a resume "
+                        f"restarts from the teacher's final checkpoint (epoch {cfg.epochs})")
+            raise Interrupted
+    d.finish()  # the phase is done; this completes the engine's bookkeeping
+    save(parts, history, Position(cfg.epochs, finished=True))
+
+
+def run_loop(parts: RunParts, history: RunHistory, stop: StopRequest,
+             state: dict[str, Any] | None, *, progress: bool) -> None:
+    """Train from ``state`` (a checkpoint, or ``None`` for a new run) to the end of the run."""
+    state = state or {}
+    start_epoch = int(state.get("epoch", 0))
+    start_step = int(state.get("step_in_epoch", 0))
+    at = Position(start_epoch, start_step)
+    if start_step:  # a mid-epoch checkpoint carries the epoch's partial sums
+        at.sums = EpochSums(state.get("epoch_sums"))
+        at.images = int(state.get("epoch_images", 0))
+        at.wall = float(state.get("epoch_wall", 0.0))
+    for epoch in range(start_epoch, parts.cfg.epochs):
+        _train_epoch(parts, history, stop, epoch, at, progress=progress)
+        at = Position(epoch + 1)
+    if parts.cfg.mode == "offline" and not state.get("finished", False):
+        _offline_student_phase(parts, history, stop)
