@@ -19,6 +19,7 @@ from .compat import check_compat, resolve_objective, resolve_switches
 from .model_io import autocast, fp32, model_device, split_output, to_device, train_mode, unwrap
 
 FEATURE_EXITS = ("all", "official")
+FIRST_REPLAY = ("interval", "one-epoch", "official")  # the spacing rules self KD can use
 TRIGGER_STEPS = ("ce-and-kd", "kd-only")
 """What the batch that fires a replay gets: a CE-only step and then its KD step in the replay
 (ours: every batch gets both), or only the KD step (the official self-KD code)."""
@@ -69,6 +70,9 @@ class SelfDistiller(EngineBase):
         if sw["self_kd_feature_exits"] not in FEATURE_EXITS:
             raise ValueError(f"self_kd_feature_exits must be one of {FEATURE_EXITS}, got "
                              f"{sw['self_kd_feature_exits']!r}")
+        if sw["self_kd_first_replay"] not in FIRST_REPLAY:
+            raise ValueError(f"self_kd_first_replay must be one of {FIRST_REPLAY}, got "
+                             f"{sw['self_kd_first_replay']!r}")
         if sw["self_kd_trigger_step"] not in TRIGGER_STEPS:
             raise ValueError(f"self_kd_trigger_step must be one of {TRIGGER_STEPS}, got "
                              f"{sw['self_kd_trigger_step']!r}")

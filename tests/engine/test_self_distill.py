@@ -158,6 +158,8 @@ def test_bad_self_kd_input():
         SelfDistiller(model, sgd(model), steps_per_epoch=7, self_kd_feature_exits="some")
     with pytest.raises(ValueError, match="first_replay"):
         SelfDistiller(model, sgd(model), steps_per_epoch=7, self_kd_first_replay="never")
+    with pytest.raises(ValueError, match="first_replay"):
+        SelfDistiller(model, sgd(model), steps_per_epoch=7, self_kd_first_replay="vit")
     single = torch.nn.Linear(6, 5).double()
     d = SelfDistiller(single, sgd(single), mode="self", steps_per_epoch=7)
     x, y = make_source().batch(1)
