@@ -6,7 +6,9 @@ Each round produces one epoch of ``N`` images in batches of 128 (``N`` = 1,024 a
 at 224 px): images per second = ``N / median``. Providers:
 ``torchvision DataLoader (2 workers)`` (baseline), ``torchvision DataLoader (0 workers)``,
 ``torch-cpu batched`` (``TensorSource``, with its look-ahead thread), ``DALI CPU mode``
-(``DaliSource`` streaming through ``DALIGenericIterator``). CUDA: ``gpu-resident`` on a GPU.
+(``DaliSource`` streaming through ``DALIGenericIterator``; not for ``vit-official``, which
+resamples as PIL does). CUDA: ``gpu-resident`` on a GPU. The ``vit-official`` baseline is timm's
+``create_transform`` with the official arguments, as the official ViT code builds it.
 """
 
 from __future__ import annotations
@@ -43,6 +45,16 @@ class Cutout:
         return img
 
 
+def _posterize_zero_bits_black(img, bits_to_keep, **_):
+    """timm 1.0.31 asks for ``posterize(img, 0)`` at magnitude 10; Pillow 13 refuses 0 bits where
+    older Pillow (the official runs') returned a black image. Keep the older result."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return img if bits_to_keep >= 8 else ImageOps.posterize(img, bits_to_keep)
+
+
 def torchvision_transform(recipe: str, size: int):
     if recipe == "cifar":
         return T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.RandomRotation(15),
@@ -56,6 +68,14 @@ def torchvision_transform(recipe: str, size: int):
                           T.RandAugment(2, 9), T.ToTensor(),
                           T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
                           T.RandomErasing(0.25, value="random")])
+    if recipe == "vit-official":  # the official ViT code's pipeline, built by timm
+        from timm.data import auto_augment, create_transform
+
+        auto_augment.posterize = _posterize_zero_bits_black
+
+        return create_transform(input_size=(size, size), is_training=True,
+                                auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4, re_prob=0.25,
+                                re_mode="pixel", re_count=1, interpolation="bicubic")
     raise ValueError(recipe)
 
 
@@ -83,7 +103,7 @@ def subset(data: ArrayData, n: int) -> ArrayData:
     return ArrayData(data.images[:n], data.labels[:n], data.classes, data.source)
 
 
-CASES = [("cifar", 32, 1024), ("cifar-selfkd", 32, 1024), ("vit", 224, 256)]
+CASES = [("cifar", 32, 1024), ("cifar-selfkd", 32, 1024), ("vit", 224, 256), ("vit-official", 224, 256)]
 
 
 def _n(n: int) -> int:
@@ -128,6 +148,8 @@ def test_dali_cpu(bench, digits, recipe, size, n):
 
     if QUICK and size > 32:
         pytest.skip("quick run: DALI CPU mode at 224 px takes seconds per round")
+    if recipe == "vit-official":
+        pytest.skip("DALI cannot resample as PIL does; the recipe runs on the torch backends")
     data = subset(digits, _n(n))
     src = DaliSource(data, Augmenter(recipe, size, seed=0), batch_size=BATCH, seed=0, num_threads=2)
     state = {"epoch": 0}

@@ -150,12 +150,13 @@ def rotation_data(angle_deg: float, width: int, height: int) -> tuple[float, ...
 
 
 def _cubic(v1: Tensor, v2: Tensor, v3: Tensor, v4: Tensor, d: Tensor) -> Tensor:
-    """PIL Geometry.c's cubic through four samples (a = -1), in its order of operations."""
-    p1 = v2
-    p2 = -v1 + v3
-    p3 = 2 * (v1 - v2) + v3 - v4
-    p4 = -v1 + v2 - v3 + v4
-    return p1 + d * (p2 + d * (p3 + d * p4))
+    """PIL Geometry.c's cubic through four samples (a = -1) with its rounding: ``p1 = v2``,
+    ``p2 = -v1 + v3``, ``p3 = 2 (v1 - v2) + v3 - v4``, ``p4 = -v1 + v2 - v3 + v4``,
+    ``p1 + d (p2 + d (p3 + d p4))``, evaluated left to right (``-a + b`` is ``b - a`` exactly);
+    in place where a temporary is ours, as the op is memory-bound."""
+    p3 = (v1 - v2).mul_(2).add_(v3).sub_(v4)
+    p4 = (v2 - v1).sub_(v3).add_(v4)
+    return p4.mul_(d).add_(p3).mul_(d).add_(v3 - v1).mul_(d).add_(v2)
 
 
 def affine_bicubic(x: Tensor, data: Tensor, fill: tuple[int, ...]) -> Tensor:

@@ -89,7 +89,10 @@ def timm_op(name: str, img: Image.Image, value: float, kwargs: dict) -> Image.Im
         "Equalize": lambda: timm_aa.equalize(img, **kwargs),
         "Invert": lambda: timm_aa.invert(img, **kwargs),
         "Rotate": lambda: timm_aa.rotate(img, v, **kwargs),
-        "Posterize": lambda: timm_aa.posterize(img, int(v), **kwargs),
+        # 0 bits (magnitude 10): Pillow 13 refuses it; older Pillow, as in the official runs,
+        # returned a black image
+        "Posterize": lambda: (timm_aa.posterize(img, int(v), **kwargs) if int(v) > 0
+                              else Image.new("RGB", img.size)),
         "Solarize": lambda: timm_aa.solarize(img, int(v), **kwargs),
         "SolarizeAdd": lambda: timm_aa.solarize_add(img, int(v), **kwargs),
         "Color": lambda: timm_aa.color(img, v, **kwargs),
