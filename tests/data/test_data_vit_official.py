@@ -265,3 +265,21 @@ def test_build_data_drops_the_last_batch_and_uses_imagenet_stats(tmp_path):
     assert build_data("cifar100", data_dir=str(tmp_path), batch_size=16).train.steps_per_epoch == 3
     key, (x, y) = next(iter(b.train.epoch(0)))
     assert x.shape == (16, 3, 48, 48) and torch.equal(x, b.train.batch(key)[0])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_resident_batches_equal_the_cpu_ones():
+    """Integer-valued float64 sums and elementwise float64 ops: the same pixels on the GPU."""
+    data = cifar_like()
+    cpu = TensorSource(data, Augmenter("vit-official", OUT, seed=5), batch_size=12, seed=5)
+    gpu = TensorSource(data, Augmenter("vit-official", OUT, seed=5), batch_size=12, seed=5,
+                       device="cuda")
+    for key in (1, 2):
+        idx, p = cpu.params(key)
+        a = cpu.augmenter
+        want = a.photometric(a.geometric(cpu.images[idx], p), p)
+        got = a.photometric(a.geometric(gpu.images[idx.cuda()], p), p)
+        assert torch.equal(got.cpu(), want)
+        x, y = gpu.batch(key)
+        assert x.is_cuda and torch.equal(x, gpu.batch(key)[0])
