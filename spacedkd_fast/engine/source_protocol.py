@@ -34,3 +34,16 @@ class ReplayableSource(Protocol):
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[int, Batch]]: ...
 
     def batch(self, key: int) -> Batch: ...
+
+
+@runtime_checkable
+class StreamedSource(ReplayableSource, Protocol):
+    """A replayable source with more than one data stream (``replay="fresh"`` needs one).
+
+    - ``stream(s)``: the same data as stream ``s`` (``0``: the training stream itself, ``1``: a
+      second, independently shuffled and augmented one), itself a :class:`ReplayableSource` whose
+      epochs and keys follow the same rules; its draws depend only on ``(seed, s, epoch / key)``,
+      so a resumed run gets the same batches.
+    """
+
+    def stream(self, stream: int) -> ReplayableSource: ...

@@ -61,21 +61,22 @@ def official_self_kd_loop(model, epochs_of_batches, s, temperature=3.0, alpha=0.
     return replays  # leftovers in `buffer` are dropped
 
 
-def run_engine(s, trace=None, **kw):
+def run_engine(s, trace=None, keyed=True, **kw):
     src = make_source()
     torch.manual_seed(0)
     model = TinyMultiExit()
-    d = SelfDistiller(model, sgd(model), interval_rate=s, steps_per_epoch=L, source=src,
-                      trace=trace, **kw)
+    d = SelfDistiller(model, sgd(model), interval_rate=s, steps_per_epoch=L,
+                      source=src if keyed else None, trace=trace, **kw)
     for key, (x, y) in src.epochs(EPOCHS):
         d.step(key, x, y)
     d.finish()
     return model, d
 
 
+@pytest.mark.parametrize("keyed", [True, False], ids=["keyed", "copy"])
 @pytest.mark.parametrize("s", RATES)
-def test_official_preset_matches_the_official_loop(s, tmp_path):
-    model, d = run_engine(s, trace=tmp_path / "t.jsonl", compat="official")
+def test_official_preset_matches_the_official_loop(s, keyed, tmp_path):
+    model, d = run_engine(s, trace=tmp_path / "t.jsonl", keyed=keyed, compat="official")
     torch.manual_seed(0)
     ref = TinyMultiExit()
     src = make_source()

@@ -19,6 +19,7 @@ from torch import nn
 
 from spacedkd_fast.data.memory import InMemorySource
 from spacedkd_fast.engine.distill import SpacedDistiller
+from spacedkd_fast.engine.source_protocol import StreamedSource
 from spacedkd_fast.engine.spacing import SpacedSchedule, catch_up_passes
 from spacedkd_fast.engine.trace import read_trace
 from spacedkd_fast.ops.objective import KDObjective
@@ -201,6 +202,7 @@ def test_fresh_replay_resumes_exactly(tmp_path):
 
 def test_bad_combinations():
     src = make_source(torch.float32)
+    assert isinstance(src, StreamedSource)
     teacher, student = mlp(0, 12, torch.float32), mlp(1, 7, torch.float32)
     opt = adamw(teacher, student)
     with pytest.raises(ValueError, match="one optimizer over both networks"):
