@@ -2,7 +2,8 @@
 
 ``build_data(...)`` is the entry point of the trainer; the pieces are importable on their own:
 ``datasets`` (on-disk formats -> arrays / file lists), ``augment`` (recipes and keyed parameters),
-``imageops`` / ``policies`` (batched tensor ops), ``sources`` (torch backends), ``dali`` (DALI),
+``imageops`` / ``policies`` (batched tensor ops), ``pilops`` (PIL-exact resampling for
+``vit-official``), ``sources`` (torch backends), ``dali`` (DALI),
 ``memory`` (a small in-memory source), ``keyed`` (the key formula and counter-based generators),
 ``protocol`` (what every source provides: keys, mid-epoch resume, data streams).
 """
