@@ -27,8 +27,9 @@ METRICS_FILES = ("metrics.jsonl", "metrics.csv")
 FLATNESS_FILE = "flatness.json"
 CONFIG_FILE = "config.yaml"
 
-# Prefix the current trainer puts before a metric -> which metrics carry it. A row's prefixed name
-# wins over the old name when a file has both.
+# Prefix the current trainer puts before a metric -> which metrics carry it (the renames of
+# spacedkd_fast/train/metric_names.py, checked by a test). A prefixed name wins over the old name
+# when a row has both.
 RENAMED = {"test_": re.compile(r"(teacher|student|ensemble|exit\d+)_top\d+|loss"),
            "train_": re.compile(r"(teacher|student)_loss|ce|kl|feat")}
 

@@ -152,3 +152,11 @@ def test_canonical_row_reads_old_and_new_names():
     row = canonical_row({"test_student_top1": 0.7, "student_top1": 0.1, "train_ce": 2.0,
                          "test_exit3_top5": 0.9, "lr": 0.1})
     assert row == {"student_top1": 0.7, "ce": 2.0, "exit3_top5": 0.9, "lr": 0.1}
+
+
+def test_canonical_row_covers_the_trainers_renames():
+    """Every (old, new) pair of the trainer's metric names reads back under the old name."""
+    names = pytest.importorskip("spacedkd_fast.train.metric_names")
+    for old, new in names.ALIASES.items():
+        assert canonical_row({new: 0.25, "epoch": 1}) == {old: 0.25, "epoch": 1}, (old, new)
+        assert canonical_row(names.with_aliases({new: 0.5}))[old] == 0.5
