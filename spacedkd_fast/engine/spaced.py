@@ -13,7 +13,6 @@ untouched (BN layers briefly stop tracking) unless ``teacher_bn_update=True``.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,9 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..ops.losses import FEATURE_LOSSES, feature_loss
 from .base import EngineBase, LossFn
 from .compat import check_compat, resolve_objective, resolve_switches
+from .feature_kd import build_head, check_feature_kd, detached_to, feature_term, head_dims
 from .model_io import (
     autocast,
     ce_logits,
@@ -35,7 +34,6 @@ from .model_io import (
     kd_logits,
     model_device,
     norm_device,
-    seeded_build,
     split_output,
     target_logits,
     to_device,
@@ -44,7 +42,6 @@ from .model_io import (
     unwrap,
 )
 from .overlap import Lanes
-from .projection import ProjectionHead
 from .replay import Record
 from .spaced_replays import SpacedReplays
 from .trace import batch_checksum
@@ -69,7 +66,9 @@ class SpacedDistiller(SpacedReplays, EngineBase):
 
     Models return logits ``[B, C]`` or ``(features [B, D], logits [B, C])``; with features on both
     sides and ``beta > 0`` the student gets a projection head (``.projector``, added to
-    ``student_opt`` as a new param group) and the loss ``beta * feature_loss(g(f_s), f_t)``.
+    ``student_opt`` as a new param group) and the loss ``beta * feature_loss(g(f_s), f_t)``;
+    ``feature_kd="inter"``: models return ``(list of paired maps [B, C, h, w], logits)`` and the
+    head is the official intermediate-feature KD (1x1 adapters, resize, MSE; :mod:`.feature_kd`).
     ``loss`` is a :class:`~spacedkd_fast.ops.objective.KDObjective` (default: ``KDObjective()``,
     the package's one default; ``kind="paper-code"`` is the official objective), a ``KDLoss`` or
     any function ``(student_logits, teacher_logits, y) -> scalar``. ``base`` trains the student
@@ -110,6 +109,7 @@ class SpacedDistiller(SpacedReplays, EngineBase):
                  loss: Callable[..., Tensor] | None = None, temperature: float | None = None,
                  alpha: float | None = None, kd_scale: float | None = None, beta: float = 0.0,
                  feature_loss: str | Callable[[Tensor, Tensor], Tensor] = "dist",
+                 feature_kd: str = "penultimate",
                  compat: str | None = None, flush_tail: bool | None = None,
                  teacher_bn_update: bool | None = None, replay: str | None = None,
                  offline_student_data: str | None = None, zero_interval: str | None = None,
@@ -194,10 +194,11 @@ class SpacedDistiller(SpacedReplays, EngineBase):
             raise ValueError("shared_optimizer=True in online mode trains (1 - alpha) (CE_s + CE_t)"
                              " + alpha KD in one step: pass loss=KDObjective(...) (or "
                              "temperature=/alpha=) so that alpha is known")
-        self.feature_loss = self._build_feature_loss(feature_loss)
-        self.projector: nn.Module | None = None
-        self._projector_dims: tuple[int, int] | None = None
-        if self.beta > 0 and self.spec.teacher:
+        self.feature_loss = check_feature_kd(feature_kd, feature_loss)
+        self.feature_kd = feature_kd
+        self.projector: nn.Module | None = None  # the feature head (see feature_kd.py)
+        self._projector_dims: tuple | None = None
+        if self.beta > 0 and self.spec.teacher and feature_kd == "penultimate":
             s_dim = getattr(unwrap(student), "feature_dim", None)
             t_dim = getattr(unwrap(teacher), "feature_dim", None)
             if s_dim is not None and t_dim is not None:
@@ -212,15 +213,6 @@ class SpacedDistiller(SpacedReplays, EngineBase):
         self._queue_count = 0
 
     # -- construction helpers ---------------------------------------------------------------
-    @staticmethod
-    def _build_feature_loss(kind):
-        if callable(kind):
-            return kind
-        if kind not in FEATURE_LOSSES:
-            raise ValueError(f"feature_loss must be one of {FEATURE_LOSSES} or a callable, "
-                             f"got {kind!r}")
-        return functools.partial(feature_loss, kind=kind)
-
     def _want_overlap(self, overlap) -> bool:
         if overlap not in ("auto", True, False):
             raise ValueError(f"overlap must be 'auto', True or False, got {overlap!r}")
@@ -235,12 +227,12 @@ class SpacedDistiller(SpacedReplays, EngineBase):
                 "optimizer; use overlap='auto' or False")
         return possible if overlap == "auto" else bool(overlap)
 
-    def _make_projector(self, s_dim: int, t_dim: int) -> None:
-        head = seeded_build(self.projector_seed, lambda: ProjectionHead(s_dim, t_dim))
+    def _make_projector(self, s_dims, t_dims) -> None:
+        head = build_head(self.feature_kd, (s_dims, t_dims), self.projector_seed)
         p = next(iter(self.student.parameters()), None)
         dtype = p.dtype if p is not None and p.is_floating_point() else None
         self.projector = head.to(device=self.student_device, dtype=dtype)
-        self._projector_dims = (s_dim, t_dim)
+        self._projector_dims = (s_dims, t_dims)
         self.student_opt.add_param_group({"params": list(self.projector.parameters())})
 
     # -- batch steps (the mode table's ``step`` values) -------------------------------------
@@ -296,7 +288,7 @@ class SpacedDistiller(SpacedReplays, EngineBase):
             xs = to_device(x, self.student_device)
             ys = to_device(y, self.student_device)
             target = to_device(target_logits(t_z).detach(), self.student_device)
-            feat = None if t_feat is None else to_device(t_feat.detach(), self.student_device)
+            feat = detached_to(t_feat, self.student_device)
             s_loss, parts = self._student_loss(xs, ys, target, feat)
             checksum = batch_checksum(xt, yt) if self.trace is not None else None
             (tv, sv), cs, _ = self._host_read([t_loss, s_loss], checksum, None)
@@ -322,9 +314,11 @@ class SpacedDistiller(SpacedReplays, EngineBase):
         with autocast(self.student_device, self.amp_dtype):
             s_feat, s_z = split_output(self.student(x))
             if self.kd_second_forward and isinstance(s_z, Tensor):
-                # official ViT: a student without a distillation head gets its KD logits from a
-                # second forward (new drop-path draws); CE stays on the first
-                s_z = (s_z, split_output(self.student(x))[1])
+                # official ViT: a student without a distillation head gets its KD logits (and
+                # the features it compares) from a second forward (new drop-path draws); CE
+                # stays on the first
+                s_feat, z_kd = split_output(self.student(x))
+                s_z = (s_z, z_kd)
         if kd_logits(s_z).shape != t_logits.shape:
             raise ValueError(
                 f"student and teacher logits must have the same shape [B, C]; got student "
@@ -333,9 +327,8 @@ class SpacedDistiller(SpacedReplays, EngineBase):
         parts = dict(kd_parts)
         if self.beta > 0 and s_feat is not None and t_feat is not None:
             if self.projector is None:
-                self._make_projector(s_feat.shape[-1], t_feat.shape[-1])
-            # the small head runs in fp32 (its input may come out of autocast in half precision)
-            feat = self.feature_loss(self.projector(fp32(s_feat)), fp32(t_feat))
+                self._make_projector(*head_dims(self.feature_kd, s_feat, t_feat))
+            feat = feature_term(self.feature_kd, self.projector, self.feature_loss, s_feat, t_feat)
             parts["feat"] = feat
             loss = loss + self.beta * feat
         return loss, parts
@@ -354,7 +347,7 @@ class SpacedDistiller(SpacedReplays, EngineBase):
         with torch.no_grad(), freeze, autocast(device, self.amp_dtype):
             feat, z = split_output(teacher(to_device(x, device)))
         z = to_device(target_logits(z), self.student_device)
-        return (None if feat is None else to_device(feat, self.student_device)), z
+        return detached_to(feat, self.student_device), z
 
     # -- replays (the hooks of EngineBase) --------------------------------------------------
     def _replay_loss(self, teacher: nn.Module | None) -> LossFn:
