@@ -7,6 +7,8 @@ feature loss skips the exit before the deepest; leftovers are dropped; the KD te
 The engine's loss uses the fused kernel and the reference plain torch ops, so weights are compared
 at 1e-9 after 3 epochs (see test_self_distill.py for why that bound is tight)."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -133,3 +135,34 @@ def test_each_official_switch_alone_changes_only_its_part():
     # the trigger-step switch alone: same replay points as ours, one fewer CE step per replay
     _, d = run_engine(1.5, self_kd_trigger_step="kd-only", loss=KDObjective(kd_scale=1.0))
     assert d.teacher_steps == EPOCHS * L - 2 and d.student_steps == EPOCHS * L  # replays 10, 20
+
+
+def test_official_preset_resumes_exactly(tmp_path):
+    batches = list(make_source().epochs(EPOCHS))
+
+    def build(seed, trace):
+        torch.manual_seed(seed)
+        model = TinyMultiExit()
+        opt = sgd(model)
+        return model, opt, SelfDistiller(model, opt, interval_rate=0.5, steps_per_epoch=L,
+                                         source=make_source(), trace=trace, compat="official")
+
+    ref, _, d = build(0, tmp_path / "full.jsonl")
+    for key, (x, y) in batches:
+        d.step(key, x, y)
+    d.finish()
+    m1, o1, d1 = build(0, tmp_path / "resumed.jsonl")
+    for key, (x, y) in batches[:9]:  # replays at 1, 4, 7; 8 and 9 pending
+        d1.step(key, x, y)
+    ckpt = copy.deepcopy({"m": m1.state_dict(), "o": o1.state_dict(), "e": d1.state_dict()})
+    d1.close()
+    m2, o2, d2 = build(5, tmp_path / "resumed.jsonl")
+    m2.load_state_dict(ckpt["m"])
+    o2.load_state_dict(ckpt["o"])
+    d2.load_state_dict(ckpt["e"])
+    for key, (x, y) in batches[9:]:
+        d2.step(key, x, y)
+    d2.finish()
+    assert (tmp_path / "resumed.jsonl").read_text() == (tmp_path / "full.jsonl").read_text()
+    for a, b in zip(m2.state_dict().values(), ref.state_dict().values()):
+        assert torch.equal(a, b)
