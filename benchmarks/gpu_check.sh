@@ -31,7 +31,7 @@ if [ $rc -ne 0 ]; then tail -40 "$OUT/build.log"; exit $rc; fi
 $PY -m spacedkd_fast.info 2>&1 | tee -a "$summary"
 
 note "== CUDA tests"
-timeout 90 $PY -m pytest tests/ops/test_kd_loss.py tests/engine/test_distill*.py tests/models/test_models_runtime.py \
+timeout 90 $PY -m pytest tests/ops/test_kd_loss.py tests/ops/test_kd_loss_cuda_grad_in_forward.py tests/engine/test_distill*.py tests/models/test_models_runtime.py \
   -m cuda -k "not inductor" -q -p no:cacheprovider > "$OUT/tests_cuda.log" 2>&1
 note "cuda tests rc=$?: $(tail -1 "$OUT/tests_cuda.log")"
 grep -E "^(FAILED|ERROR)" "$OUT/tests_cuda.log" | head -20 | tee -a "$summary"

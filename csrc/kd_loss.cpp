@@ -119,4 +119,7 @@ TORCH_LIBRARY(spacedkd, m) {
       "kd_loss_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor target, "
       "Tensor row_stats, Tensor count, float temperature, float alpha, float kd_scale, "
       "int ignore_index, int reduction) -> Tensor");
+  // Internal (CUDA only, called by the autograd in kd_loss_autograd.cpp): grad *= scale in place,
+  // scale a one-element float32 tensor read on the device; no work when it is 1.
+  m.def("_kd_scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
 }

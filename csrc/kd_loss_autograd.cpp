@@ -9,7 +9,7 @@
 // - write_grad: the forward already wrote d loss / d student; the backward only scales it by the
 //   incoming gradient, or hands it out as it is when that gradient is a plain CPU scalar equal
 //   to 1 (the usual loss.backward()): reading one CPU float is free, a multiply is a pass over
-//   [B, C].
+//   [B, C]. On CUDA a kernel scales it in place, doing nothing when the gradient is 1.
 // - otherwise: the saved row maxima and log-sums (row_stats.h) and the logits go to
 //   kd_loss_backward, which scales each row itself (grad_loss, 1 / count) on the device.
 // The teacher logits, the target and the scalars get no gradient.
@@ -56,15 +56,25 @@ Tensor call_backward(const Tensor& grad_loss, const Tensor& student, const Tenso
                  kd_scale, ignore_index, reduction);
 }
 
-// True when t is a real CPU scalar equal to 1 whose value may be read: not a fake, functional
-// or otherwise traced tensor (torch.compile, opcheck), no dispatch mode active.
-bool is_plain_cpu_one(const Tensor& t) {
-  if (!t.device().is_cpu() || t.layout() != at::kStrided || t.numel() != 1) return false;
+void call_scale_grad(Tensor& grad, const Tensor& scale) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("spacedkd::_kd_scale_grad_", "")
+                             .typed<void(Tensor&, const Tensor&)>();
+  op.call(grad, scale);
+}
+
+// A real tensor whose memory may be used directly: not a fake, functional or otherwise traced
+// tensor (torch.compile, opcheck), and no dispatch mode active.
+bool is_real(const Tensor& t) {
   const c10::DispatchKeySet traced({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
                                     c10::DispatchKey::Functionalize});
-  if (t.key_set().has_any(traced) || c10::impl::TorchDispatchModeTLS::stack_len() > 0) {
-    return false;
-  }
+  return t.layout() == at::kStrided && !t.key_set().has_any(traced) &&
+         c10::impl::TorchDispatchModeTLS::stack_len() == 0;
+}
+
+// True when t is a real CPU scalar equal to 1 (reading one CPU value costs nothing).
+bool is_plain_cpu_one(const Tensor& t) {
+  if (!t.device().is_cpu() || t.numel() != 1 || !is_real(t)) return false;
   if (t.scalar_type() == at::kFloat) return *t.const_data_ptr<float>() == 1.0f;
   if (t.scalar_type() == at::kDouble) return *t.const_data_ptr<double>() == 1.0;
   return false;
@@ -107,7 +117,7 @@ class KDLossFunction : public torch::autograd::Function<KDLossFunction> {
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
     variable_list grads(kNumInputs);
     if (ctx->saved_data["write_grad"].toBool()) {
-      const Tensor& grad = saved[0];
+      Tensor grad = saved[0];
       if (!grad_loss.defined()) {
         grads[0] = at::zeros_like(grad);
       } else if (reduction == kReductionNone) {
@@ -118,6 +128,19 @@ class KDLossFunction : public torch::autograd::Function<KDLossFunction> {
         // add into it; a second backward through a retained graph gets a fresh tensor, and an
         // in-place change of .grad in between fails the saved tensor's version check.
         ctx->saved_data["handed_out"] = true;
+        grads[0] = grad.detach();
+      } else if (grad.is_cuda() && !ctx->saved_data["handed_out"].toBool() && is_real(grad) &&
+                 is_real(grad_loss) && grad_loss.scalar_type() == at::kFloat) {
+        // CUDA: the value of grad_output stays on the device. The saved gradient is scaled in
+        // place by a kernel that does nothing when it is 1 (no host sync, no pass over [B, C]),
+        // and handed out. Its version is bumped, so a second backward through a retained graph
+        // fails autograd's version check instead of reusing the scaled values.
+        ctx->saved_data["handed_out"] = true;
+        {
+          at::AutoDispatchBelowADInplaceOrView below_autograd;
+          call_scale_grad(grad, grad_loss);
+        }
+        grad.unsafeGetTensorImpl()->bump_version();
         grads[0] = grad.detach();
       } else {
         grads[0] = grad.mul(grad_loss).to(grad.scalar_type());

@@ -21,6 +21,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 
@@ -75,7 +76,7 @@ __device__ __forceinline__ float rescale(float from, float to, float inv_T) {
 // per group, so the rescaling costs two exp() per group rather than per element.
 template <int N>
 __device__ __forceinline__ void online_add(Online& st, const float (&s)[N], const float (&t)[N],
-                                           float inv_T) {
+                                           float inv_T, bool share_exp) {
   float ps = s[0], pt = t[0];
 #pragma unroll
   for (int k = 1; k < N; ++k) {
@@ -96,8 +97,9 @@ __device__ __forceinline__ void online_add(Online& st, const float (&s)[N], cons
 #pragma unroll
   for (int k = 0; k < N; ++k) {
     const float ds = s[k] - st.max_s;
-    st.z_s += __expf(ds);
-    st.z_sT += __expf(ds * inv_T);
+    const float es = __expf(ds);
+    st.z_s += es;
+    st.z_sT += share_exp ? es : __expf(ds * inv_T);  // T = 1: the same value, one exp fewer
     const float e = __expf((t[k] - st.max_t) * inv_T);
     st.z_tT += e;
     st.a += e * (t[k] - s[k]);
@@ -155,14 +157,17 @@ struct RowNorm {
 };
 
 // Writes g_j = c_ce softmax(s)_j + c_kd (softmax(s/T)_j - softmax(t/T)_j) - c_ce [j == y].
+// With share_exp (T = 1, so softmax(s/T) = softmax(s) and log Z_s/T = log Z_s) one exp serves
+// both student terms.
 template <typename T, int kThreadsPerRow, bool kVec>
 __device__ __forceinline__ void write_grad_row(const T* s, const T* t, T* g, int64_t C, int64_t y,
                                                RowNorm n, float inv_T, float c_ce, float c_kd,
-                                               int lane) {
+                                               int lane, bool share_exp = false) {
   auto grad_of = [&](float sv, float tv, int64_t j) {
     const float ds = sv - n.max_s, dt = tv - n.max_t;
-    float v = c_ce * __expf(ds - n.log_z_s) +
-              c_kd * (__expf(ds * inv_T - n.log_z_sT) - __expf(dt * inv_T - n.log_z_tT));
+    const float p_s = __expf(ds - n.log_z_s);
+    const float p_sT = share_exp ? p_s : __expf(ds * inv_T - n.log_z_sT);
+    float v = c_ce * p_s + c_kd * (p_sT - __expf(dt * inv_T - n.log_z_tT));
     return j == y ? v - c_ce : v;
   };
   if constexpr (kVec) {
@@ -219,6 +224,7 @@ kd_forward_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
     return;
   }
   const float inv_T = p.inv_temperature;
+  const bool share_exp = p.share_exp;
   Online st = online_init();
   if constexpr (kVec) {
     using P = Pack<T>;
@@ -233,13 +239,13 @@ kd_forward_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
         sf[k] = to_float(sv.v[k]);
         tf[k] = to_float(tv.v[k]);
       }
-      online_add(st, sf, tf, inv_T);
+      online_add(st, sf, tf, inv_T, share_exp);
     }
   } else {
     for (int64_t j = lane; j < C; j += kThreadsPerRow) {
       const float sf[1] = {to_float(s[j])};
       const float tf[1] = {to_float(t[j])};
-      online_add(st, sf, tf, inv_T);
+      online_add(st, sf, tf, inv_T, share_exp);
     }
   }
   st = combine_row<kThreadsPerRow>(st, inv_T);
@@ -258,8 +264,12 @@ kd_forward_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
     stats[kKL] = kl;
   }
   if (grad != nullptr) {
-    write_grad_row<T, kThreadsPerRow, kVec>(s, t, grad + row * C, C, y, n, inv_T, p.w_ce,
-                                            p.w_kd * inv_T, lane);
+    // The mean's 1 / count, from the count pre-pass on the same stream (no host sync, no extra
+    // pass over the gradient).
+    const float inv_count = p.count != nullptr ? 1.f / fmaxf(*p.count, 1.f) : 1.f;
+    write_grad_row<T, kThreadsPerRow, kVec>(s, t, grad + row * C, C, y, n, inv_T,
+                                            p.w_ce * inv_count, p.w_kd * inv_T * inv_count, lane,
+                                            share_exp);
   }
 }
 
@@ -422,7 +432,70 @@ kd_reduce_kernel(const float* __restrict__ row_loss, const float* __restrict__ r
   }
 }
 
+// The number of non-ignored rows, for the gradient that the forward writes under reduction mean.
+__global__ void __launch_bounds__(kReduceThreads)
+kd_count_kernel(const int64_t* __restrict__ target, int64_t rows, int64_t ignore_index,
+                float* __restrict__ count) {
+  float n = 0.f;
+  for (int64_t i = threadIdx.x; i < rows; i += kReduceThreads) n += target[i] != ignore_index;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) n += __shfl_down_sync(0xffffffffu, n, offset);
+  __shared__ float warp_n[kReduceThreads / 32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) warp_n[warp] = n;
+  __syncthreads();  // every warp's count must be visible to warp 0
+  if (warp == 0) {
+    n = warp_n[lane];
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) n += __shfl_down_sync(0xffffffffu, n, offset);
+    if (lane == 0) count[0] = n;
+  }
+}
+
+// grad *= scale[0] in place; every block leaves at once when scale[0] == 1 (the usual
+// loss.backward()), so that case costs a launch and no pass over the gradient.
+template <typename T>
+__global__ void kd_scale_grad_kernel(T* __restrict__ grad, int64_t numel,
+                                     const float* __restrict__ scale) {
+  const float k = *scale;
+  if (k == 1.f) return;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
+       i += stride) {
+    grad[i] = from_float<T>(to_float(grad[i]) * k);
+  }
+}
+
+template <typename T>
+cudaError_t scale_grad_typed(void* grad, int64_t numel, const float* scale, cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  const int64_t blocks = std::min<int64_t>((numel + kThreads - 1) / kThreads, 4096);
+  kd_scale_grad_kernel<T><<<static_cast<unsigned>(std::max<int64_t>(blocks, 1)), kThreads, 0,
+                            stream>>>(static_cast<T*>(grad), numel, scale);
+  return cudaGetLastError();
+}
+
 }  // namespace
+
+cudaError_t launch_kd_count(const int64_t* target, int64_t rows, int64_t ignore_index,
+                            float* count, cudaStream_t stream) {
+  kd_count_kernel<<<1, kReduceThreads, 0, stream>>>(target, rows, ignore_index, count);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_kd_scale_grad(LogitsType type, void* grad, int64_t numel, const float* scale,
+                                 cudaStream_t stream) {
+  if (numel == 0) return cudaSuccess;
+  switch (type) {
+    case LogitsType::kFloat32:
+      return scale_grad_typed<float>(grad, numel, scale, stream);
+    case LogitsType::kFloat16:
+      return scale_grad_typed<__half>(grad, numel, scale, stream);
+    case LogitsType::kBFloat16:
+      return scale_grad_typed<__nv_bfloat16>(grad, numel, scale, stream);
+  }
+  return cudaErrorInvalidValue;
+}
 
 cudaError_t launch_kd_loss_forward(LogitsType type, const void* student, const void* teacher,
                                    const int64_t* target, float* row_loss, float* row_stats,

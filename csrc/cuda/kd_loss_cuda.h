@@ -18,6 +18,9 @@ struct KDLossParams {
   float w_ce;            // 1 - alpha
   float w_kd;            // alpha * kd_scale
   int64_t ignore_index;
+  // Forward with a gradient only (both unused otherwise):
+  const float* count = nullptr;  // device scalar; set: the gradient is divided by max(count, 1)
+  bool share_exp = false;        // T == 1: one exp serves softmax(s) and softmax(s / T)
 };
 
 // row_loss [B] and row_stats [B, kNumRowStats] (csrc/row_stats.h) are float32; grad [B, C] has
@@ -35,6 +38,16 @@ cudaError_t launch_kd_loss_reduce(const float* row_loss, const float* row_stats,
                                   const int64_t* target, int64_t rows, int64_t ignore_index,
                                   int reduction, float* loss, float* count, float* parts,
                                   cudaStream_t stream);
+
+// count[0] = number of rows whose target is not ignore_index (one block): the pre-pass that lets
+// the forward kernel apply the mean's 1 / count to the gradient it writes.
+cudaError_t launch_kd_count(const int64_t* target, int64_t rows, int64_t ignore_index,
+                            float* count, cudaStream_t stream);
+
+// grad[i] *= scale[0] in place over numel elements, read on the device; nothing is read or
+// written when scale[0] == 1 (no host synchronisation, CUDA-graph safe).
+cudaError_t launch_kd_scale_grad(LogitsType type, void* grad, int64_t numel, const float* scale,
+                                 cudaStream_t stream);
 
 // grad[b, :] = scale_b * d row_loss[b] / d student[b, :] from the saved row_stats, with scale_b
 // = grad_loss[b] (reduction 0), grad_loss[0] (2) or grad_loss[0] / max(count[0], 1) (1), read

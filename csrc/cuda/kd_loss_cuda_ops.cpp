@@ -55,29 +55,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_loss_f
   at::Tensor row_loss = at::empty({B}, f32);
   at::Tensor row_stats = at::empty({B, kNumRowStats}, f32);
   at::Tensor grad = at::empty({write_grad ? B : 0, write_grad ? C : 0}, student.options());
+  at::Tensor count = at::empty({}, f32);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  cuda::KDLossParams params = make_params(student, temperature, alpha, kd_scale, ignore_index);
+  if (write_grad) {
+    // The gradient is written in the row kernel, already scaled for the mean: a pre-pass over
+    // the targets counts the rows, and the kernel reads the count on the device.
+    params.share_exp = temperature == 1.0;
+    if (reduction == kReductionMean) {
+      C10_CUDA_CHECK(cuda::launch_kd_count(target.const_data_ptr<int64_t>(), B, ignore_index,
+                                           count.mutable_data_ptr<float>(), stream));
+      params.count = count.const_data_ptr<float>();
+    }
+  }
   C10_CUDA_CHECK(cuda::launch_kd_loss_forward(
       type, student.const_data_ptr(), teacher.const_data_ptr(), target.const_data_ptr<int64_t>(),
       row_loss.mutable_data_ptr<float>(), row_stats.mutable_data_ptr<float>(),
-      write_grad ? grad.mutable_data_ptr() : nullptr,
-      make_params(student, temperature, alpha, kd_scale, ignore_index),
-      c10::cuda::getCurrentCUDAStream().stream()));
+      write_grad ? grad.mutable_data_ptr() : nullptr, params, stream));
   // Reduction, row count and the mean CE / KL in one small kernel on the same stream: no host
   // synchronisation.
-  at::Tensor count = at::empty({}, f32);
   at::Tensor loss = reduction == kReductionNone ? row_loss : at::empty({}, f32);
   at::Tensor parts = at::empty({2}, f32);
   C10_CUDA_CHECK(cuda::launch_kd_loss_reduce(
       row_loss.const_data_ptr<float>(), row_stats.const_data_ptr<float>(),
       target.const_data_ptr<int64_t>(), B, ignore_index, static_cast<int>(reduction),
       reduction == kReductionNone ? nullptr : loss.mutable_data_ptr<float>(),
-      count.mutable_data_ptr<float>(), parts.mutable_data_ptr<float>(),
-      c10::cuda::getCurrentCUDAStream().stream()));
-  if (write_grad && reduction == kReductionMean) {
-    // Only when asked for the gradient in the forward (not the CUDA default, see
-    // spacedkd_fast/ops/kd_op.py): the rows' gradients are scaled by 1 / count here, on the
-    // device, at the cost of one more pass over [B, C].
-    grad.div_(count.clamp_min(1.0));
-  }
+      count.mutable_data_ptr<float>(), parts.mutable_data_ptr<float>(), stream));
   return {loss, row_stats, grad, count, parts};
 }
 
@@ -104,10 +107,22 @@ at::Tensor kd_loss_backward_cuda(
   return grad;
 }
 
+void kd_scale_grad_cuda(at::Tensor& grad, const at::Tensor& scale) {
+  TORCH_CHECK_VALUE(grad.is_contiguous() && scale.numel() == 1 &&
+                        scale.scalar_type() == at::kFloat && scale.device() == grad.device(),
+                    "_kd_scale_grad_: needs a contiguous gradient and a float32 scalar on its "
+                    "device");
+  const c10::cuda::CUDAGuard guard(grad.device());
+  C10_CUDA_CHECK(cuda::launch_kd_scale_grad(logits_type(grad), grad.mutable_data_ptr(),
+                                            grad.numel(), scale.const_data_ptr<float>(),
+                                            c10::cuda::getCurrentCUDAStream().stream()));
+}
+
 }  // namespace
 }  // namespace spacedkd
 
 TORCH_LIBRARY_IMPL(spacedkd, CUDA, m) {
   m.impl("kd_loss_forward", &spacedkd::kd_loss_forward_cuda);
   m.impl("kd_loss_backward", &spacedkd::kd_loss_backward_cuda);
+  m.impl("_kd_scale_grad_", &spacedkd::kd_scale_grad_cuda);
 }

@@ -9,12 +9,15 @@ Two ways to produce the gradient, chosen per call with ``write_grad`` (``losses.
 per device; see benchmarks/test_bench_kd_loss.py for the measurement behind the choice):
 - CPU: the forward writes ``d loss / d student`` while the row is still in cache, and the
   backward only scales it by the incoming gradient (or hands it out as it is for gradient 1).
-- CUDA: the forward saves the row maxima and log-sums; the backward kernel recomputes the
-  softmaxes from the logits. Forward-only calls (evaluation, logging) then cost two reads of
+- CUDA (default): the forward saves the row maxima and log-sums; the backward kernel recomputes
+  the softmaxes from the logits. Forward-only calls (evaluation, logging) then cost two reads of
   [B, C] instead of three, and nothing of size [B, C] is held between forward and backward.
+  :data:`CUDA_GRAD_IN_FORWARD` opts in to the CPU way on CUDA (not yet verified on a GPU).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -39,6 +42,14 @@ ROW_STATS: tuple[str, ...] = tuple(_INFO["row_stats"])
 (``csrc/row_stats.h``)."""
 ROW_CE = ROW_STATS.index("ce")
 ROW_KL = ROW_STATS.index("kl")
+
+
+CUDA_GRAD_IN_FORWARD = os.environ.get("SPACEDKD_CUDA_GRAD_IN_FORWARD", "0") == "1"
+"""Opt-in (``SPACEDKD_CUDA_GRAD_IN_FORWARD=1``, read at import): on CUDA, ``kd_loss`` has the
+forward kernel write the gradient (6 bytes per element in bf16: both logits read once, the
+gradient written once, the mean's ``1 / count`` applied in-kernel) and the backward scale it in
+place on the device (nothing to do for gradient 1). Off by default until ``gpu_check.sh`` has
+verified it on a GPU; the default recomputes the gradient in a backward kernel."""
 
 
 def build_info() -> dict:

@@ -108,13 +108,14 @@ def kd_loss(
         raise TypeError(f"kd_loss: ignore_index must be an int, got {type(ignore_index).__name__}")
 
     write_grad = (
-        student_logits.device.type == "cpu"
-        and torch.is_grad_enabled()
+        torch.is_grad_enabled()
         and student_logits.requires_grad
+        and (student_logits.device.type == "cpu" or ops.CUDA_GRAD_IN_FORWARD)
     )
     # The op overload itself (not the wrapper): this is on every training step's path.
     loss, _, _, _, parts = _KD_LOSS_FORWARD(
-        student_logits, teacher_logits.detach(), target, temperature, alpha, kd_scale,
+        student_logits, teacher_logits.detach() if teacher_logits.requires_grad else teacher_logits,
+        target, temperature, alpha, kd_scale,
         ignore_index, _REDUCTION_CODES[reduction], write_grad,
     )
     if not return_parts:
