@@ -53,6 +53,15 @@ struct alignas(16) Pack {
   T v[kSize];
 };
 
+// Elements before the first 16-byte boundary of a row: the scalar head that is peeled off so
+// that the rest of the row takes 16-byte loads (0 when the row starts aligned).
+template <typename T>
+__device__ __forceinline__ int64_t peel_count(const T* row, int64_t C) {
+  const int64_t offset = static_cast<int64_t>(reinterpret_cast<uintptr_t>(row) % 16);
+  const int64_t head = offset == 0 ? 0 : (16 - offset) / static_cast<int64_t>(sizeof(T));
+  return head < C ? head : C;
+}
+
 // Running sums of one thread (or, after the combine, of a whole row).
 struct Online {
   float max_s;  // running max of s
@@ -171,20 +180,29 @@ __device__ __forceinline__ void write_grad_row(const T* s, const T* t, T* g, int
     return j == y ? v - c_ce : v;
   };
   if constexpr (kVec) {
+    // Scalar head up to the 16-byte boundary (s, t and g rows share their offset from it),
+    // 16-byte packs, scalar tail.
     using P = Pack<T>;
-    const P* sp = reinterpret_cast<const P*>(s);
-    const P* tp = reinterpret_cast<const P*>(t);
-    P* gp = reinterpret_cast<P*>(g);
-    const int64_t packs = C / P::kSize;
+    const int64_t head = peel_count(s, C);
+    for (int64_t j = lane; j < head; j += kThreadsPerRow) {
+      g[j] = from_float<T>(grad_of(to_float(s[j]), to_float(t[j]), j));
+    }
+    const P* sp = reinterpret_cast<const P*>(s + head);
+    const P* tp = reinterpret_cast<const P*>(t + head);
+    P* gp = reinterpret_cast<P*>(g + head);
+    const int64_t packs = (C - head) / P::kSize;
     for (int64_t i = lane; i < packs; i += kThreadsPerRow) {
       const P sv = sp[i], tv = tp[i];
       P out;
 #pragma unroll
       for (int k = 0; k < P::kSize; ++k) {
         out.v[k] = from_float<T>(
-            grad_of(to_float(sv.v[k]), to_float(tv.v[k]), i * P::kSize + k));
+            grad_of(to_float(sv.v[k]), to_float(tv.v[k]), head + i * P::kSize + k));
       }
       gp[i] = out;
+    }
+    for (int64_t j = head + packs * P::kSize + lane; j < C; j += kThreadsPerRow) {
+      g[j] = from_float<T>(grad_of(to_float(s[j]), to_float(t[j]), j));
     }
   } else {
     for (int64_t j = lane; j < C; j += kThreadsPerRow) {
@@ -227,10 +245,17 @@ kd_forward_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
   const bool share_exp = p.share_exp;
   Online st = online_init();
   if constexpr (kVec) {
+    // Scalar head up to the 16-byte boundary, 16-byte packs, scalar tail (write_grad_row).
     using P = Pack<T>;
-    const P* sp = reinterpret_cast<const P*>(s);
-    const P* tp = reinterpret_cast<const P*>(t);
-    const int64_t packs = C / P::kSize;
+    const int64_t head = peel_count(s, C);
+    for (int64_t j = lane; j < head; j += kThreadsPerRow) {
+      const float sf[1] = {to_float(s[j])};
+      const float tf[1] = {to_float(t[j])};
+      online_add(st, sf, tf, inv_T, share_exp);
+    }
+    const P* sp = reinterpret_cast<const P*>(s + head);
+    const P* tp = reinterpret_cast<const P*>(t + head);
+    const int64_t packs = (C - head) / P::kSize;
     for (int64_t i = lane; i < packs; i += kThreadsPerRow) {
       const P sv = sp[i], tv = tp[i];
       float sf[P::kSize], tf[P::kSize];
@@ -239,6 +264,11 @@ kd_forward_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
         sf[k] = to_float(sv.v[k]);
         tf[k] = to_float(tv.v[k]);
       }
+      online_add(st, sf, tf, inv_T, share_exp);
+    }
+    for (int64_t j = head + packs * P::kSize + lane; j < C; j += kThreadsPerRow) {
+      const float sf[1] = {to_float(s[j])};
+      const float tf[1] = {to_float(t[j])};
       online_add(st, sf, tf, inv_T, share_exp);
     }
   } else {
@@ -300,6 +330,7 @@ kd_backward_kernel(const float* __restrict__ grad_loss, const float* __restrict_
 }
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+uintptr_t offset16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16; }
 
 template <typename T>
 struct ForwardArgs {
@@ -311,6 +342,11 @@ struct ForwardArgs {
   KDLossParams p;
   cudaStream_t stream;
   bool aligned() const { return aligned16(s) && aligned16(t) && (grad == nullptr || aligned16(grad)); }
+  // Rows of s, t (and grad) at one offset from a 16-byte boundary, and peeling asked for.
+  bool peelable() const {
+    return p.peel && offset16(s) == offset16(t) &&
+           (grad == nullptr || offset16(grad) == offset16(s));
+  }
 };
 
 template <typename T>
@@ -326,6 +362,7 @@ struct BackwardArgs {
   KDLossParams p;
   cudaStream_t stream;
   bool aligned() const { return aligned16(s) && aligned16(t) && aligned16(grad); }
+  bool peelable() const { return false; }  // the default path keeps its scalar fallback
 };
 
 template <typename T, int kThreads, int kRows, bool kVec>
@@ -343,13 +380,15 @@ cudaError_t run(const BackwardArgs<T>& a, dim3 grid) {
   return cudaGetLastError();
 }
 
-// Picks the row layout and whether 16-byte loads are legal (aligned pointers, rows a multiple
-// of 16 bytes), then launches.
+// Picks the row layout and whether 16-byte loads are used: aligned pointers and rows a multiple
+// of 16 bytes (every row starts aligned), or, where peeling is asked for, rows that share their
+// offset from a 16-byte boundary (each row peels a scalar head); otherwise scalar loads.
 template <typename Args>
 cudaError_t dispatch_layout(const Args& a) {
   using T = typename Args::Scalar;
   const KDLossParams& p = a.p;
-  const bool vec = a.aligned() && (p.cols * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+  const bool vec = (a.aligned() && (p.cols * static_cast<int64_t>(sizeof(T))) % 16 == 0) ||
+                   a.peelable();
   if (p.cols <= 1024) {
     constexpr int kRows = 4;
     const dim3 grid(static_cast<unsigned>((p.rows + kRows - 1) / kRows));

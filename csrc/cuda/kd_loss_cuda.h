@@ -21,6 +21,7 @@ struct KDLossParams {
   // Forward with a gradient only (both unused otherwise):
   const float* count = nullptr;  // device scalar; set: the gradient is divided by max(count, 1)
   bool share_exp = false;        // T == 1: one exp serves softmax(s) and softmax(s / T)
+  bool peel = false;             // rows not 16-byte aligned: peel a scalar head, then 16-byte loads
 };
 
 // row_loss [B] and row_stats [B, kNumRowStats] (csrc/row_stats.h) are float32; grad [B, C] has

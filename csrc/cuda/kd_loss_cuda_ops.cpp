@@ -62,6 +62,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_loss_f
     // The gradient is written in the row kernel, already scaled for the mean: a pre-pass over
     // the targets counts the rows, and the kernel reads the count on the device.
     params.share_exp = temperature == 1.0;
+    params.peel = true;
     if (reduction == kReductionMean) {
       C10_CUDA_CHECK(cuda::launch_kd_count(target.const_data_ptr<int64_t>(), B, ignore_index,
                                            count.mutable_data_ptr<float>(), stream));
