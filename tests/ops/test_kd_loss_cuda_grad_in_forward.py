@@ -77,3 +77,24 @@ def test_second_backward_through_retained_graph_is_refused(grad_in_forward):
                        what="first backward")
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_rows_starting_off_a_16_byte_boundary(grad_in_forward, dtype):
+    """Contiguous logits whose storage starts one element past an aligned address: the rows of
+    student, teacher and gradient then sit at different offsets from a 16-byte boundary, which
+    takes the scalar loads; C = 100 with both aligned takes the peeled 16-byte loads."""
+    B, C = 11, 100
+    s, t, y = inputs(B, C, dtype, ignore_every=4)
+    shifted = torch.empty(B * C + 1, dtype=dtype, device="cuda")[1:].view(B, C)
+    shifted.copy_(s)
+    for student in (shifted, s):
+        s_k = student.detach().clone() if student is s else student.detach()
+        s_k.requires_grad_(True)
+        loss = sk.kd_loss(s_k, t, y, temperature=2.0, alpha=0.5)
+        loss.backward()
+        s_r = s.double().requires_grad_(True)
+        kd_loss_float64(s_r, t, y, temperature=2.0, alpha=0.5).backward()
+        atol, rtol = GRAD_TOL[dtype]
+        assert_close_worst(s_k.grad, s_r.grad, atol=atol * s_r.grad.abs().max().item(),
+                           rtol=rtol, what=f"offset {s_k.data_ptr() % 16}")
