@@ -46,10 +46,12 @@ ROW_KL = ROW_STATS.index("kl")
 
 CUDA_GRAD_IN_FORWARD = os.environ.get("SPACEDKD_CUDA_GRAD_IN_FORWARD", "0") == "1"
 """Opt-in (``SPACEDKD_CUDA_GRAD_IN_FORWARD=1``, read at import): on CUDA, ``kd_loss`` has the
-forward kernel write the gradient (6 bytes per element in bf16: both logits read once, the
-gradient written once, the mean's ``1 / count`` applied in-kernel) and the backward scale it in
-place on the device (nothing to do for gradient 1). Off by default until ``gpu_check.sh`` has
-verified it on a GPU; the default recomputes the gradient in a backward kernel."""
+forward kernel write the gradient, scaled for the mean in-kernel from a count pre-pass, and the
+backward scale it in place on the device (nothing to do for gradient 1). Memory traffic: both
+logits read once from DRAM (the kernel's second read of a row, for the gradient, normally hits
+L2) and the gradient written once, 6 bytes per element in bf16, against 10 for the default,
+which recomputes the gradient in a backward kernel. Off by default until ``gpu_check.sh`` has
+verified it on a GPU."""
 
 
 def build_info() -> dict:
