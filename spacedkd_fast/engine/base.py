@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import ReplayMismatchError
+from .deferred_checks import DeferredChecks, check_fused
 from .model_io import BufferGuard, to_device
 from .modes import MODES, resolve_mode
 from .overlap import Lanes
@@ -50,7 +50,8 @@ class EngineBase(StepIO):
     def __init__(self, *, mode: str, interval_rate: float, self_kd: bool, steps_per_epoch: int,
                  trace, source, check_finite: bool, amp_dtype, grad_scaler, flush_tail: bool,
                  on_student_epoch_end: Callable[[int], None] | None, copy_device, copy_dtype,
-                 first_replay: str = "interval", zero_interval: str = "error") -> None:
+                 first_replay: str = "interval", zero_interval: str = "error",
+                 check_finite_every: int = 1) -> None:
         if int(steps_per_epoch) != steps_per_epoch or steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be a positive integer, got {steps_per_epoch!r}")
         if zero_interval not in ZERO_INTERVAL:
@@ -70,6 +71,22 @@ class EngineBase(StepIO):
                          if self.spec.replays == "interval" else None)
         self.flush_tail = bool(flush_tail)
         self.check_finite = bool(check_finite)
+        if (isinstance(check_finite_every, bool) or int(check_finite_every) != check_finite_every
+                or check_finite_every < 1):
+            raise ValueError("check_finite_every must be a positive integer (1: read every loss "
+                             f"before its step), got {check_finite_every!r}")
+        self.check_finite_every = int(check_finite_every)
+        if self.check_finite and self.check_finite_every > 1:
+            if grad_scaler is not None:
+                raise ValueError("check_finite_every > 1 cannot be combined with a grad_scaler "
+                                 "(GradScaler reads its own flag on the host every step): use "
+                                 "bf16 autocast without a scaler, or check_finite_every=1")
+            if torch.distributed.is_available() and torch.distributed.is_initialized() and (
+                    torch.distributed.get_world_size() > 1):
+                raise ValueError("check_finite_every > 1 is not supported with several "
+                                 "processes (a NaN on one rank reaches the others' gradients "
+                                 "through the all-reduce): use check_finite_every=1")
+            self._deferred = DeferredChecks(self.check_finite_every)
         self.amp_dtype = amp_dtype
         self.grad_scaler = grad_scaler
         self.source = source
@@ -110,10 +127,17 @@ class EngineBase(StepIO):
         ``step`` entry says, then the replay when the schedule says so."""
         if self._finished:
             raise RuntimeError("step() after finish(); build a new distiller for a new run")
+        self._read_deferred(force=False)  # a run stopped by a deferred check stays stopped
         self.n += 1
         self._batch_steps()[self.spec.step](key, x, y)
         if self.schedule is not None and self.schedule.replay_due(self.n):
             self._replay("interval")
+        self._read_deferred(force=self.n % self.steps_per_epoch == 0)  # every N, epoch end
+
+    def _check_deferred_optimizers(self, *opts: torch.optim.Optimizer | None) -> None:
+        """Deferred checks skip a step through ``found_inf``: fused optimizers only."""
+        if self._deferred is not None:
+            check_fused(list(opts))
 
     # -- the two kinds of step --------------------------------------------------------------
     def _recorded_ce_step(self, model: nn.Module, ce_loss: Callable[[], Tensor], key: Any,
@@ -129,9 +153,9 @@ class EngineBase(StepIO):
         with self._guard(model):
             loss = ce_loss()
             checksum = batch_checksum(x, y) if self._need_checksum() else None
-            (lossv,), cs, _ = self._host_read([loss], checksum, None,
-                                              read_checksum=self.check_finite)
-            self._check_loss(lossv, "teacher", self.teacher_steps + 1, key, what)
+            # the checksum is read with the loss (a record keeps host floats), unless deferred
+            cs = self._check_step([(loss, "teacher", self.teacher_steps + 1)], key, what,
+                                  checksum, read_checksum=self.check_finite)
         self._backward_step(loss, opt, scheduler, idle)
         self.teacher_steps += 1
         self._stats.add("teacher_loss", loss)
@@ -144,7 +168,8 @@ class EngineBase(StepIO):
         """Record a batch without a CE step (the official self-KD trigger batch: its replay
         step is the only step on it); a ``record`` event carries its checksum."""
         checksum = batch_checksum(x, y) if self._need_checksum() else None
-        _, cs, _ = self._host_read([], checksum, None, read_checksum=self.check_finite)
+        _, cs, _ = self._host_read([], checksum, None, read_checksum=(
+            self.check_finite and self._deferred is None))
         self.replay_buffer.record(key, x, y, self._record_checksum(checksum, cs))
         self._write("record", n=self.n, key=self._key_json(key), checksum=cs)
 
@@ -158,13 +183,8 @@ class EngineBase(StepIO):
         checksum = batch_checksum(x, y) if (verify or self.trace is not None) else None
         with self._guard(*guard):
             loss, parts = loss_fn(x, y)
-            (lossv,), cs, exp = self._host_read([loss], checksum, expected)
-            if verify and cs != exp:
-                raise ReplayMismatchError(
-                    f"the source gave back a different batch for key {key!r} (checksum {cs}, "
-                    f"recorded by the teacher step: {exp}); refusing to train the student on it",
-                    key=key, expected=exp, got=cs)
-            self._check_loss(lossv, "student", self.student_steps + 1, key, what)
+            cs = self._check_step([(loss, "student", self.student_steps + 1)], key, what,
+                                  checksum, expected)
         self._backward_step(loss, self.student_opt, self.student_scheduler, self._student_idle())
         self._student_done_one(key, teacher_step, cs, loss, parts, stream)
 
@@ -177,7 +197,10 @@ class EngineBase(StepIO):
         extra = {} if stream is None else {"stream": stream}  # a batch of another data stream
         self._write("student_step", n=self.student_steps, key=self._key_json(key),
                     teacher_step=teacher_step, checksum=cs, **extra)
-        if self.student_steps % self.steps_per_epoch == 0 and self.on_student_epoch_end:
+        epoch_end = self.student_steps % self.steps_per_epoch == 0
+        if not self._lanes.enabled:  # replays and the end phase read every N steps too
+            self._read_deferred(force=epoch_end and self.on_student_epoch_end is not None)
+        if epoch_end and self.on_student_epoch_end:
             self.on_student_epoch_end(self.student_steps // self.steps_per_epoch)
 
     # -- replays ----------------------------------------------------------------------------
@@ -282,6 +305,7 @@ class EngineBase(StepIO):
         for _ in self.end_phase():
             pass
         self._lanes.join()
+        self._read_deferred(force=True)
         self._finished = True
         self.close()
 
@@ -292,6 +316,7 @@ class EngineBase(StepIO):
         """Means since the last call (``teacher_loss``, ``student_loss``, ``ce``, ``kl``,
         ``feat``: whichever were computed), read with one host transfer per device."""
         self._join()
+        self._read_deferred(force=True)
         return self._stats.pop()
 
     def close(self) -> None:
@@ -305,8 +330,9 @@ class EngineBase(StepIO):
     def state_dict(self) -> dict[str, Any]:
         """Counters, the configuration a resume must match, pending records (keys + checksums,
         or stored batches for CopyReplay), trace position. Outstanding overlapped work is
-        completed first."""
+        completed first, and deferred checks read (a failed run saves no state)."""
         self._join()
+        self._read_deferred(force=True)
         state = {name: getattr(self, name) for name in self.CHECKED_STATE}
         state.update(n=self.n, teacher_steps=self.teacher_steps,
                      student_steps=self.student_steps,

@@ -58,7 +58,7 @@ class SelfDistiller(EngineBase):
                  self_kd_trigger_step: str | None = None, compat: str | None = None,
                  trace: str | os.PathLike | None = None, source: Any = None,
                  scheduler: Any = None, amp_dtype: torch.dtype | None = None,
-                 grad_scaler: Any = None, check_finite: bool = True,
+                 grad_scaler: Any = None, check_finite: bool = True, check_finite_every: int = 1,
                  on_student_epoch_end: Callable[[int], None] | None = None,
                  copy_device: torch.device | str | None = None,
                  copy_dtype: torch.dtype | None = None) -> None:
@@ -86,10 +86,12 @@ class SelfDistiller(EngineBase):
                          check_finite=check_finite, amp_dtype=amp_dtype, grad_scaler=grad_scaler,
                          flush_tail=sw["flush_tail"], on_student_epoch_end=on_student_epoch_end,
                          copy_device=copy_device, copy_dtype=copy_dtype,
-                         first_replay=sw["self_kd_first_replay"])
+                         first_replay=sw["self_kd_first_replay"],
+                         check_finite_every=check_finite_every)
         self.model = model
         self.opt = self.student_opt = opt
         self.scheduler = self.student_scheduler = scheduler
+        self._check_deferred_optimizers(opt)
         self.beta = float(beta)
         self.feature_exits = sw["self_kd_feature_exits"]
         self.trigger_step = sw["self_kd_trigger_step"]

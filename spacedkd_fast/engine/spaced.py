@@ -119,7 +119,7 @@ class SpacedDistiller(SpacedReplays, EngineBase):
                  overlap: bool | str = "auto", teacher_device: torch.device | str | None = None,
                  student_device: torch.device | str | None = None, teacher_scheduler: Any = None,
                  student_scheduler: Any = None, amp_dtype: torch.dtype | None = None,
-                 grad_scaler: Any = None, check_finite: bool = True,
+                 grad_scaler: Any = None, check_finite: bool = True, check_finite_every: int = 1,
                  on_student_epoch_end: Callable[[int], None] | None = None,
                  copy_device: torch.device | str | None = None,
                  copy_dtype: torch.dtype | None = None, projector_seed: int = 0) -> None:
@@ -142,7 +142,7 @@ class SpacedDistiller(SpacedReplays, EngineBase):
                          flush_tail=sw["flush_tail"], on_student_epoch_end=on_student_epoch_end,
                          copy_device=copy_device, copy_dtype=copy_dtype,
                          first_replay="vit" if self.replay == "fresh" else "interval",
-                         zero_interval=sw["zero_interval"])
+                         zero_interval=sw["zero_interval"], check_finite_every=check_finite_every)
         if self.spec.teacher and teacher is None:
             raise ValueError(f"mode {self.mode!r} needs a teacher")
         if self.spec.teacher and not self.spec.frozen_teacher and teacher_opt is None:
@@ -170,6 +170,7 @@ class SpacedDistiller(SpacedReplays, EngineBase):
         self.kd_second_forward = bool(sw["kd_second_forward"])
         self.teacher, self.student = teacher, student
         self.teacher_opt, self.student_opt = teacher_opt, student_opt
+        self._check_deferred_optimizers(teacher_opt if self.spec.teacher else None, student_opt)
         self.teacher_scheduler, self.student_scheduler = teacher_scheduler, student_scheduler
         self.teacher_bn_update = bool(sw["teacher_bn_update"])
         self.beta = float(beta)
@@ -291,9 +292,9 @@ class SpacedDistiller(SpacedReplays, EngineBase):
             feat = detached_to(t_feat, self.student_device)
             s_loss, parts = self._student_loss(xs, ys, target, feat)
             checksum = batch_checksum(xt, yt) if self.trace is not None else None
-            (tv, sv), cs, _ = self._host_read([t_loss, s_loss], checksum, None)
-            self._check_loss(tv, "teacher", self.teacher_steps + 1, key, "")
-            self._check_loss(sv, "student", self.student_steps + 1, key, "")
+            cs = self._check_step([(t_loss, "teacher", self.teacher_steps + 1),
+                                   (s_loss, "student", self.student_steps + 1)], key, "",
+                                  checksum)
         if self.shared_optimizer:  # official ViT: (1 - a) (CE_s + CE_t) + a KD, one step
             self._backward_step(s_loss + (1 - self.kd.alpha) * t_loss, self.student_opt,
                                 self.student_scheduler)

@@ -3,7 +3,8 @@ finiteness checks, the optimizer step, trace writes.
 
 Per step, at most one small device-to-host read happens (loss finiteness, replay checksum, trace
 values together), and none when ``check_finite=False``, no keyed replay is verified and no trace
-is written.
+is written. With ``check_finite_every = N > 1`` losses and replay checksums are checked on the
+device and read once every N updates (:mod:`.deferred_checks`); only a trace still reads per step.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import NonFiniteLossError
+from .deferred_checks import DeferredChecks
+from .errors import NonFiniteLossError, ReplayMismatchError
 from .model_io import BufferGuard, to_device
 
 
@@ -29,6 +31,8 @@ class StepIO:
     trace: Any
     replay_buffer: Any
     _guards: dict[int, BufferGuard]
+    _deferred: DeferredChecks | None = None
+    _lanes: Any
 
     # -- host reads -------------------------------------------------------------------------
     def _host_read(self, losses: list[Tensor], checksum: Tensor | None,
@@ -61,6 +65,37 @@ class StepIO:
             exp = None if expected is None or exp_dev is not None else list(expected)
         return lossv, cs, exp
 
+    def _check_step(self, losses: list[tuple[Tensor, str, int]], key: Any, what: str,
+                    checksum: Tensor | None = None, expected: Tensor | tuple | None = None,
+                    read_checksum: bool = False) -> list | None:
+        """Check a step's ``(loss, role, step)`` values, and a replayed batch's ``checksum``
+        against the recorded ``expected`` one: now, in one host read (``check_finite_every=1``),
+        or queued on the device (deferred). Returns the checksum on the host when it was read."""
+        if self._deferred is None:
+            lossv, cs, exp = self._host_read([loss for loss, _, _ in losses], checksum, expected,
+                                             read_checksum=read_checksum)
+            if expected is not None and cs != exp:
+                raise ReplayMismatchError(
+                    f"the source gave back a different batch for key {key!r} (checksum {cs}, "
+                    f"recorded by the teacher step: {exp}); refusing to train the student on it",
+                    key=key, expected=exp, got=cs)
+            for v, (_, role, step) in zip(lossv, losses):
+                self._check_loss(v, role, step, key, what)
+            return cs
+        _, cs, _ = self._host_read([], checksum, None)  # a trace still reads the checksum
+        self._deferred.check_losses(losses, key, what)
+        if expected is not None:
+            self._deferred.check_checksum(checksum, expected, key)
+        return cs
+
+    def _read_deferred(self, force: bool = False) -> None:
+        """Deferred checks: read the device flag when N updates are due (or ``force``) and raise
+        the first failure of the window."""
+        d = self._deferred
+        if d is not None and (force or d.due() or d.failed is not None):
+            self._lanes.join()  # student-lane work issued so far is done before the read
+            d.read()
+
     @staticmethod
     def _record_checksum(device_cs: Tensor | None, host_cs: list | None):
         """What a record keeps: the host copy when this step read it anyway (a tuple of four
@@ -71,6 +106,14 @@ class StepIO:
     def _guard(self, *modules: nn.Module | None) -> Iterator[None]:
         """Buffers (BN running statistics) of ``modules`` as they were on entry are put back if
         the block raises: a refused step leaves no trace in the model."""
+        if self._deferred is not None:
+            self._deferred.open_unit(modules)
+            try:
+                yield
+            except BaseException:
+                self._deferred.abort_unit(modules)
+                raise
+            return
         guards = []
         for m in modules:
             if m is None:
@@ -120,7 +163,10 @@ class StepIO:
         else:
             loss.backward()
             self._zero_idle(idle)
-            opt.step()
+            if self._deferred is not None:
+                self._deferred.optimizer_step(opt)  # skipped on the device after a failure
+            else:
+                opt.step()
         if scheduler is not None:
             scheduler.step()
 
