@@ -117,8 +117,10 @@ SPACEDKD_INLINE void sums_scalar(const acc_t* s, const acc_t* t, int64_t begin, 
                                  acc_t invT, RowSums<acc_t>& r, acc_t* e_s, acc_t* e_sT,
                                  acc_t* e_tT) {
   const acc_t max_sT = r.max_s * invT, max_tT = r.max_t * invT;
+  const bool share = invT == acc_t(1);  // T = 1: exp(s/T - max/T) is exp(s - max), bit for bit
   for (int64_t i = begin; i < end; ++i) {
-    const acc_t xs = exp_of(s[i] - r.max_s), xsT = exp_of(s[i] * invT - max_sT);
+    const acc_t xs = exp_of(s[i] - r.max_s);
+    const acc_t xsT = share ? xs : exp_of(s[i] * invT - max_sT);
     const acc_t xt = exp_of(t[i] * invT - max_tT);
     r.z_s += xs;
     r.z_sT += xsT;
@@ -167,12 +169,14 @@ SPACEDKD_INLINE RowSums<acc_t> row_sums_impl(const acc_t* s, const acc_t* t, int
 #ifdef SPACEDKD_HAVE_VEC8
   if constexpr (std::is_same_v<acc_t, float>) {
     const float max_sT = ms * invT, max_tT = mt * invT;
+    const bool share = invT == 1.0f;  // T = 1 (the ViT recipes): one exp fewer per element
     Vec8f zs{}, zsT{}, ztT{}, a{};
     for (int64_t i = 0; i < vec_end; i += 8) {
       Vec8f sv, tv;
       std::memcpy(&sv, s + i, sizeof sv);
       std::memcpy(&tv, t + i, sizeof tv);
-      const Vec8f xs = exp_approx(sv - ms), xsT = exp_approx(sv * invT - max_sT);
+      const Vec8f xs = exp_approx(sv - ms);
+      const Vec8f xsT = share ? xs : exp_approx(sv * invT - max_sT);
       const Vec8f xt = exp_approx(tv * invT - max_tT);
       zs += xs;
       zsT += xsT;
