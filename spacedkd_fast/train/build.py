@@ -99,13 +99,16 @@ def _build_data(cfg: TrainConfig, info: DistInfo):
     from ..data import build_data
 
     try:
+        # --download: a missing CIFAR-10/100 is fetched through torchvision's CIFAR classes,
+        # which verify the archive's MD5 checksum; offline, the error says the download failed
         return build_data(cfg.dataset, data_dir=cfg.data_dir, recipe=cfg.augment,
                           batch_size=cfg.batch_size, seed=cfg.seed, device=str(info.device),
                           backend=cfg.data_backend, rank=info.rank,
-                          world_size=info.world_size, image_size=cfg.image_size)
+                          world_size=info.world_size, image_size=cfg.image_size,
+                          download=cfg.download, drop_last=cfg.drop_last)
     except FileNotFoundError as err:
         raise UserError(str(err)) from None
-    except ValueError as err:
+    except (ValueError, ImportError) as err:
         raise UserError(f"data: {err}") from None
 
 

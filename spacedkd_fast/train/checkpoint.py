@@ -12,9 +12,8 @@ Layout of an output folder: ``checkpoint.pt`` (everything needed to resume), ``b
 from __future__ import annotations
 
 import os
-import pickle
 import random
-import zipfile
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +22,56 @@ import torch
 
 from .. import __version__
 from ..engine.model_io import unwrap
+from .errors import CheckpointError  # defined torch-free for the CLI; re-exported here
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best_student.pt"
 FORMAT = "spacedkd_fast-checkpoint"
 FORMAT_VERSION = 1
+PAYLOAD_TYPES = {"config": dict, "epoch": int, "step_in_epoch": int, "models": dict,
+                 "optimizers": dict, "schedulers": dict, "engine": list, "rng": list,
+                 "metrics": list}
 REQUIRED_KEYS = ("format", "version", "config", "epoch", "step_in_epoch", "models", "optimizers",
                  "schedulers", "engine", "rng", "metrics")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, unreadable or not one of ours; the message says which."""
+
+
+class WriteError(OSError):
+    """A file of the run could not be written (disk full, permission lost); the previous version
+    of the file, if any, is untouched. The message names the file, the bytes needed and the free
+    space."""
+
+
+class _ByteCounter:
+    """A write-only file that keeps nothing: how many bytes ``torch.save`` would write."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def write(self, data) -> int:
+        self.n += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def _write_error(obj: Any, path: Path, err: BaseException) -> WriteError:
+    counter = _ByteCounter()
+    try:
+        torch.save(obj, counter)
+        needed = f"{counter.n / 1e6:.1f} MB"
+    except Exception:  # noqa: BLE001 - the size is a courtesy; the failure itself is the news
+        needed = "?"
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 1e6:.1f} MB"
+    except OSError:
+        free = "?"
+    reason = (err.strerror if isinstance(err, OSError) and err.strerror
+              else str(err).splitlines()[0] if str(err) else type(err).__name__)
+    return WriteError(f"cannot write {path}: {reason} (needs {needed}, {free} free on that "
+                      "filesystem); the previous version of the file is kept")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -59,6 +97,9 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise _write_error(obj, path, err) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -175,8 +216,10 @@ def load_checkpoint(out_dir: str | Path, map_location: str | torch.device = "cpu
                               "writes it at the end of its first epoch)")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
-            zipfile.BadZipFile) as err:
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - damaged bytes make the unpickler raise anything
+        # (IndexError, KeyError, UnicodeDecodeError, ... besides the usual I/O and zip errors)
         raise CheckpointError(f"cannot resume: {path} is corrupt or truncated ({type(err).__name__}: "
                               f"{str(err).splitlines()[0] if str(err) else 'no detail'}). "
                               "Checkpoints are written atomically, so this file was damaged "
@@ -190,6 +233,10 @@ def load_checkpoint(out_dir: str | Path, map_location: str | torch.device = "cpu
     missing = [k for k in REQUIRED_KEYS if k not in payload]
     if missing:
         raise CheckpointError(f"cannot resume: {path} lacks {', '.join(missing)}")
+    wrong = [k for k, kind in PAYLOAD_TYPES.items() if not isinstance(payload[k], kind)]
+    if wrong:
+        raise CheckpointError(f"cannot resume: {path} is damaged ({', '.join(wrong)} of the wrong "
+                              "type)")
     return payload
 
 

@@ -20,7 +20,9 @@ from .config import (
     build_config,
     list_recipes,
     load_yaml,
+    print_config,
 )
+from .errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, CheckpointError, UserError
 
 DESCRIPTION = """\
 Train with Spaced Knowledge Distillation (Sun et al., ICML 2025).
@@ -43,14 +45,18 @@ examples:
       the paper's comparison: the summary prints the student's gain over the online run
   python -m spacedkd_fast.train --config cifar100-byot-resnet18-spaced-self --amp bf16
   python -m spacedkd_fast.train --resume runs/online
+  python -m spacedkd_fast.train --resume runs/online --epochs 120
+      extend a run (schedules that depend on the total are re-planned; said in the output)
+  python -m spacedkd_fast.train --config cifar100-resnet18-spaced --seeds 0,1,2 --out runs/spaced
+      one run per seed in runs/spaced/seed0, seed1, seed2 (--resume runs/spaced continues them)
   torchrun --nproc_per_node 4 -m spacedkd_fast.train --config cifar100-deit-tiny-spaced1.5
 
-outputs (in OUT): metrics.jsonl and metrics.csv (one row per epoch), config.yaml, curves.png,
-summary.txt, checkpoint.pt (resume), best_student.pt (student weights at its best top-1).
-exit status: 0 done, 2 bad input, 3 stopped by a non-finite loss, 130 interrupted (saved)."""
+outputs (in OUT): metrics.jsonl and metrics.csv (one row per epoch: test_* test accuracies,
+train_* training-loss means), config.yaml, curves.png, summary.txt, checkpoint.pt (resume),
+best_student.pt (student weights at its best top-1).
+exit status: 0 done, 2 bad input, 3 stopped by a non-finite loss, 4 an output file could not be
+written (disk full, permission), 130 / 143 stopped by Ctrl-C / SIGTERM (state saved)."""
 
-# Flags given together with --resume that do not change what is computed.
-RESUME_SAFE = {"tensorboard", "wandb", "wandb_project", "log_every", "compare"}
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -92,8 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--list-models", action="store_true",
                      help="list the model architectures and exit")
     run.add_argument("--resume", metavar="OUT",
-                     help="continue the run in folder OUT from its last checkpoint, with its saved "
-                          "configuration (no other flag needed)")
+                     help="continue the run (or --seeds group) in folder OUT from its last "
+                          "checkpoint, with its saved configuration; flags equal to the saved "
+                          "values are accepted, --epochs N extends the run")
+    run.add_argument("--print-config", action="store_true",
+                     help="print the resolved configuration as YAML and exit")
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bar (epoch lines only)")
 
@@ -152,6 +161,31 @@ def _print_models() -> None:
         print(f"  {name:<22} {description}")
 
 
+def _run(ns: argparse.Namespace, cli: dict[str, Any]) -> int:
+    progress = not getattr(ns, "no_progress", False)
+    if getattr(ns, "resume", None):
+        if getattr(ns, "config", None):
+            raise ConfigError("--resume uses the run's saved configuration; drop --config")
+        from . import seeds
+
+        if seeds.is_group(ns.resume):
+            return seeds.resume_group(ns.resume, overrides=cli, progress=progress)
+        from . import runner
+
+        return runner.resume(ns.resume, overrides=cli, progress=progress)
+    cfg = config_from_args(ns, cli)  # before torch is imported: bad values answer at once
+    if getattr(ns, "print_config", False):
+        print_config(cfg)
+        return 0
+    if cfg.seeds:
+        from . import seeds
+
+        return seeds.train_group(cfg, progress=progress)
+    from . import runner
+
+    return runner.train(cfg, progress=progress)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit status (see the epilog of ``--help``)."""
     ns, cli = parse(argv)
@@ -161,24 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(ns, "list_models", False):
         _print_models()
         return 0
-    from . import runner
-
     try:
-        if getattr(ns, "resume", None):
-            if getattr(ns, "config", None):
-                raise ConfigError("--resume uses the run's saved configuration; drop --config")
-            changed = sorted(set(cli) - RESUME_SAFE)
-            if changed:
-                flags = ", ".join("--" + k.replace("_", "-") for k in changed)
-                raise ConfigError(f"--resume continues with the saved configuration; {flags} "
-                                  "cannot change on resume (start a new run with --out instead)")
-            return runner.resume(ns.resume, overrides=cli,
-                                 progress=not getattr(ns, "no_progress", False))
-        cfg = config_from_args(ns, cli)
-        return runner.train(cfg, progress=not getattr(ns, "no_progress", False))
-    except (ConfigError, runner.UserError) as err:
+        return _run(ns, cli)
+    except (ConfigError, UserError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # a second Ctrl-C / SIGTERM while the first one was being handled
+        print("aborted: the last checkpoint written is kept", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .errors import UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -38,16 +40,23 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto`` -> ``cuda:<local rank>`` when a GPU is present, else ``cpu``; errors are explicit."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device name; use cpu, cuda, cuda:N or auto") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {name}: no CUDA device is available here (use --device cpu)")
+            raise UserError(f"--device {name}: no CUDA device is available here (torch "
+                            f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}); use "
+                            "--device cpu or --device auto")
         index = device.index if device.index is not None else local_rank
         if index >= torch.cuda.device_count():
-            raise RuntimeError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) "
+                            "here; use --device cuda:0 or --device auto")
         device = torch.device("cuda", index)
     elif device.type not in ("cpu", "mps", "xpu"):
-        raise RuntimeError(f"--device {name}: unsupported device type {device.type!r}")
+        raise UserError(f"--device {name}: unsupported device type {device.type!r}; use cpu, "
+                        "cuda, cuda:N or auto")
     return device
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C); SIGTERM gives 143 (128 + the signal number)
+EXIT_WRITE_FAILED = 4  # an output file could not be written (disk full, permission lost)
 
 
 class UserError(RuntimeError):
@@ -13,4 +14,8 @@ class UserError(RuntimeError):
 
 
 class Interrupted(Exception):
-    """A stop was requested (Ctrl-C); raised by the loop once the state is saved."""
+    """A stop was requested (SIGINT/SIGTERM); raised by the loop once the state is saved."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable or not one of ours; the message says which."""

@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 from ..engine.model_io import unwrap
 from .checkpoint import save_best_student
+from .metric_names import test_key, upgrade
 from .report import MetricsLog, row_text
 
 
@@ -25,7 +26,7 @@ class RunHistory:
         self.out = out
         self.stream = stream or sys.stdout
         self.loggers = loggers
-        self.rows: list[dict[str, Any]] = list((state or {}).get("metrics", []))
+        self.rows: list[dict[str, Any]] = [upgrade(r) for r in (state or {}).get("metrics", [])]
         self.best: dict[str, Any] = dict((state or {}).get("best", {"top1": None, "epoch": None}))
         self.wall_before = float((state or {}).get("wall_s", 0.0))
         self.t_start = time.monotonic()
@@ -42,7 +43,7 @@ class RunHistory:
 
     def record(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
-        top1 = row.get("student_top1")
+        top1 = row.get(test_key("student"))
         if top1 is not None and (self.best["top1"] is None or top1 > self.best["top1"]):
             self.best = {"top1": top1, "epoch": row["epoch"]}
             if self.is_main:

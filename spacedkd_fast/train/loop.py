@@ -24,8 +24,12 @@ from .errors import Interrupted
 from .evaluate import evaluate
 from .history import RunHistory
 from .lr_schedule import EpochSchedule
+from .metric_names import test_key, with_aliases
 from .report import ProgressBar
 from .stop import StopRequest
+
+# the values of the earlier "phase" field (kept as an alias for one version)
+LEGACY_PHASE = {"teacher+student": "train", "model": "train", "network": "train"}
 
 
 class EpochSums:
@@ -92,33 +96,35 @@ def _evaluate(parts: RunParts, model) -> dict[str, float]:
                     channels_last=parts.cfg.channels_last, info=parts.info)
 
 
-def epoch_row(parts: RunParts, history: RunHistory, epoch: int, phase: str, sums: EpochSums,
+def epoch_row(parts: RunParts, history: RunHistory, epoch: int, trained: str, sums: EpochSums,
               images: int, epoch_wall: float, teacher_metrics: dict[str, float] | None = None
               ) -> dict[str, Any]:
-    """Test accuracies after ``epoch``, the epoch's loss means, counters and speed."""
-    row: dict[str, Any] = {"epoch": epoch, "phase": phase}
+    """Test accuracies after ``epoch``, the epoch's training-loss means, counters and speed
+    (names: :mod:`.metric_names`). ``trained``: which models trained in this epoch."""
+    row: dict[str, Any] = {"epoch": epoch, "trained": trained,
+                           "phase": LEGACY_PHASE.get(trained, trained)}
     if parts.cfg.is_self:
         m = _evaluate(parts, parts.student)
         exits = sorted(k for k in m if k.startswith("exit") and k.endswith("_top1"))
         deepest = exits[-1].removesuffix("_top1") if exits else None
-        row["teacher_top1"] = m.get(f"{deepest}_top1") if deepest else None
-        row["teacher_top5"] = m.get(f"{deepest}_top5") if deepest else None
-        row["student_top1"], row["student_top5"] = m["top1"], m["top5"]
-        row.update({k: v for k, v in m.items() if k.startswith(("exit", "ensemble"))})
+        row[test_key("teacher")] = m.get(f"{deepest}_top1") if deepest else None
+        row[test_key("teacher", "top5")] = m.get(f"{deepest}_top5") if deepest else None
+        row[test_key("student")], row[test_key("student", "top5")] = m["top1"], m["top5"]
+        row.update({f"test_{k}": v for k, v in m.items() if k.startswith(("exit", "ensemble"))})
     else:
         if parts.teacher is not None:
             tm = teacher_metrics if teacher_metrics is not None else _evaluate(parts, parts.teacher)
-            row["teacher_top1"], row["teacher_top5"] = tm["top1"], tm["top5"]
+            row[test_key("teacher")], row[test_key("teacher", "top5")] = tm["top1"], tm["top5"]
         else:
-            row["teacher_top1"] = row["teacher_top5"] = None
+            row[test_key("teacher")] = row[test_key("teacher", "top5")] = None
         sm = _evaluate(parts, parts.student)
-        row["student_top1"], row["student_top5"] = sm["top1"], sm["top5"]
+        row[test_key("student")], row[test_key("student", "top5")] = sm["top1"], sm["top5"]
     means = sums.means()
-    row["teacher_loss"] = means.get("teacher_loss")
-    row["student_loss"] = means.get("student_loss")
+    row["train_teacher_loss"] = means.get("teacher_loss")
+    row["train_student_loss"] = means.get("student_loss")
     for key in ("ce", "kl", "feat"):
         if key in means:
-            row[key] = means[key]
+            row[f"train_{key}"] = means[key]
     row["lr"] = parts.lr()
     row["student_lr"] = parts.student_opt.param_groups[0]["lr"]
     row["teacher_steps"] = parts.distiller.teacher_steps
@@ -126,7 +132,7 @@ def epoch_row(parts: RunParts, history: RunHistory, epoch: int, phase: str, sums
     row["images_per_s"] = images / epoch_wall if epoch_wall > 0 else None
     row["epoch_s"] = epoch_wall
     row["wall_s"] = history.wall()
-    return row
+    return with_aliases(row)
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -138,6 +144,15 @@ def _stop_requested(parts: RunParts, stop: StopRequest, at_log_point: bool) -> b
     flag = torch.tensor([1 if stop.requested else 0], device=parts.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
+
+
+def _trained(parts: RunParts) -> str:
+    """What trains in an epoch of the main loop."""
+    if parts.cfg.mode == "offline":
+        return "teacher"
+    if parts.teacher is None:
+        return "network" if parts.cfg.is_self else "model"
+    return "teacher+student"
 
 
 def _train_epoch(parts: RunParts, history: RunHistory, stop: StopRequest, epoch: int,
@@ -178,8 +193,7 @@ def _train_epoch(parts: RunParts, history: RunHistory, stop: StopRequest, epoch:
         d.finish()  # replay the tail before the final evaluation
         sums.add(d.pop_stats(), d.teacher_steps - last_t, d.student_steps - last_s)
     wall = wall0 + time.monotonic() - t0
-    phase = "teacher" if cfg.mode == "offline" else "train"
-    history.record(epoch_row(parts, history, epoch + 1, phase, sums, images, wall))
+    history.record(epoch_row(parts, history, epoch + 1, _trained(parts), sums, images, wall))
     save(parts, history, Position(epoch + 1, finished=last and cfg.mode != "offline"))
     if not last and _stop_requested(parts, stop, True):
         raise Interrupted
@@ -189,7 +203,8 @@ def _offline_student_phase(parts: RunParts, history: RunHistory, stop: StopReque
     """Offline KD after the teacher's epochs: the student's epochs, each evaluated."""
     cfg, d = parts.cfg, parts.distiller
     last = history.rows[-1] if history.rows else None
-    final_teacher = {"top1": last["teacher_top1"], "top5": last["teacher_top5"]} if last else None
+    final_teacher = ({"top1": last[test_key("teacher")], "top5": last[test_key("teacher", "top5")]}
+                     if last else None)
     history.say(f"offline KD: teacher done; the student now trains {cfg.epochs} epochs against "
                 "the final teacher")
     if isinstance(parts.student_sched, EpochSchedule):

@@ -4,7 +4,7 @@ Nothing here reads a tensor: the trainer hands over plain floats it has already 
 (once per ``log_every`` steps), so reporting never adds a device synchronisation.
 
 Files in the output folder: ``metrics.jsonl`` (one JSON object per epoch), ``metrics.csv`` (the
-same rows), ``curves.png`` (accuracy and loss per epoch), ``summary.txt`` (the final table).
+same rows), ``summary.txt`` (the final table); ``curves.png`` is drawn by :mod:`.curves`.
 """
 
 from __future__ import annotations
@@ -19,9 +19,12 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from .metric_names import test_key, upgrade
+
 # Columns that lead metrics.csv; any further keys follow in first-seen order.
-LEADING_COLUMNS = ("epoch", "phase", "teacher_top1", "teacher_top5", "student_top1",
-                   "student_top5", "teacher_loss", "student_loss", "ce", "kl", "feat", "lr",
+LEADING_COLUMNS = ("epoch", "trained", "test_teacher_top1", "test_teacher_top5",
+                   "test_student_top1", "test_student_top5", "train_teacher_loss",
+                   "train_student_loss", "train_ce", "train_kl", "train_feat", "lr",
                    "student_lr", "images_per_s", "wall_s")
 # Keys that depend on the clock, not on the computation (left out when comparing runs).
 TIMING_KEYS = ("images_per_s", "wall_s", "epoch_s")
@@ -166,47 +169,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_curves(rows: list[dict[str, Any]], path: str | Path, *, title: str = "") -> None:
-    """Accuracy (top-1) and loss per epoch, teacher and student, to a PNG (matplotlib Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
-    epochs = [r["epoch"] for r in rows]
-    acc_keys = [k for k in ("teacher_top1", "student_top1") if any(r.get(k) is not None for r in rows)]
-    acc_keys += sorted(k for k in {k for r in rows for k in r}
-                       if k.startswith("exit") and k.endswith("_top1"))
-    for key in acc_keys:
-        ys = [100 * r[key] if r.get(key) is not None else float("nan") for r in rows]
-        ax_acc.plot(epochs, ys, marker="o", markersize=3, label=key.replace("_top1", ""))
-    ax_acc.set_xlabel("epoch")
-    ax_acc.set_ylabel("test top-1 (%)")
-    ax_acc.grid(alpha=0.3)
-    for key in ("teacher_loss", "student_loss"):
-        ys = [r.get(key) if r.get(key) is not None else float("nan") for r in rows]
-        if any(math.isfinite(y) for y in ys):
-            ax_loss.plot(epochs, ys, marker="o", markersize=3, label=key.replace("_loss", ""))
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("training loss")
-    ax_loss.grid(alpha=0.3)
-    from matplotlib.ticker import MaxNLocator
-
-    for ax in (ax_acc, ax_loss):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    return [upgrade(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _best(rows: list[dict[str, Any]], key: str) -> tuple[float | None, int | None]:
@@ -222,27 +185,32 @@ def _pct(value: float | None) -> str:
 
 def summary_table(rows: list[dict[str, Any]], *, wall_s: float, images_per_s: float,
                   models: list[tuple[str, str]], compare: list[dict[str, Any]] | None = None,
-                  compare_name: str = "comparison") -> str:
-    """The end-of-run table: best and final top-1/top-5 per model, gain, time, throughput.
+                  compare_name: str = "comparison", heading: list[str] | None = None) -> str:
+    """The end-of-run table: best and final test top-1/top-5 per model, gain, time, throughput.
 
-    ``models`` pairs a display name with the metrics-key prefix (``("student", "student")``).
+    ``models`` pairs a display name with the model's metrics name (``("student", "student")``
+    reads ``test_student_top1``); ``heading``: lines printed above the table.
     """
+    rows = [upgrade(r) for r in rows]
+    compare = [upgrade(r) for r in compare] if compare else compare
+    head = list(heading or [])
     lines = [f"{'model':<22}{'best top-1':>12}{'(epoch)':>9}{'final top-1':>13}{'final top-5':>13}"]
     lines.append("-" * len(lines[0]))
     last = rows[-1] if rows else {}
     for name, prefix in models:
-        best, at = _best(rows, f"{prefix}_top1")
+        best, at = _best(rows, test_key(prefix))
         lines.append(f"{name:<22}{_pct(best):>12}{'' if at is None else at:>9}"
-                     f"{_pct(last.get(f'{prefix}_top1')):>13}{_pct(last.get(f'{prefix}_top5')):>13}")
+                     f"{_pct(last.get(test_key(prefix))):>13}"
+                     f"{_pct(last.get(test_key(prefix, 'top5'))):>13}")
     if compare:
-        ours, _ = _best(rows, "student_top1")
-        theirs, _ = _best(compare, "student_top1")
+        ours, _ = _best(rows, test_key("student"))
+        theirs, _ = _best(compare, test_key("student"))
         if ours is not None and theirs is not None:
             lines.append(f"student best top-1 vs {compare_name}: {_pct(theirs).strip()} -> "
                          f"{_pct(ours).strip()} (gain {100 * (ours - theirs):+.2f} points)")
     lines.append(f"wall time {_fmt_duration(wall_s)} ({wall_s:.1f} s), "
                  f"{images_per_s:.1f} training images/s")
-    return "\n".join(lines)
+    return "\n".join(head + ([""] if head else []) + lines)
 
 
 class ExternalLoggers:
@@ -304,20 +272,22 @@ def row_text(row: dict[str, Any], cfg: Any, *, has_teacher: bool) -> str:
     """The one line printed per epoch row (``cfg``: the run's ``TrainConfig``)."""
     total = cfg.epochs * (2 if cfg.mode == "offline" else 1)
     parts = [f"epoch {row['epoch']:>3}/{total}"]
-    if row.get("phase") not in (None, "train"):
-        parts.append(f"[{row['phase']}]")
+    if cfg.mode == "offline":
+        parts.append(f"[{row['trained']}]")
     if cfg.is_self:
-        exits = " ".join(_pct_cell(row.get(f"exit{i}_top1")).strip()
-                         for i in range(1, 9) if row.get(f"exit{i}_top1") is not None)
-        parts.append(f"exits top-1 {exits}  ensemble top-1 {_pct_cell(row['student_top1'])} "
-                     f"top-5 {_pct_cell(row['student_top5'])}")
+        exits = " ".join(_pct_cell(row.get(test_key(f"exit{i}"))).strip()
+                         for i in range(1, 9) if row.get(test_key(f"exit{i}")) is not None)
+        parts.append(f"exits top-1 {exits}  ensemble top-1 "
+                     f"{_pct_cell(row[test_key('student')])} "
+                     f"top-5 {_pct_cell(row[test_key('student', 'top5')])}")
     else:
         if has_teacher:
-            parts.append(f"teacher top-1 {_pct_cell(row['teacher_top1'])} top-5 "
-                         f"{_pct_cell(row['teacher_top5'])}")
-        parts.append(f"student top-1 {_pct_cell(row['student_top1'])} top-5 "
-                     f"{_pct_cell(row['student_top5'])}")
-    losses = [f"{k.replace('_loss', '')} {row[k]:.4f}" for k in ("teacher_loss", "student_loss")
+            parts.append(f"teacher top-1 {_pct_cell(row[test_key('teacher')])} top-5 "
+                         f"{_pct_cell(row[test_key('teacher', 'top5')])}")
+        parts.append(f"student top-1 {_pct_cell(row[test_key('student')])} top-5 "
+                     f"{_pct_cell(row[test_key('student', 'top5')])}")
+    losses = [f"{who} {row[k]:.4f}" for who, k in (("teacher", "train_teacher_loss"),
+                                                   ("student", "train_student_loss"))
               if row.get(k) is not None]
     if losses:
         parts.append("loss " + " ".join(losses))
@@ -368,7 +338,7 @@ def summary_models(cfg: Any, *, has_teacher: bool, last_row: dict[str, Any]
     """``(display name, metrics prefix)`` of the models the summary table lists."""
     if cfg.is_self:
         models = [(f"exit {i}", f"exit{i}") for i in range(1, 9)
-                  if last_row.get(f"exit{i}_top1") is not None]
+                  if last_row.get(test_key(f"exit{i}")) is not None]
         return models + [("ensemble (student)", "student")]
     if not has_teacher:
         return [("model", "student")]

@@ -7,7 +7,9 @@ module prepares the folder, handles the ways a run ends, and returns the exit st
 
 from __future__ import annotations
 
+import errno
 import os
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -18,14 +20,22 @@ import torch.distributed as dist
 
 from .. import __version__
 from .build import RunParts, build_run, n_params, resolve_dataset
-from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, restore_parts
-from .config import TrainConfig, apply_dataset_defaults, from_dict, save_yaml
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    WriteError,
+    load_checkpoint,
+    restore_parts,
+)
+from .config import TrainConfig, apply_dataset_defaults, check_runnable, from_dict, save_yaml
+from .curves import plot_curves
 from .distributed import DistInfo, barrier, cleanup, init_distributed
 from .errors import (  # noqa: F401 - re-exported: callers read the statuses here
     EXIT_BAD_INPUT,
     EXIT_INTERRUPTED,
     EXIT_NONFINITE,
     EXIT_OK,
+    EXIT_WRITE_FAILED,
     Interrupted,
     UserError,
 )
@@ -35,7 +45,6 @@ from .report import (
     ExternalLoggers,
     models_text,
     nonfinite_text,
-    plot_curves,
     read_metrics,
     run_header,
     summary_models,
@@ -43,13 +52,21 @@ from .report import (
 )
 from .stop import StopRequest
 
+# Flags given together with --resume that do not change what is computed.
+RESUME_SAFE = {"tensorboard", "wandb", "wandb_project", "log_every", "compare"}
+
+
+def default_out(cfg: TrainConfig, dataset: str, suffix: str = "") -> str:
+    """``runs/<time>-<mode>-<student>-<data set actually used>``."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    data = dataset.replace("folder:", "").replace("/", "_")
+    return f"runs/{stamp}-{cfg.mode}-{cfg.student}-{data}{suffix}"
+
 
 def prepare_output(cfg: TrainConfig, info: DistInfo, *, resuming: bool) -> Path:
     """Create (or check) the output folder; rank 0 decides, every rank learns the name."""
     if cfg.out is None:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        data = (cfg.dataset or "auto").replace("folder:", "").replace("/", "_")
-        cfg.out = f"runs/{stamp}-{cfg.mode}-{cfg.student}-{data}"
+        cfg.out = default_out(cfg, cfg.dataset or "auto")
     error = None
     if info.is_main:
         out = Path(cfg.out)
@@ -103,24 +120,50 @@ def _final_report(parts: RunParts, history: RunHistory) -> None:
             compare = read_metrics(cfg.compare)
         except (OSError, ValueError) as err:
             history.say(f"--compare {cfg.compare}: cannot read its metrics.jsonl ({err})")
-    table = summary_table(rows, wall_s=history.wall(),
+    wall = history.wall()
+    models = [(parts.student_arch, n_params(parts.student))]
+    if parts.teacher is not None:
+        models.insert(0, (cfg.teacher, n_params(parts.teacher)))
+    spacing = (f", s={cfg.interval_rate:g} (replay every "
+               f"{int(parts.steps_per_epoch * cfg.interval_rate)} steps)"
+               if cfg.mode in ("spaced", "spaced-self") else "")
+    heading = [f"{cfg.mode} KD{spacing} on {cfg.dataset or parts.data.name}: "
+               f"{models_text(cfg, models)}",
+               f"{cfg.epochs} epochs of {parts.steps_per_epoch} steps, batch {cfg.batch_size}, "
+               f"seed {cfg.seed}; wall time {wall:.1f} s"]
+    table = summary_table(rows, wall_s=wall, heading=heading,
                           images_per_s=float(np.mean(rates)) if rates else 0.0,
                           models=summary_models(cfg, has_teacher=parts.teacher is not None,
                                                 last_row=rows[-1]),
                           compare=compare,
                           compare_name=Path(cfg.compare).name if cfg.compare else "")
+    # the one place a write may fail after training: report it, the run itself is saved
     (out / "summary.txt").write_text(table + "\n")
     history.say("\n" + table)
     history.say(f"outputs in {out}: metrics.jsonl, metrics.csv, config.yaml, curves.png, "
                 "summary.txt, checkpoint.pt, best_student.pt")
 
 
+def _refuse_unusable(cfg: TrainConfig, info: DistInfo) -> None:
+    if cfg.amp == "fp16" and info.device.type == "cpu":
+        raise UserError("--amp fp16 on CPU: float16 autocast has no fast CPU kernels (a ResNet-18 "
+                        "step takes about 100x longer than in fp32); use --amp bf16 or --amp off")
+
+
 def execute(cfg: TrainConfig, info: DistInfo, *, state: dict[str, Any] | None, progress: bool,
             data: Any = None, stream: TextIO | None = None,
-            digits_changes: list[str] | None = None) -> int:
-    """Build, (restore,) train and report one run; returns the exit status."""
+            digits_changes: list[str] | None = None, dataset: str | None = None,
+            notes: list[str] | None = None) -> int:
+    """Build, (restore,) train and report one run; returns the exit status.
+
+    ``dataset``: the data set actually used (the digits fallback resolved), written into the
+    folder name and config.yaml; ``notes``: lines printed after the run's header (resume).
+    """
     from ..engine.distill import NonFiniteLossError
 
+    _refuse_unusable(cfg, info)
+    if cfg.out is None:
+        cfg.out = default_out(cfg, dataset or cfg.dataset or "auto")
     out = prepare_output(cfg, info, resuming=state is not None)
     loggers = None
     if info.is_main:  # optional loggers first: a missing package fails before any work
@@ -131,7 +174,10 @@ def execute(cfg: TrainConfig, info: DistInfo, *, state: dict[str, Any] | None, p
         except ImportError as err:
             raise UserError(str(err)) from None
     parts = build_run(cfg, info, data=data)
-    status = EXIT_OK
+    if cfg.dataset is None and dataset:
+        cfg.dataset = dataset  # config.yaml and the checkpoint name what was used
+    status, history = EXIT_OK, None
+    stop = StopRequest()
     try:
         if state is not None:
             try:
@@ -146,31 +192,57 @@ def execute(cfg: TrainConfig, info: DistInfo, *, state: dict[str, Any] | None, p
             history.say(f"resuming after epoch {state['epoch']}"
                         + (f", step {state['step_in_epoch']} of epoch {state['epoch'] + 1}"
                            if state["step_in_epoch"] else ""))
-        try:
-            with StopRequest() as stop:
-                if (state or {}).get("finished", False):
-                    history.say("this run had already finished; nothing left to train")
-                else:
-                    run_loop(parts, history, stop, state, progress=progress)
-        except Interrupted:
-            history.say(f"interrupted: state saved in {out / CHECKPOINT_NAME}; continue with "
-                        f"python -m spacedkd_fast.train --resume {out}")
-            status = EXIT_INTERRUPTED
-        except NonFiniteLossError as err:
-            history.say(nonfinite_text(err, steps_per_epoch=parts.steps_per_epoch,
-                                       last_epoch=history.rows[-1]["epoch"] if history.rows else 0,
-                                       checkpoint=out / CHECKPOINT_NAME))
-            status = EXIT_NONFINITE
+        for note in notes or []:
+            history.say(note)
+        with stop:
+            if (state or {}).get("finished", False):
+                history.say("this run had already finished; nothing left to train (extend it "
+                            f"with --resume {out} --epochs N)")
+            else:
+                run_loop(parts, history, stop, state, progress=progress)
+    except Interrupted:
+        history.say(f"interrupted ({stop.name}): state saved in {out / CHECKPOINT_NAME}; continue "
+                    f"with python -m spacedkd_fast.train --resume {out}")
+        status = stop.exit_status
+    except NonFiniteLossError as err:
+        history.say(nonfinite_text(err, steps_per_epoch=parts.steps_per_epoch,
+                                   last_epoch=history.rows[-1]["epoch"] if history.rows else 0,
+                                   checkpoint=out / CHECKPOINT_NAME))
+        status = EXIT_NONFINITE
+    except (WriteError, OSError) as err:
+        if not isinstance(err, WriteError) and err.errno not in WRITE_ERRNOS:
+            raise
+        status = _write_failed(err, history, out)
     finally:
         parts.distiller.close()
         if loggers is not None:
             loggers.close()
     if status == EXIT_OK:
-        _final_report(parts, history)
+        try:
+            _final_report(parts, history)
+        except (WriteError, OSError) as err:
+            if not isinstance(err, WriteError) and err.errno not in WRITE_ERRNOS:
+                raise
+            status = _write_failed(err, history, out)
         barrier(info)
     # otherwise no collective: after a non-finite loss on one rank the others may be waiting
     # in a gradient all-reduce; the exit status makes torchrun stop them
     return status
+
+
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO}
+
+
+def _write_failed(err: OSError, history: RunHistory | None, out: Path) -> int:
+    """A file of the run could not be written: say which and what is kept (one line)."""
+    text = str(err) if isinstance(err, WriteError) else (
+        f"cannot write {err.filename or out}: {err.strerror or err}")
+    saved = [r for r in (history.rows if history else [])]
+    kept = (f"; {out / CHECKPOINT_NAME} holds the last good checkpoint" if saved
+            else "")
+    print(f"error: {text}{kept}. Free some space (or restore write access) and continue with "
+          f"python -m spacedkd_fast.train --resume {out}", file=sys.stderr, flush=True)
+    return EXIT_WRITE_FAILED
 
 
 def _threads_for_cpu(info: DistInfo) -> None:
@@ -181,35 +253,82 @@ def _threads_for_cpu(info: DistInfo) -> None:
 
 def train(cfg: TrainConfig, *, progress: bool = True, data: Any = None,
           stream: TextIO | None = None) -> int:
-    """Run ``cfg`` from scratch; returns the exit status (0 ok, 3 non-finite loss, 130 SIGINT).
+    """Run ``cfg`` from scratch; returns the exit status (0 ok, 3 non-finite loss, 4 a file could
+    not be written, 130/143 stopped by SIGINT/SIGTERM with the state saved).
 
     ``data``: a prebuilt ``DataBundle`` (tests inject tiny or poisoned data this way).
     """
+    check_runnable(cfg)
     info = init_distributed(cfg.device)
     try:
         _threads_for_cpu(info)
+        dataset = resolve_dataset(cfg) if data is None else (cfg.dataset or data.name)
         # injected data (tests) is already built: its batch size is the caller's business
-        changes = apply_dataset_defaults(cfg, resolve_dataset(cfg)) if data is None else []
+        changes = apply_dataset_defaults(cfg, dataset) if data is None else []
         return execute(cfg, info, state=None, progress=progress, data=data, stream=stream,
-                       digits_changes=changes)
+                       digits_changes=changes, dataset=dataset)
     finally:
         cleanup(info)
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def resume_plan(state: dict[str, Any], out: str | os.PathLike,
+                overrides: dict[str, Any] | None) -> tuple[TrainConfig, list[str]]:
+    """The configuration a resume continues with, and what it says about it.
+
+    Flags equal to the saved values are accepted; ``epochs`` may grow (the run is extended: the
+    LR schedule is rebuilt for the new total and continues from the current step); anything else
+    that would change the computation is refused.
+    """
+    saved = from_dict(dict(state["config"]))
+    cfg = from_dict({**state["config"], **(overrides or {}), "out": str(out)})
+    changed = [k for k in (overrides or {}) if k not in RESUME_SAFE | {"epochs"}
+               and getattr(cfg, k) != getattr(saved, k)]
+    if changed:
+        what = ", ".join(f"{_flag(k)} (saved {getattr(saved, k)!r}, given {getattr(cfg, k)!r})"
+                         for k in changed)
+        raise UserError(f"--resume continues with the saved configuration; {what} cannot change "
+                        "on resume (start a new run with --out instead)")
+    notes: list[str] = []
+    if cfg.epochs == saved.epochs:
+        return cfg, notes
+    done = int(state["epoch"])
+    if cfg.epochs < saved.epochs:
+        raise UserError(f"--epochs {cfg.epochs}: a resume can extend a run, not shorten it "
+                        f"(planned {saved.epochs}, {done} done)")
+    if saved.mode == "offline" and done >= saved.epochs:
+        raise UserError("--epochs: an offline run cannot be extended once its teacher phase is "
+                        "done (the student trains against the final teacher)")
+    notes.append(f"extending the run from {saved.epochs} to {cfg.epochs} epochs")
+    if state.get("finished"):
+        state["finished"] = False
+        for engine in state["engine"]:  # the engine's end of training becomes a mid-run point
+            engine["finished"] = False
+    if cfg.schedule != "constant" or cfg.warmup_epochs:
+        last_lr = state["metrics"][-1]["lr"] if state["metrics"] else None
+        notes.append(f"the {cfg.schedule} learning-rate schedule is re-planned for {cfg.epochs} "
+                     f"epochs from epoch {done + 1} on" + (f" (lr was {last_lr:.4g} after epoch "
+                                                            f"{done})" if last_lr else ""))
+    return cfg, notes
+
+
 def resume(out: str | os.PathLike, *, overrides: dict[str, Any] | None = None,
            progress: bool = True, data: Any = None, stream: TextIO | None = None) -> int:
-    """Continue the run in ``out`` from its checkpoint with its saved configuration."""
+    """Continue the run in ``out`` from its checkpoint with its saved configuration (extended
+    when ``overrides`` raises ``epochs``)."""
     try:
         state = load_checkpoint(out)
     except CheckpointError as err:
         raise UserError(str(err)) from None
-    values = dict(state["config"])
-    values.update(overrides or {})
-    values["out"] = str(out)
-    cfg = from_dict(values)
+    cfg, notes = resume_plan(state, out, overrides)
     info = init_distributed(cfg.device)
     try:
         _threads_for_cpu(info)
-        return execute(cfg, info, state=state, progress=progress, data=data, stream=stream)
+        status = execute(cfg, info, state=state, progress=progress, data=data, stream=stream,
+                         notes=notes)
+        return status
     finally:
         cleanup(info)

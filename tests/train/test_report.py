@@ -6,10 +6,11 @@ import csv
 import io
 import json
 
+from spacedkd_fast.train.curves import panels_of, plot_curves
+from spacedkd_fast.train.metric_names import with_aliases
 from spacedkd_fast.train.report import (
     MetricsLog,
     ProgressBar,
-    plot_curves,
     read_metrics,
     summary_table,
 )
@@ -55,26 +56,53 @@ def test_disabled_bar_is_silent():
 
 def test_metrics_files_and_nan_as_null(tmp_path):
     log = MetricsLog(tmp_path)
-    log.append({"epoch": 1, "teacher_top1": 0.5, "student_top1": 0.25, "lr": 0.1, "x": float("nan")})
-    log.append({"epoch": 2, "teacher_top1": 0.75, "student_top1": 0.5, "lr": 0.1, "exit1_top1": 0.3})
+    log.append({"epoch": 1, "test_teacher_top1": 0.5, "test_student_top1": 0.25, "lr": 0.1,
+                "x": float("nan")})
+    log.append({"epoch": 2, "test_teacher_top1": 0.75, "test_student_top1": 0.5, "lr": 0.1,
+                "exit1_top1": 0.3})
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["x"] is None and rows[1]["exit1_top1"] == 0.3
     with open(tmp_path / "metrics.csv") as f:
         table = list(csv.DictReader(f))
     assert [r["epoch"] for r in table] == ["1", "2"]
-    assert list(table[0])[:3] == ["epoch", "teacher_top1", "student_top1"]
+    assert list(table[0])[:3] == ["epoch", "test_teacher_top1", "test_student_top1"]
     assert table[0]["exit1_top1"] == "" and float(table[1]["exit1_top1"]) == 0.3
     # a resumed run rewrites both files from the checkpoint's rows
     MetricsLog(tmp_path, rows[:1])
     assert len(read_metrics(tmp_path)) == 1
+    # rows of an earlier version are read with the current names
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "student_top1": 0.4,
+                                                        "ce": 1.5}) + "\n")
+    old = read_metrics(tmp_path)[0]
+    assert old["test_student_top1"] == 0.4 and old["train_ce"] == 1.5
+
+
+def test_rows_carry_the_earlier_names_as_aliases():
+    row = with_aliases({"epoch": 3, "test_student_top1": 0.5, "test_exit2_top5": 0.9,
+                        "train_student_loss": 2.0, "train_feat": 4.0})
+    assert (row["student_top1"], row["exit2_top5"], row["student_loss"], row["feat"]) == \
+        (0.5, 0.9, 2.0, 4.0)
+    assert "teacher_top1" not in row  # only fields the row has
 
 
 def test_curves_png(tmp_path):
-    rows = [{"epoch": e, "teacher_top1": 0.1 * e, "student_top1": 0.05 * e,
-             "teacher_loss": 2.0 / e, "student_loss": None} for e in range(1, 4)]
+    rows = [{"epoch": e, "test_teacher_top1": 0.1 * e, "test_student_top1": 0.05 * e,
+             "train_teacher_loss": 2.0 / e, "train_student_loss": 5.0, "train_ce": 1.0 / e,
+             "train_kl": 0.1, "train_feat": 40.0} for e in range(1, 4)]
     plot_curves(rows, tmp_path / "curves.png", title="t")
     data = (tmp_path / "curves.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    # one panel each: accuracy, the teacher's CE, the student's CE and KD parts, its feature term;
+    # the student's total (mostly the feature term) is not drawn beside the teacher's CE
+    panels = panels_of(rows)
+    assert [[key for _, key, _ in lines] for _, lines in panels] == [
+        ["test_teacher_top1", "test_student_top1"], ["train_teacher_loss"],
+        ["train_ce", "train_kl"], ["train_feat"]]
+    assert panels[0][1][0][2] == 100.0  # accuracy in percent
+    # a base run (no teacher, no parts): accuracy and the student's loss
+    base = [{"epoch": 1, "test_student_top1": 0.3, "train_student_loss": 2.0}]
+    assert [[k for _, k, _ in lines] for _, lines in panels_of(base)] == [
+        ["test_student_top1"], ["train_student_loss"]]
 
 
 def test_summary_table_best_final_gain():
@@ -86,7 +114,8 @@ def test_summary_table_best_final_gain():
     online = [{"epoch": 1, "student_top1": 0.36}, {"epoch": 2, "student_top1": 0.35}]
     text = summary_table(rows, wall_s=75.0, images_per_s=123.4,
                          models=[("teacher", "teacher"), ("student", "student")],
-                         compare=online, compare_name="online")
+                         compare=online, compare_name="online", heading=["HEAD LINE"])
+    assert text.splitlines()[0] == "HEAD LINE"
     table = {line.split()[0]: line.split()[1:] for line in text.splitlines()
              if line.startswith(("teacher ", "student ")) and "%" in line.split()[1]}
     # columns: best top-1, its epoch, final top-1, final top-5

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 import spacedkd_fast
 from spacedkd_fast.train.cli import main
@@ -19,6 +20,25 @@ from spacedkd_fast.train.cli import main
 PACKAGE_PARENT = str(Path(spacedkd_fast.__file__).resolve().parents[1])
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
        "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_PARENT, os.environ.get("PYTHONPATH")]))}
+
+
+def test_quick_answers_do_not_import_torch(tmp_path):
+    """--help, --list-recipes and argument errors answer without importing torch."""
+    code = ("import sys, contextlib, io\n"
+            "from spacedkd_fast.train.cli import main\n"
+            "for args in (['--help'], ['--list-recipes'], ['--lr', 'abc'], ['--epochs', '0']):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), "
+            "contextlib.redirect_stderr(io.StringIO()):\n"
+            "        try:\n"
+            "            status = main(args)\n"
+            "        except SystemExit as e:\n"
+            "            status = e.code\n"
+            "    print(args[0], status, 'torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], env=ENV, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["--help 0 False", "--list-recipes 0 False",
+                                        "--lr 2 False", "--epochs 2 False"]
 
 
 def test_help_reads_like_a_manual(tmp_path):
@@ -36,19 +56,22 @@ def test_default_command_without_data_trains_on_digits_and_says_so(tmp_path):
     # the default architecture (resnet18), narrowed 16x in FLOPs to keep the test short; the
     # digits defaults (3 epochs, 8 px, batch 64, lr 0.05) come from the fallback itself
     done = subprocess.run([sys.executable, "-m", "spacedkd_fast.train", "--model-kwargs",
-                           "downsample_factor=16", "--device", "cpu", "--out", "run",
-                           "--no-progress"], cwd=tmp_path, env=ENV, capture_output=True,
-                          text=True, timeout=600)
+                           "downsample_factor=16", "--device", "cpu", "--no-progress"],
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert "CIFAR-100 not found under ./data" in lines[0] and "digits" in lines[0]
     assert lines[1].startswith("digits defaults: epochs 3")
     assert "mode spaced, s=1.5" in done.stdout
-    rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    # the folder and config.yaml name the data set actually used
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.endswith("-spaced-resnet18-digits")
+    assert yaml.safe_load((run / "config.yaml").read_text())["dataset"] == "digits"
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3
     # clearly better than chance (10 classes: 0.1)
     assert rows[-1]["teacher_top1"] > 0.5 and rows[-1]["student_top1"] > 0.5
-    assert (tmp_path / "run/curves.png").exists() and (tmp_path / "run/best_student.pt").exists()
+    assert (run / "curves.png").exists() and (run / "best_student.pt").exists()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None,

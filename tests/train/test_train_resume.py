@@ -126,7 +126,7 @@ def test_sigint_saves_mid_epoch_and_resume_matches(tmp_path, reference):
     proc.send_signal(signal.SIGINT)
     text, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, text
-    assert "interrupted: state saved" in text and f"--resume {out}" in text
+    assert "interrupted (SIGINT): state saved" in text and f"--resume {out}" in text
     state = load_checkpoint(out)
     assert not state["finished"]
     assert state["epoch"] * L + state["step_in_epoch"] >= L + 3
