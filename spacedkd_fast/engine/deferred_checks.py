@@ -166,7 +166,10 @@ class DeferredChecks:
         flag = self._device_flag(got.device)
         exp = (expected.to(got.device, non_blocking=True) if isinstance(expected, Tensor)
                else torch.tensor(expected, dtype=got.dtype).to(got.device, non_blocking=True))
-        flag.masked_fill_((got != exp).any().to(flag.device), 1.0)
+        # NaN on a mismatch, through the same store-only kernel as the losses (a masked_fill_
+        # would read and write the flag back: a race with the other lane under overlap)
+        bad = torch.where((got != exp).any(), float("nan"), 0.0).to(flag.device, torch.float32)
+        torch._amp_foreach_non_finite_check_and_unscale_([bad.reshape(1)], flag, self._one)
         self.checks.append(_Check(self.unit, "checksum", "student", 0, key, "", got=got,
                                   expected=exp))
 

@@ -48,6 +48,9 @@ class SelfDistiller(EngineBase):
     objective ``KDObjective(temperature, alpha, kd_scale=1)``. Our defaults give every batch the
     same treatment (one CE-only step, one KD step against a network that has seen ``I`` more
     steps) and replay every batch, so no batch counts more or less than the others.
+
+    ``check_finite_every=N > 1``: losses checked on the device, read every N updates (a fused
+    optimizer is needed; see :mod:`.deferred_checks`).
     """
 
     def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, *, mode: str = "spaced-self",

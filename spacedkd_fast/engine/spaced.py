@@ -101,6 +101,10 @@ class SpacedDistiller(SpacedReplays, EngineBase):
 
     Resuming: call ``load_state_dict`` on a fresh distiller before loading ``student_opt``'s state
     (the projector's param group must exist first).
+
+    ``check_finite``: a non-finite loss is a ``NonFiniteLossError`` and never an update; each loss
+    is read on the host before its step, or with ``check_finite_every=N > 1`` checked on the device
+    and read every N updates (fused optimizers needed; :mod:`.deferred_checks`).
     """
 
     def __init__(self, teacher: nn.Module | None, student: nn.Module,

@@ -152,7 +152,8 @@ def test_deferred_stop_equals_a_naive_loop_stopped_before_the_bad_step(where, ba
 
 @pytest.mark.parametrize("make_opt", [fused_sgd, fused_adamw], ids=["sgd", "adamw"])
 @pytest.mark.parametrize("mode,where,bad", [("online", "student", 9), ("online", "teacher", 4),
-                                            ("spaced", "student", 16)])
+                                            ("spaced", "student", 16), ("offline", "student", 6),
+                                            ("base", "student", 4)])
 def test_deferred_stop_equals_the_every_step_check(make_opt, mode, where, bad):
     """The same error (step, role, key) and bitwise the same weights, buffers and optimizer state
     (moments, Adam's step count) as check_finite_every=1, which stops at once."""
@@ -323,3 +324,17 @@ def test_deferred_run_writes_the_same_trace(tmp_path):
         d.finish()
         texts.append(path.read_text())
     assert texts[0] == texts[1] and "student_step" in texts[0]
+
+
+def test_a_user_error_inside_a_deferred_step_puts_the_buffers_back():
+    torch.manual_seed(0)
+    teacher, student = make_pair(0)
+    student.fc = torch.nn.Linear(6, 4).to(torch.float64)  # 4 classes against the teacher's 5
+    t0, s0 = copy.deepcopy(teacher), copy.deepcopy(student)
+    d = SpacedDistiller(teacher, student, fused_sgd(teacher), fused_sgd(student), mode="online",
+                        steps_per_epoch=L, loss=ref_kd_loss, check_finite_every=5)
+    x, y = make_source().batch(1)
+    with pytest.raises(ValueError, match="same shape"):
+        d.step(1, x, y % 4)
+    assert_same_weights(teacher, t0)
+    assert_same_weights(student, s0)
