@@ -110,6 +110,18 @@ RUNNER_CASES = [
     pytest.param(["--resume", "{run}", "--epochs", "1", "--mode", "spaced"], "--mode",
                  id="resume-changed-mode"),
     pytest.param(["--resume", "{out}/shorter"], "not shorten", id="resume-shorter"),
+    pytest.param(["--resume", "{out}/ws2"], "resume it with as many", id="resume-world-size"),
+    pytest.param(["--resume", "{out}/misfit"], "does not fit what spacedkd_fast",
+                 id="resume-misfit"),
+    pytest.param(["--resume", "{out}/v0"], "format version 0", id="resume-version"),
+    pytest.param(["--resume", "{out}/lacks"], "lacks rng", id="resume-lacks"),
+    pytest.param(["--resume", "{out}/types"], "engine of the wrong type", id="resume-types"),
+    pytest.param(["--resume", "{out}/offline", "--epochs", "2"], "offline run cannot be extended",
+                 id="resume-extend-offline"),
+    pytest.param(["--device", "meta", "--dataset", "digits"], "unsupported device type",
+                 id="device-type"),
+    pytest.param(["--seeds", "0,1", "--dataset", "digits", "--device", "cpu", "--out",
+                  "{out}/file/group"], "cannot write there", id="seeds-unwritable"),
     # configuration code
     pytest.param(["--lr", "abc"], "lr: cannot use 'abc'", id="config-type"),
     pytest.param(["--epochs", "0"], "epochs must be greater than zero", id="config-range"),
@@ -127,6 +139,16 @@ RUNNER_CASES = [
 ]
 
 
+def damaged(run_folder, folder, change) -> None:
+    """A copy of ``run_folder`` whose checkpoint payload went through ``change``."""
+    import shutil
+
+    shutil.copytree(run_folder, folder)
+    state = torch.load(folder / CHECKPOINT_NAME, weights_only=True)
+    change(state)
+    ckpt.atomic_save(state, folder / CHECKPOINT_NAME)
+
+
 @pytest.mark.parametrize("args, needle", RUNNER_CASES)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, finished_run, args, needle):
     (tmp_path / "file").write_text("not a folder")
@@ -135,14 +157,17 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, finished_run, args, 
     (tmp_path / "bad.yaml").write_text("lr: [1, 2\n")
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     (tmp_path / "unknown.yaml").write_text("lrr: 0.1\n")
-    if "{out}/shorter" in args:  # a finished 1-epoch run asked to stop after 0 epochs
-        import shutil
-
-        shutil.copytree(finished_run, tmp_path / "shorter")
-        state = load_checkpoint(tmp_path / "shorter")
-        state["config"]["epochs"] = 3
-        ckpt.atomic_save(state, tmp_path / "shorter" / CHECKPOINT_NAME)
+    if "{out}/shorter" in args:  # a run planned for 3 epochs asked to stop after 2
+        damaged(finished_run, tmp_path / "shorter", lambda s: s["config"].update(epochs=3))
         args = [*args, "--epochs", "2"]
+    changes = {"ws2": lambda s: s.update(world_size=2),
+               "misfit": lambda s: s["models"].update(student={"w": torch.zeros(1)}),
+               "v0": lambda s: s.update(version=0), "lacks": lambda s: s.pop("rng"),
+               "types": lambda s: s.update(engine={}),
+               "offline": lambda s: s["config"].update(mode="offline")}
+    for name, change in changes.items():
+        if "{out}/" + name in args:
+            damaged(finished_run, tmp_path / name, change)
     args = [a.replace("{out}", str(tmp_path)).replace("{run}", str(finished_run)) for a in args]
     if "--out" not in args and "--resume" not in args:
         args += ["--out", str(tmp_path / "o")]
@@ -166,7 +191,7 @@ def test_a_failed_checkpoint_write_names_the_file_and_space_and_keeps_the_last_o
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", disk_fills_up)
-    cfg = tiny_config(tmp_path, mode="online", epochs=3)
+    cfg = tiny_config(tmp_path, mode="base", epochs=2)
     stream = io.StringIO()
     from spacedkd_fast.train import runner
 
