@@ -14,7 +14,12 @@ sample, and (CUDA) spaced vs online step time with overlap on and off.
   batch 256).
 - ``engine-cuda-resnet18`` (CUDA only): CIFAR ResNet-18 teacher and student, batch 128
   (``SPACEDKD_BENCH_ENGINE_CUDA_BATCH`` changes it); time per round of 48 batches for online,
-  spaced with overlap off / on, with and without the per-step finite check.
+  spaced with overlap off / on, with the per-step finite check, without it, and with the deferred
+  check read every 16 updates (fused SGD: unmeasured on a GPU so far).
+- ``engine-finite-check-cpu-*``: the finite check every step vs every 16 updates vs none, on CPU
+  (fused SGD; the note gives interleaved A/B ratios with their spread), for the MLP above and for
+  the tests' toy pair (batch 8, host work dominant). A CPU host read costs no
+  pipeline drain: this row shows the deferred check's own extra work, not the GPU saving.
 """
 
 from __future__ import annotations
@@ -120,13 +125,28 @@ def _bare_loop_round(kd):
     return run_round
 
 
-def _engine_round(kd, keyed, check_finite=True):
-    src, teacher, student = _cpu_setup()
-    d = SpacedDistiller(teacher, student, toys.sgd(teacher), toys.sgd(student), mode="spaced",
+def _fused_sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4,
+                           fused=True)
+
+
+def _tiny_setup():
+    """Toy sizes where the engine's host work, not arithmetic, is most of a step."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, toys.IN_DIM, generator=g)
+    y = torch.randint(0, toys.CLASSES, (400,), generator=g)
+    teacher, student = toys.make_pair(0, dtype=torch.float32)
+    return InMemorySource(x, y, 8, seed=0), teacher, student
+
+
+def _engine_round(kd, keyed, check_finite=True, every=1, fused=False, setup=_cpu_setup):
+    src, teacher, student = setup()
+    opt = _fused_sgd if fused else toys.sgd
+    d = SpacedDistiller(teacher, student, opt(teacher), opt(student), mode="spaced",
                         interval_rate=INTERVAL / src.steps_per_epoch,
                         steps_per_epoch=src.steps_per_epoch, loss=kd, beta=0.03,
                         feature_loss=torch.dist, source=src if keyed else None,
-                        check_finite=check_finite)
+                        check_finite=check_finite, check_finite_every=every)
     assert d.schedule.interval == INTERVAL
     it = _keys(src)
 
@@ -175,6 +195,58 @@ def test_engine_overhead_cpu(bench, provider):
         bench(fn, group="engine-overhead-cpu", provider=provider,
               baseline=provider == "bare-loop", device="cpu", rounds=3 if QUICK else 12,
               warmup=1, note=note)
+    finally:
+        torch.set_num_threads(threads)
+
+
+FINITE_EVERY = 16
+FINITE_PROVIDERS = {"check every step": (True, 1), f"check every {FINITE_EVERY}": (True, 16),
+                    "no check": (False, 1)}
+
+
+def _ab_ratios(make_a, make_b, pairs: int) -> list[float]:
+    """Per pair, round time of ``b`` / round time of ``a``, the two run alternately."""
+    a, b = make_a(), make_b()
+    a()
+    b()
+    ratios = []
+    for _ in range(pairs):
+        t0 = time.perf_counter()
+        a()
+        t1 = time.perf_counter()
+        b()
+        t2 = time.perf_counter()
+        ratios.append((t2 - t1) / (t1 - t0))
+    return ratios
+
+
+@pytest.mark.parametrize("size", ["mlp-512", "tiny"])
+@pytest.mark.parametrize("provider", list(FINITE_PROVIDERS))
+def test_finite_check_cost_cpu(bench, provider, size):
+    """CPU: the finiteness check every step (a host read of each loss) against the deferred
+    check (device flag fed to the fused optimizer, read every 16 updates) and no check; fused SGD
+    everywhere, keyed replay. On a CPU a host read costs no pipeline drain, so this measures the
+    deferred check's extra work, not the GPU saving it exists for."""
+    kd, kd_name = _kd_loss()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        check, every = FINITE_PROVIDERS[provider]
+
+        setup = _cpu_setup if size == "mlp-512" else _tiny_setup
+
+        def make(check=check, every=every):
+            return _engine_round(kd, keyed=True, check_finite=check, every=every, fused=True,
+                                 setup=setup)
+
+        note = f"{ROUND} batches/round, {kd_name}, fused SGD, 1 thread, CPU"
+        if provider != "check every step":
+            ratios = _ab_ratios(lambda: make(True, 1), make, 4 if QUICK else 10)
+            note += (f"; interleaved A/B time vs every-step: median {statistics.median(ratios):.3f}"
+                     f" (min {min(ratios):.3f}, max {max(ratios):.3f}, {len(ratios)} pairs)")
+        bench(make(), group=f"engine-finite-check-cpu-{size}", provider=provider,
+              baseline=provider == "check every step", device="cpu",
+              rounds=3 if QUICK else 12, warmup=1, note=note)
     finally:
         torch.set_num_threads(threads)
 
@@ -281,7 +353,9 @@ def _cuda_models():
 @cuda
 @pytest.mark.parametrize("provider", ["spaced overlap-off", "spaced overlap-on", "online",
                                       "spaced overlap-off unchecked",
-                                      "spaced overlap-on unchecked"])
+                                      "spaced overlap-on unchecked",
+                                      "spaced overlap-off check-every-16",
+                                      "spaced overlap-on check-every-16"])
 def test_engine_cuda_overlap(bench, provider):
     torch.backends.cudnn.benchmark = True
     g = torch.Generator().manual_seed(0)
@@ -299,11 +373,14 @@ def test_engine_cuda_overlap(bench, provider):
         except Exception:  # noqa: BLE001 (a CPU-only build of the op)
             kd, kd_name = toys.ref_kd_loss, "plain-torch loss"
     mode = "online" if provider == "online" else "spaced"
-    d = SpacedDistiller(teacher, student, toys.sgd(teacher), toys.sgd(student), mode=mode,
+    deferred = "check-every-16" in provider  # needs fused optimizers (found_inf)
+    opt = _fused_sgd if deferred else toys.sgd
+    d = SpacedDistiller(teacher, student, opt(teacher), opt(student), mode=mode,
                         interval_rate=1.5, steps_per_epoch=src.steps_per_epoch, loss=kd,
                         beta=0.03, feature_loss=torch.dist, source=src,
                         overlap="overlap-on" in provider,
-                        check_finite="unchecked" not in provider)
+                        check_finite="unchecked" not in provider,
+                        check_finite_every=16 if deferred else 1)
     it = _keys(src)
     steps = 2 * 24
 
