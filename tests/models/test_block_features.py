@@ -97,7 +97,8 @@ def test_features_are_taken_before_the_final_norm_and_carry_gradients():
         last = rec.features[-1]
     # the final norm of the class token gives the features; the last map is the raw block output
     assert last.shape == (2, 256, 2, 2)
-    assert abs(float(last.mean(1).std())) > 0  # not normalised per token
+    # a LayerNorm (weight 1, bias 0 at init) would give every token a channel mean of 0
+    assert float(last.detach().mean(1).abs().max()) > 1e-3
     last.sum().backward()
     assert model.layers[-1].mlp.fc2.weight.grad is not None
 
