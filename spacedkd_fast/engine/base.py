@@ -22,16 +22,13 @@ from torch import Tensor, nn
 from .deferred_checks import DeferredChecks, check_fused
 from .model_io import BufferGuard, to_device
 from .modes import MODES, resolve_mode
+from .options import ZERO_INTERVAL
 from .overlap import Lanes
 from .replay import CopyReplay, KeyedReplay, Record
 from .spacing import SpacedSchedule
 from .stats import LossStats
 from .step_io import StepIO
 from .trace import TraceWriter, batch_checksum
-
-ZERO_INTERVAL = ("error", "online")
-"""What an interval ``int(L * s) == 0`` means: an error naming the smallest valid ``s`` (ours), or
-the mode that ``interval_rate == 0`` selects (the official online-KD code)."""
 
 LossFn = Callable[[Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]
 

@@ -25,11 +25,11 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.losses import FEATURE_LOSSES, feature_loss
+from ..ops.losses import feature_loss
+from ..ops.names import FEATURE_LOSSES
 from .model_io import fp32, seeded_build, to_device
+from .options import FEATURE_KD
 from .projection import ProjectionHead
-
-FEATURE_KD = ("penultimate", "inter")
 
 
 class InterFeatureKD(nn.Module):

@@ -71,6 +71,14 @@ def split_output(out: Any) -> tuple[Tensor | None, Any]:
                     f"got {type(out).__name__}")
 
 
+def with_distill_head(model: nn.Module, z: Any) -> Any:
+    """``(class_head, distillation_head)`` for a model that keeps the distillation head of its last
+    train-mode forward in ``model.distill_logits`` (the official DeiT convention; ``None`` or
+    absent for other models), else ``z`` unchanged."""
+    dist = getattr(unwrap(model), "distill_logits", None)
+    return (z, dist) if isinstance(z, Tensor) and isinstance(dist, Tensor) else z
+
+
 def ce_logits(z: Any) -> Tensor:
     """Logits that CE trains: the class head of a distilled ViT ``(cls, dist)`` pair."""
     return z[0] if isinstance(z, tuple | list) else z

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..ops.losses import FEATURE_LOSSES
+from ..ops.names import FEATURE_LOSSES
 
 OFFLINE_RATE = 50.0  # the official code's "interval_rate >= 50 means offline" threshold
 

@@ -17,12 +17,7 @@ from torch import Tensor, nn
 from .base import EngineBase, LossFn
 from .compat import check_compat, resolve_objective, resolve_switches
 from .model_io import autocast, fp32, model_device, split_output, to_device, train_mode, unwrap
-
-FEATURE_EXITS = ("all", "official")
-FIRST_REPLAY = ("interval", "one-epoch", "official")  # the spacing rules self KD can use
-TRIGGER_STEPS = ("ce-and-kd", "kd-only")
-"""What the batch that fires a replay gets: a CE-only step and then its KD step in the replay
-(ours: every batch gets both), or only the KD step (the official self-KD code)."""
+from .options import FEATURE_EXITS, FIRST_REPLAY, TRIGGER_STEPS
 
 
 class SelfDistiller(EngineBase):

@@ -40,17 +40,13 @@ from .model_io import (
     tracking_bns,
     train_mode,
     unwrap,
+    with_distill_head,
 )
+from .options import REPLAY_KINDS, STUDENT_DATA
 from .overlap import Lanes
 from .replay import Record
 from .spaced_replays import SpacedReplays
 from .trace import batch_checksum
-
-REPLAY_KINDS = ("keyed", "fresh")
-"""``keyed``: the student replays the teacher's recorded batches. ``fresh``: the official ViT
-loop, whose student catches up on batches of a second, independently shuffled loader."""
-STUDENT_DATA = ("replay", "fresh")
-"""Offline student data: the teacher's recorded batches, or new passes of the source (official)."""
 
 
 class SpacedDistiller(SpacedReplays, EngineBase):
@@ -318,6 +314,7 @@ class SpacedDistiller(SpacedReplays, EngineBase):
         train_mode(self.student)
         with autocast(self.student_device, self.amp_dtype):
             s_feat, s_z = split_output(self.student(x))
+            s_z = with_distill_head(self.student, s_z)
             if self.kd_second_forward and isinstance(s_z, Tensor):
                 # official ViT: a student without a distillation head gets its KD logits (and
                 # the features it compares) from a second forward (new drop-path draws); CE

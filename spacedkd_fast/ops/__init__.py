@@ -11,10 +11,10 @@ import importlib
 _LAZY = {
     **dict.fromkeys(("kd_loss_forward", "kd_loss_backward", "ROW_STATS", "ROW_CE", "ROW_KL",
                      "REDUCTIONS", "build_info", "cuda_compiled"), "kd_op"),
-    **dict.fromkeys(("kd_loss", "paper_code_kd_loss", "feature_loss", "KDLossParts",
-                     "FEATURE_LOSSES", "DEFAULT_TEMPERATURE", "DEFAULT_ALPHA"), "losses"),
-    **dict.fromkeys(("KDObjective", "KDLoss", "Objective", "as_objective", "KD_KINDS",
-                     "KD_NORMALIZATIONS"), "objective"),
+    **dict.fromkeys(("kd_loss", "paper_code_kd_loss", "feature_loss", "KDLossParts"), "losses"),
+    **dict.fromkeys(("KDObjective", "KDLoss", "Objective", "as_objective"), "objective"),
+    **dict.fromkeys(("FEATURE_LOSSES", "DEFAULT_TEMPERATURE", "DEFAULT_ALPHA", "KD_KINDS",
+                     "KD_NORMALIZATIONS"), "names"),
 }
 
 __all__ = sorted(_LAZY)

@@ -18,17 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import kd_op as ops
+from .names import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, FEATURE_LOSSES
 
 _REDUCTIONS = ("mean", "sum", "none")
 _REDUCTION_CODES = ops.REDUCTIONS
 _KD_LOSS_FORWARD = torch.ops.spacedkd.kd_loss_forward.default
-FEATURE_LOSSES = ("dist", "l1", "l2", "smooth-l1")
-
-# The one default objective of the package (library functions, KDObjective, the distillers and the
-# trainer's CLI): the paper's CNN values T = 3, alpha = 0.3, with Hinton's kd_scale = T*T (SPEC
-# section 2). The paper recipes set their own values explicitly (the official code uses kd_scale 1).
-DEFAULT_TEMPERATURE = 3.0
-DEFAULT_ALPHA = 0.3
 
 
 class KDLossParts(NamedTuple):

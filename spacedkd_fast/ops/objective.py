@@ -4,7 +4,7 @@
 is the whole protocol the engine relies on (:class:`Objective`): any callable with that signature
 can stand in for it, and :func:`as_objective` adapts the other accepted forms (a :class:`KDLoss`
 module, or a plain function returning a scalar loss). Defaults are the package's one default
-(``DEFAULT_TEMPERATURE``, ``DEFAULT_ALPHA``, ``kd_scale = T*T``), see :mod:`.losses`.
+(``DEFAULT_TEMPERATURE``, ``DEFAULT_ALPHA``, ``kd_scale = T*T``), see :mod:`.names`.
 """
 
 from __future__ import annotations
@@ -18,21 +18,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .losses import (
-    DEFAULT_ALPHA,
-    DEFAULT_TEMPERATURE,
     KDLossParts,
     check_number,
     kd_loss,
     paper_code_kd_loss,
 )
-
-KD_KINDS = ("kl", "paper-code")
-"""``kl``: the fused KL objective (SPEC section 2); ``paper-code``: the official online-KD code's
-objective (probabilities fed to ``KLDivLoss``; not a divergence), for replication only."""
-
-KD_NORMALIZATIONS = ("batch", "class")
-"""How the KL term is averaged: ``batch`` (mean over rows) or ``class`` (mean over rows, then
-divided by the number of classes, as the official ViT code does)."""
+from .names import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, KD_KINDS, KD_NORMALIZATIONS
 
 Parts = dict[str, Tensor]
 

@@ -105,3 +105,45 @@ def test_online_student_epochs():
         d.step(key, x, y)
     d.finish()
     assert seen == [1, 2, 3]
+
+
+class DistillAttr(torch.nn.Module):
+    """The official DeiT convention: train mode returns the class head; the distillation head of
+    the same forward is kept in ``distill_logits``."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = TinyNet(6, features=True)
+        self.dist = torch.nn.Linear(6, 5).to(DTYPE)
+        self.feature_dim = None
+        self.distill_logits = None
+
+    def forward(self, x):
+        f, z = self.body(x)
+        self.distill_logits = self.dist(f) if self.training else None
+        return f, (z if self.training else (z + self.dist(f)) / 2)
+
+
+def test_distill_logits_attribute_gets_the_kd_term():
+    losses = pytest.importorskip("spacedkd_fast.ops.objective")
+    src = make_source()
+    torch.manual_seed(0)
+    teacher, student = TinyNet(10), DistillAttr()
+    ref = copy.deepcopy(student)
+    kd = losses.KDLoss(temperature=3.0, alpha=0.3, kd_scale=1.0)
+    d = SpacedDistiller(teacher, student, sgd(teacher), sgd(student), mode="online",
+                        steps_per_epoch=7, loss=kd)
+    t_ref = copy.deepcopy(teacher)
+    x, y = src.batch(1)
+    d.step(1, x, y)
+    t_z = t_ref(x)[1].detach()
+    f, cls = ref(x)
+    dist = ref.distill_logits
+    kl = F.kl_div(F.log_softmax(dist / 3.0, 1), F.softmax(t_z / 3.0, 1), reduction="batchmean")
+    loss = 0.7 * F.cross_entropy(cls, y) + 0.3 * kl
+    opt = sgd(ref)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    for a, b in zip(student.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
