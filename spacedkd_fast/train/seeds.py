@@ -57,8 +57,7 @@ def train_group(cfg: TrainConfig, *, progress: bool = True, data: Any = None,
     group = Path(cfg.out)
     try:
         group.mkdir(parents=True, exist_ok=True)
-        if not (group / GROUP_CONFIG).exists():
-            save_yaml(cfg, group / GROUP_CONFIG)
+        save_yaml(cfg, group / GROUP_CONFIG)  # with what a --resume changed (e.g. --epochs)
     except OSError as err:
         raise UserError(f"--out {group}: cannot write there ({err.strerror or err})") from None
     for seed in seeds:
