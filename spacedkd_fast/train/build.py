@@ -17,7 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data import build_data
+from ..data.datasets import cifar_present
+from ..engine.distill import SelfDistiller, SpacedDistiller
 from ..engine.model_io import unwrap
+from ..models import create, list_models
+from ..ops.objective import KDObjective
 from .config import TrainConfig
 from .distributed import DistInfo, average_gradients_of, wrap_ddp
 from .errors import UserError
@@ -67,8 +72,6 @@ class RunParts:
 
 def self_arch(name: str) -> str:
     """Self KD trains a multi-exit network: ``resnet18`` means ``byot_resnet18``."""
-    from ..models import list_models
-
     if not name.startswith("byot_") and f"byot_{name}" in list_models():
         return f"byot_{name}"
     return name
@@ -78,8 +81,6 @@ def resolve_dataset(cfg: TrainConfig) -> str:
     """The data set the run will use (``None`` -> cifar100 when on disk, else digits)."""
     if cfg.dataset:
         return cfg.dataset
-    from ..data.datasets import cifar_present
-
     return "cifar100" if cifar_present(cfg.data_dir, 100) else "digits"
 
 
@@ -96,8 +97,6 @@ def seed_everything(cfg: TrainConfig, device: torch.device) -> None:
 
 
 def _build_data(cfg: TrainConfig, info: DistInfo):
-    from ..data import build_data
-
     try:
         # --download: a missing CIFAR-10/100 is fetched through torchvision's CIFAR classes,
         # which verify the archive's MD5 checksum; offline, the error says the download failed
@@ -114,8 +113,6 @@ def _build_data(cfg: TrainConfig, info: DistInfo):
 
 def _build_model(cfg: TrainConfig, data: Any, name: str, extra: dict[str, Any],
                  device: torch.device) -> nn.Module:
-    from ..models import create
-
     try:
         model = create(name, data.num_classes, data.image_size, **{**cfg.model_kwargs, **extra})
     except (ValueError, TypeError) as err:
@@ -130,8 +127,6 @@ def _build_distiller(cfg: TrainConfig, info: DistInfo, common: dict[str, Any], t
                      teacher_opt, student_opt, teacher_sched, student_sched):
     try:
         if cfg.is_self:
-            from ..engine.distill import SelfDistiller
-
             return SelfDistiller(
                 student, student_opt, mode=cfg.mode, interval_rate=cfg.interval_rate,
                 temperature=cfg.temperature, alpha=cfg.alpha, beta=cfg.beta,
@@ -139,12 +134,8 @@ def _build_distiller(cfg: TrainConfig, info: DistInfo, common: dict[str, Any], t
                 self_kd_first_replay=cfg.self_kd_first_replay,
                 self_kd_feature_exits=cfg.self_kd_feature_exits,
                 scheduler=student_sched, **common)
-        from ..engine.distill import SpacedDistiller
-
         objective = None
         if cfg.mode != "base":
-            from ..ops.objective import KDObjective
-
             objective = KDObjective(temperature=cfg.temperature, alpha=cfg.alpha,
                                     kd_scale=cfg.kd_scale,
                                     kind="paper-code" if cfg.kd_loss == "paper-code" else "kl")

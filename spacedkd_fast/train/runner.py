@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .. import __version__
+from ..engine.errors import NonFiniteLossError
 from .build import RunParts, build_run, n_params, resolve_dataset
 from .checkpoint import (
     CHECKPOINT_NAME,
@@ -159,8 +160,6 @@ def execute(cfg: TrainConfig, info: DistInfo, *, state: dict[str, Any] | None, p
     ``dataset``: the data set actually used (the digits fallback resolved), written into the
     folder name and config.yaml; ``notes``: lines printed after the run's header (resume).
     """
-    from ..engine.distill import NonFiniteLossError
-
     _refuse_unusable(cfg, info)
     if cfg.out is None:
         cfg.out = default_out(cfg, dataset or cfg.dataset or "auto")
@@ -237,9 +236,8 @@ def _write_failed(err: OSError, history: RunHistory | None, out: Path) -> int:
     """A file of the run could not be written: say which and what is kept (one line)."""
     text = str(err) if isinstance(err, WriteError) else (
         f"cannot write {err.filename or out}: {err.strerror or err}")
-    saved = [r for r in (history.rows if history else [])]
-    kept = (f"; {out / CHECKPOINT_NAME} holds the last good checkpoint" if saved
-            else "")
+    kept = (f"; {out / CHECKPOINT_NAME} holds the last good checkpoint"
+            if history is not None and history.rows else "")
     print(f"error: {text}{kept}. Free some space (or restore write access) and continue with "
           f"python -m spacedkd_fast.train --resume {out}", file=sys.stderr, flush=True)
     return EXIT_WRITE_FAILED

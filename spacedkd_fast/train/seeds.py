@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from . import runner
+from .build import resolve_dataset
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint
 from .config import TrainConfig, build_config, load_yaml, save_yaml
 from .config_checks import parse_seeds
@@ -46,9 +48,6 @@ def train_group(cfg: TrainConfig, *, progress: bool = True, data: Any = None,
                 stream: TextIO | None = None, overrides: dict[str, Any] | None = None) -> int:
     """Train (or continue) one run per seed of ``cfg.seeds`` under ``cfg.out``; returns the first
     non-zero exit status, or 0 when every member has finished."""
-    from . import runner
-    from .build import resolve_dataset
-
     stream = stream or sys.stdout
     seeds = parse_seeds(cfg.seeds)
     if cfg.out is None:
