@@ -225,6 +225,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 done, 2 bad input)."""
     args = build_parser().parse_args(argv)
+    from .analysis.comparison import decimals
     from .analysis.runs import RunError, collect, parse_group_spec
     from .analysis.stats import spread
 
@@ -262,17 +263,18 @@ def main(argv: list[str] | None = None) -> int:
     from .compare import _default_out
 
     out = Path(args.out) if args.out else _default_out(groups)
+    fmt = decimals(*(r.flatness["hessian_trace"] for _, r in entries))
     lines = [f"{'run':<40} {'group':<12} {'epoch':>5} {'top-1':>7}  Hessian trace ± s.e."]
     for group, run in entries:
         f = run.flatness
         lines.append(f"{str(run.path)[-40:]:<40} {group.name[:12]:<12} "
                      f"{f['checkpoint']['epoch']:>5} {100 * float(f['checkpoint']['top1']):>6.2f}%"
-                     f"  {f['hessian_trace']:.5g} ± {f['hessian_trace_stderr']:.3g}")
+                     f"  {f['hessian_trace']:{fmt}} ± {f['hessian_trace_stderr']:{fmt}}")
     lines.append("")
     for group in groups:
         s = spread([r.flatness["hessian_trace"] for r in group.runs])
-        std = f" ± {s.std:.4g}" if s.n > 1 else ""
-        lines.append(f"group {group.name}: Hessian trace {s.mean:.5g}{std} (mean ± std over "
+        std = f" ± {s.std:{fmt}}" if s.n > 1 else ""
+        lines.append(f"group {group.name}: Hessian trace {s.mean:{fmt}}{std} (mean ± std over "
                      f"{s.n} run{'s' if s.n != 1 else ''})")
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,9 @@ for pid in "${pids[@]}"; do
   wait "$pid" || { echo "a training group failed; see $RUNS/*.log" >&2; exit 1; }
 done
 echo "trained ($(( $(date +%s) - start )) s)"
-"$PY" -m spacedkd_fast.flatness "$RUNS" --samples "$PROBES" --device cpu --out "$DOCS"
+mkdir -p "$DOCS"
+for mode in online spaced; do cp "$RUNS/$mode.log" "$DOCS/train-$mode.log"; done
+"$PY" -m spacedkd_fast.flatness "$RUNS" --samples "$PROBES" --device cpu --out "$DOCS" \
+  | tee "$DOCS/flatness.txt"
 "$PY" -m spacedkd_fast.compare "$RUNS" --out "$DOCS"
 echo "total $(( $(date +%s) - start )) s"

@@ -102,7 +102,7 @@ def _num(x: float | None, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
 
-def _decimals(*values: float | None) -> str:
+def decimals(*values: float | None) -> str:
     """A fixed-point format with about four significant digits for the largest of ``values``."""
     big = max((abs(v) for v in values if v is not None and v != 0), default=1.0)
     return f".{max(0, 3 - math.floor(math.log10(big)))}f"
@@ -143,8 +143,8 @@ def format_text(summary: dict[str, Any]) -> str:
             h = g["hessian_trace"]
             if h:
                 se = [s for s in h["stderr"] if s is not None]
-                se_text = format(max(se), _decimals(max(se))) if se else "-"
-                rows.append([g["name"], _mean_std(h, _decimals(h["mean"])), se_text, str(h["n"])])
+                se_text = format(max(se), decimals(h["mean"])) if se else "-"
+                rows.append([g["name"], _mean_std(h, decimals(h["mean"])), se_text, str(h["n"])])
             else:
                 rows.append([g["name"], "- (run python -m spacedkd_fast.flatness)", "", "0"])
         out += _table(["group", "trace", "s.e. of estimate (max)", "n"], rows, "lrrr")
@@ -156,7 +156,7 @@ def format_text(summary: dict[str, Any]) -> str:
         for d in summary["differences"]:
             fmt = "+.2f"
             if d["metric"] == "Hessian trace":
-                fmt = "+" + _decimals(d["diff"], d["low"], d["high"])
+                fmt = "+" + decimals(d["diff"], d["low"], d["high"])
             interval = ("-" if d["low"] is None else
                         f"[{format(d['low'], fmt)}, {format(d['high'], fmt)}]")
             rows.append([d["group"], d["metric"], _num(d["diff"], fmt), interval,
