@@ -21,13 +21,22 @@ from ..data import build_data
 from ..data.datasets import cifar_present
 from ..engine.distill import SelfDistiller, SpacedDistiller
 from ..engine.model_io import unwrap
-from ..models import create, list_models
-from ..ops.objective import KDObjective
+from ..models import apply_bn_groups, create, list_models
 from .config import TrainConfig
 from .distributed import DistInfo, average_gradients_of, wrap_ddp
 from .errors import UserError
 from .lr_schedule import EpochSchedule, StepSchedule, build_schedule
 from .optim import build_optimizer
+from .wiring import (
+    InterFeatures,
+    ResizedInput,
+    compat_of,
+    given_switches,
+    load_teacher,
+    objective_args,
+    record_resolved,
+    resolved_switches,
+)
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 OVERLAP = {"auto": "auto", "on": True, "off": False}
@@ -112,9 +121,10 @@ def _build_data(cfg: TrainConfig, info: DistInfo):
 
 
 def _build_model(cfg: TrainConfig, data: Any, name: str, extra: dict[str, Any],
-                 device: torch.device) -> nn.Module:
+                 device: torch.device, image_size: int | None = None) -> nn.Module:
     try:
-        model = create(name, data.num_classes, data.image_size, **{**cfg.model_kwargs, **extra})
+        model = create(name, data.num_classes, image_size or data.image_size,
+                       **{**cfg.model_kwargs, **extra})
     except (ValueError, TypeError) as err:
         raise UserError(f"model {name!r}: {err}") from None
     model = model.to(device)
@@ -124,29 +134,48 @@ def _build_model(cfg: TrainConfig, data: Any, name: str, extra: dict[str, Any],
 
 
 def _build_distiller(cfg: TrainConfig, info: DistInfo, common: dict[str, Any], teacher, student,
-                     teacher_opt, student_opt, teacher_sched, student_sched):
+                     teacher_opt, student_opt, teacher_sched, student_sched,
+                     switches: dict[str, Any]):
+    """The engine's distiller: the switches the user set (the preset decides the others)."""
+    given = given_switches(cfg)
     try:
+        objective = objective_args(cfg)
         if cfg.is_self:
-            return SelfDistiller(
+            distiller = SelfDistiller(
                 student, student_opt, mode=cfg.mode, interval_rate=cfg.interval_rate,
-                temperature=cfg.temperature, alpha=cfg.alpha, beta=cfg.beta,
-                kd_scale=cfg.temperature ** 2 if cfg.kd_scale is None else cfg.kd_scale,
-                self_kd_first_replay=cfg.self_kd_first_replay,
-                self_kd_feature_exits=cfg.self_kd_feature_exits,
-                scheduler=student_sched, **common)
-        objective = None
-        if cfg.mode != "base":
-            objective = KDObjective(temperature=cfg.temperature, alpha=cfg.alpha,
-                                    kd_scale=cfg.kd_scale,
-                                    kind="paper-code" if cfg.kd_loss == "paper-code" else "kl")
-        return SpacedDistiller(
+                beta=cfg.beta, compat=compat_of(cfg), scheduler=student_sched,
+                **objective, **given, **common)
+            record_resolved(cfg, switches, distiller.objective)
+            return distiller
+        if cfg.mode == "base":
+            objective, given = {}, {}
+        if cfg.feature_kd == "inter":  # the engine reads (list of paired maps, logits)
+            teacher = InterFeatures(teacher, cfg.inter_teacher_blocks, "teacher")
+            student = InterFeatures(student, cfg.inter_student_blocks, "student")
+        distiller = SpacedDistiller(
             teacher, student, teacher_opt, student_opt, mode=cfg.mode,
-            interval_rate=cfg.interval_rate, loss=objective, beta=cfg.beta,
-            feature_loss=cfg.feature_loss, teacher_bn_update=cfg.teacher_bn_update,
-            replay=cfg.replay, overlap=OVERLAP[cfg.overlap],
+            interval_rate=cfg.interval_rate, beta=cfg.beta, feature_loss=cfg.feature_loss,
+            feature_kd=cfg.feature_kd, compat=compat_of(cfg), overlap=OVERLAP[cfg.overlap],
             teacher_scheduler=teacher_sched, student_scheduler=student_sched,
-            projector_seed=cfg.seed, **common)
+            projector_seed=cfg.seed, **objective, **given, **common)
+        record_resolved(cfg, switches, distiller.kd)
+        return distiller
     except (NotImplementedError, ValueError) as err:
+        raise UserError(str(err)) from None
+
+
+def _build_optimizers(cfg: TrainConfig, teacher, student, shared: bool):
+    """``(teacher_opt, student_opt)``: one optimiser over both networks under
+    ``shared_optimizer`` (the official ViT code's), none for a frozen teacher."""
+    fused = cfg.finite_check_every > 1  # deferred checks skip steps through fused kernels
+    try:
+        if teacher is not None and shared and cfg.mode != "frozen":
+            opt = build_optimizer(cfg, [unwrap(teacher), unwrap(student)], fused=fused)
+            return opt, opt
+        teacher_opt = (build_optimizer(cfg, teacher, fused=fused)
+                       if teacher is not None and cfg.mode != "frozen" else None)
+        return teacher_opt, build_optimizer(cfg, student, fused=fused)
+    except (ValueError, RuntimeError) as err:
         raise UserError(str(err)) from None
 
 
@@ -167,32 +196,42 @@ def build_run(cfg: TrainConfig, info: DistInfo, *, data: Any = None) -> RunParts
         student = _build_model(cfg, data, self_arch(cfg.arch), cfg.student_kwargs, info.device)
     else:
         if cfg.mode != "base":
-            teacher = _build_model(cfg, data, cfg.teacher, cfg.teacher_kwargs, info.device)
+            teacher = _build_model(cfg, data, cfg.teacher, cfg.teacher_kwargs, info.device,
+                                   image_size=cfg.teacher_image_size)
         student = _build_model(cfg, data, cfg.student, cfg.student_kwargs, info.device)
+    if cfg.mode == "frozen":
+        load_teacher(teacher, cfg)
+    for m in (teacher, student):
+        if m is not None and cfg.bn_groups != 1:
+            apply_bn_groups(m, cfg.bn_groups)
     if cfg.compile:
         for m in (teacher, student):
             if m is not None:
                 m.compile()
-    if teacher is not None:
+    if teacher is not None and cfg.mode != "frozen":
         teacher = wrap_ddp(teacher, info)
+    if teacher is not None and cfg.teacher_image_size is not None:
+        teacher = ResizedInput(teacher, cfg.teacher_image_size)
     student = wrap_ddp(student, info)
 
-    try:
-        teacher_opt = build_optimizer(cfg, teacher) if teacher is not None else None
-        student_opt = build_optimizer(cfg, student)
-    except ValueError as err:
-        raise UserError(str(err)) from None
-    teacher_sched = build_schedule(teacher_opt, cfg, steps) if teacher_opt is not None else None
+    switches = resolved_switches(cfg)
+    teacher_opt, student_opt = _build_optimizers(cfg, teacher, student,
+                                                 bool(switches.get("shared_optimizer")))
     student_sched = build_schedule(student_opt, cfg, steps)
+    teacher_sched = None
+    if teacher_opt is not None:  # one schedule for one shared optimiser
+        teacher_sched = (student_sched if teacher_opt is student_opt
+                         else build_schedule(teacher_opt, cfg, steps))
     scaler = torch.amp.GradScaler(info.device.type) if cfg.amp == "fp16" else None
     amp_dtype = AMP_DTYPES[cfg.amp]
     trace = cfg.trace
     if trace and info.rank > 0:
         trace = f"{trace}.rank{info.rank}"
-    common = dict(steps_per_epoch=steps, flush_tail=cfg.flush_tail, trace=trace, source=source,
-                  amp_dtype=amp_dtype, grad_scaler=scaler, check_finite=True)
+    common = dict(steps_per_epoch=steps, trace=trace, source=source,
+                  amp_dtype=amp_dtype, grad_scaler=scaler, check_finite=True,
+                  check_finite_every=cfg.finite_check_every)
     distiller = _build_distiller(cfg, info, common, teacher, student, teacher_opt, student_opt,
-                                 teacher_sched, student_sched)
+                                 teacher_sched, student_sched, switches)
     projector = getattr(distiller, "projector", None)
     if projector is not None:
         average_gradients_of(projector, info)
@@ -229,3 +268,7 @@ class ChannelsLastSource:
 
     def batch(self, key: int):
         return self._cl(self.inner.batch(key))
+
+    def stream(self, s: int) -> ChannelsLastSource:
+        """The inner source's stream ``s`` (the second stream of ``replay=fresh``), channels_last."""
+        return ChannelsLastSource(self.inner.stream(s))

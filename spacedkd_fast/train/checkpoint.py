@@ -158,6 +158,7 @@ def checkpoint_payload(parts, history, position, *, engines: list[Any], rngs: li
     schedulers = {"student": parts.student_sched.state_dict()}
     if parts.teacher is not None:
         models["teacher"] = unwrap(parts.teacher).state_dict()
+    if parts.teacher_opt is not None:  # a frozen teacher has none
         optimizers["teacher"] = parts.teacher_opt.state_dict()
         schedulers["teacher"] = parts.teacher_sched.state_dict()
     return {
@@ -189,7 +190,7 @@ def restore_parts(parts, state: dict[str, Any]) -> None:
         parts.distiller.load_state_dict(state["engine"][rank])
         parts.student_opt.load_state_dict(state["optimizers"]["student"])
         parts.student_sched.load_state_dict(state["schedulers"]["student"])
-        if parts.teacher is not None:
+        if parts.teacher_opt is not None:
             parts.teacher_opt.load_state_dict(state["optimizers"]["teacher"])
             parts.teacher_sched.load_state_dict(state["schedulers"]["teacher"])
         if parts.scaler is not None and state.get("grad_scaler") is not None:

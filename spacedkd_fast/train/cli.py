@@ -200,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UserError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except ImportError as err:  # e.g. the compiled extension built for another torch
+        line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"error: cannot load spacedkd_fast: {line}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:  # a second Ctrl-C / SIGTERM while the first one was being handled
         print("aborted: the last checkpoint written is kept", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -21,43 +21,38 @@ from typing import Any
 
 import yaml
 
+from ..engine.modes import MODE_NAMES, OFFLINE_RATE, SELF_MODES, resolve_mode
+from ..engine.options import (
+    FEATURE_EXITS,
+    FEATURE_KD,
+    FIRST_REPLAY,
+    PRESET_NAMES,
+    REPLAY_KINDS,
+    STUDENT_DATA,
+    TRIGGER_STEPS,
+    ZERO_INTERVAL,
+)
+from ..ops.names import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, FEATURE_LOSSES, KD_NORMALIZATIONS
 from .config_checks import official_setting_errors, pending
 from .config_values import coerce
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 
-# Name lists of the engine (engine/modes.py, engine/spaced.py, ops/losses.py), mirrored because the
-# engine loads torch and the CLI answers --help without it; tests/train/test_config.py checks that
-# each copy equals the engine's. The interval-rate -> mode convention itself is the engine's.
-MODES = ("base", "online", "spaced", "offline", "frozen", "self", "spaced-self")
-SELF_MODES = ("self", "spaced-self")
+# Name lists and defaults of the engine and the ops layer, from their torch-free modules (the CLI
+# answers --help without loading torch or the compiled extension).
+MODES = MODE_NAMES
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "multistep", "cosine")
-FEATURE_LOSSES = ("dist", "l1", "l2", "smooth-l1")
 KD_LOSSES = ("fused", "paper-code")
 AMP_MODES = ("off", "bf16", "fp16")
 OVERLAP_MODES = ("auto", "on", "off")
-REPLAY_KINDS = ("keyed", "fresh")
-FIRST_REPLAY = ("interval", "one-epoch", "official")
-FEATURE_EXITS = ("all", "official")
-COMPAT_MODES = ("none", "official", "official-vit")  # the engine's presets (engine/compat.py)
-STUDENT_DATA = ("replay", "fresh")
-ZERO_INTERVAL = ("error", "online")
-TRIGGER_STEPS = ("ce-and-kd", "kd-only")
+COMPAT_MODES = ("none", *PRESET_NAMES)  # the engine's presets (engine/compat.py)
 WEIGHT_DECAY_GROUPS = ("all", "official")  # the same names as optim.WEIGHT_DECAY_GROUPS
 WARMUP_PER = ("step", "epoch")
-KD_NORMALIZATIONS = ("batch", "class")
-FEATURE_KD = ("penultimate", "inter")
 TEACHER_FEATURES = ("live", "precomputed")
 
-# The package's one objective default (spacedkd_fast.ops.losses; mirrored here because importing
-# the ops loads torch and the compiled extension, and the CLI must answer --help without them;
-# tests/train/test_config.py checks that the two agree). kd_scale None means T*T.
-DEFAULT_TEMPERATURE = 3.0
-DEFAULT_ALPHA = 0.3
-
 # The official code encodes the mode in the interval rate: 0 = online, >= 50 = offline.
-OFFLINE_INTERVAL_RATE = 50.0
+OFFLINE_INTERVAL_RATE = OFFLINE_RATE
 
 # Defaults used when training falls back to (or is asked for) the embedded digits data set and the
 # user did not set the value: the CIFAR recipe's 80 epochs at 32 px would take hours on a laptop
@@ -116,7 +111,7 @@ class TrainConfig:
                                "else the embedded digits set (announced)", G_DATA, metavar="NAME")
     data_dir: str = _opt("./data", "folder holding the data sets", G_DATA, metavar="DIR")
     augment: str | None = _opt(None, "augmentation recipe: cifar, cifar-selfkd, tiny, imagenet, vit, "
-                               "none", G_DATA, metavar="NAME")
+                               "vit-official (the official ViT code's RandAugment and erasing), none", G_DATA, metavar="NAME")
     image_size: int | None = _opt(None, "train and test at this image size in pixels", G_DATA, metavar="PX")
     download: bool = _opt(False, "fetch CIFAR-10/100 through torchvision when not under --data-dir",
                           G_DATA)
@@ -233,7 +228,14 @@ class TrainConfig:
     self_kd_feature_exits: str = _opt("all", "self KD feature loss on all shallow exits, or "
                                       "skipping the layer-3 exit (official)", G_COMPAT,
                                       choices=FEATURE_EXITS)
+    bn_groups: int = _opt(1, "BatchNorm statistics over N equal slices of each training batch, as "
+                          "N-way DataParallel computed them (the official CNN runs: 2 GPUs, so "
+                          "2; not part of --compat)", G_COMPAT, metavar="N")
     # speed and reproducibility
+    finite_check_every: int = _opt(1, "read the loss-is-finite checks every N steps instead of "
+                                   "before each step (N > 1: fused optimisers, no fp16, one "
+                                   "process; not the self modes, whose SGD stays non-fused)",
+                                   G_SPEED, metavar="N")
     seed: int = _opt(0, "seed of weights, data order and augmentation", G_SPEED, metavar="N")
     seeds: str = _opt("", "run once per seed, e.g. 0,1,2 (replaces --seed; empty: --seed only)",
                       G_SPEED, metavar="N,N,...")
@@ -417,16 +419,11 @@ def normalise(cfg: TrainConfig) -> None:
     if cfg.dataset is not None and not cfg.dataset.startswith("folder:"):
         cfg.dataset = cfg.dataset.strip().lower()
     # The official code selects the mode through the interval rate (0: online / plain self KD,
-    # >= 50: offline). The engine's mode table owns that convention (engine.modes.resolve_mode);
-    # this copy keeps configurations buildable without torch and the compiled extension, and
-    # tests/train/test_config.py checks that it agrees with the engine on every mode and rate.
-    rate = cfg.interval_rate
-    if cfg.mode == "spaced" and rate == 0:
-        cfg.mode = "online"
-    elif cfg.mode == "spaced" and rate >= OFFLINE_INTERVAL_RATE:
-        cfg.mode = "offline"
-    elif cfg.mode == "spaced-self" and rate == 0:
-        cfg.mode = "self"
+    # >= 50: offline); the engine's mode table owns that convention (torch-free).
+    try:
+        cfg.mode = resolve_mode(cfg.mode, cfg.interval_rate, self_kd=cfg.mode in SELF_MODES)
+    except (TypeError, ValueError):
+        pass  # validate() names the value that makes no sense
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -448,7 +445,8 @@ def validate(cfg: TrainConfig) -> None:
             need = "zero or more" if allow_zero else "greater than zero"
             errors.append(f"{name} must be {need}, got {value}")
 
-    for name in ("epochs", "batch_size", "lr", "temperature", "log_every", "image_size"):
+    for name in ("epochs", "batch_size", "lr", "temperature", "log_every", "image_size",
+                 "bn_groups", "finite_check_every"):
         positive(name)
     for name in ("momentum", "weight_decay", "beta", "warmup_epochs", "min_lr", "interval_rate",
                  "gamma", "seed"):

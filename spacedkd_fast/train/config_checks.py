@@ -12,37 +12,11 @@ from collections.abc import Callable
 from typing import Any
 
 # (what the configuration asks for, the piece of the trainer that is missing). A configuration that
-# matches an entry can still be printed (--print-config) but not run. A base run (one model, CE)
-# has no KD behaviour to switch on, so the KD entries leave it alone: the official *_base recipes
-# (and r-56_c100, the teacher of the *_ours recipes) run today.
+# matches an entry can still be printed (--print-config) but not run.
 PENDING: tuple[tuple[Callable[[Any], bool], str, str], ...] = (
-    (lambda c: c.compat != "none" and c.mode != "base", "compat",
-     "the trainer's wiring of the engine's presets (issue 10 item 1); pass --compat none"),
-    (lambda c: c.replay == "fresh", "replay=fresh",
-     "the trainer's second data stream for the student (issue 10 item 5)"),
-    (lambda c: c.offline_student_data == "fresh", "offline_student_data=fresh",
-     "the trainer's fresh passes for the offline student (issue 10 item 3)"),
-    (lambda c: c.self_kd_trigger_step != "ce-and-kd", "self_kd_trigger_step",
-     "the trainer's wiring of the official trigger step (issue 10 item 2)"),
-    (lambda c: c.zero_interval != "error", "zero_interval",
-     "the trainer's wiring of the official zero-interval rule (issue 10 item 4)"),
-    (lambda c: c.kd_second_forward, "kd_second_forward",
-     "the trainer's wiring of the second-forward KD logits (issue 10 item 6)"),
-    (lambda c: c.kd_normalization == "class" and c.mode != "base", "kd_normalization=class",
-     "the per-class KD normalisation (issue 10 item 6); the same scale is "
-     "--kd-normalization batch --kd-scale T*T/C (C classes)"),
-    (lambda c: c.feature_kd == "inter", "feature_kd=inter",
-     "intermediate-feature KD with 1x1 adapters (issue 10 item 7)"),
-    (lambda c: c.mode == "frozen", "mode=frozen",
-     "the trainer's frozen-teacher runs from --teacher-checkpoint (issue 10 item 7)"),
-    (lambda c: c.frozen_teacher_mode != "eval", "frozen_teacher_mode",
-     "the trainer's wiring of the frozen teacher's train mode (issue 10 item 7)"),
-    (lambda c: c.teacher_image_size is not None, "teacher_image_size",
-     "a teacher fed the batch resized to its own size (issue 10 item 7)"),
     (lambda c: c.teacher_features == "precomputed", "teacher_features=precomputed",
-     "precomputed teacher feature maps (official deit-ti_c100_ours_offline)"),
-    (lambda c: c.shared_optimizer, "shared_optimizer",
-     "one optimiser over teacher and student (issue 10 item 5)"),
+     "precomputed teacher feature maps (official deit-ti_c100_ours_offline); use "
+     "--teacher-features live"),
 )
 
 
@@ -66,6 +40,13 @@ def official_setting_errors(cfg: Any) -> list[str]:
     if cfg.teacher_image_size is not None and cfg.teacher_image_size <= 0:
         errors.append(f"teacher_image_size must be greater than zero, got {cfg.teacher_image_size}")
     errors += _seed_errors(cfg.seeds)
+    if cfg.finite_check_every > 1 and cfg.amp == "fp16":
+        errors.append("finite_check_every > 1 cannot run with --amp fp16 (its GradScaler reads a "
+                      "flag every step): use --amp bf16 or off, or --finite-check-every 1")
+    if cfg.finite_check_every > 1 and cfg.mode in ("self", "spaced-self"):
+        errors.append("finite_check_every > 1 needs fused optimisers, and torch's fused SGD with "
+                      "momentum fails when some parameters first get gradients later, as self "
+                      "KD's exits do: use --finite-check-every 1 for the self modes")
     if cfg.compat == "official-vit" and cfg.mode in ("self", "spaced-self"):
         errors.append("compat=official-vit is the vit code's preset; self KD's is compat=official")
     no_teacher = cfg.mode == "base" or cfg.mode in ("self", "spaced-self")

@@ -152,6 +152,8 @@ def _trained(parts: RunParts) -> str:
         return "teacher"
     if parts.teacher is None:
         return "network" if parts.cfg.is_self else "model"
+    if parts.teacher_opt is None:  # a frozen teacher
+        return "student"
     return "teacher+student"
 
 

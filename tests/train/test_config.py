@@ -240,14 +240,25 @@ def test_official_settings_that_make_no_sense_are_errors(values, message):
 
 def test_settings_the_trainer_cannot_run_yet_are_refused_by_name():
     values = {"mode": "frozen", "compat": "official-vit", "teacher_checkpoint": "t.pt",
-              "shared_optimizer": True}
+              "feature_kd": "inter", "inter_student_blocks": [0], "inter_teacher_blocks": [0],
+              "teacher_features": "precomputed"}
     with pytest.raises(ConfigError) as err:
         build_config(values)
-    text = str(err.value)
-    for name in ("compat", "mode=frozen", "shared_optimizer"):
-        assert f"{name}: not supported yet, needs" in text
+    assert "teacher_features=precomputed: not supported yet, needs" in str(err.value)
     assert build_config(values, runnable=False).compat == "official-vit"  # printable
-    assert build_config({"mode": "base", "compat": "official"}).compat == "official"
+    values["teacher_features"] = "live"
+    assert build_config(values).mode == "frozen"  # every other official setting runs
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"finite_check_every": 4, "amp": "fp16"}, "cannot run with --amp fp16"),
+    ({"finite_check_every": 4, "mode": "self"}, "use --finite-check-every 1 for the self modes"),
+    ({"finite_check_every": 0}, "finite_check_every must be greater than zero"),
+    ({"bn_groups": 0}, "bn_groups must be greater than zero"),
+])
+def test_speed_and_bn_settings_that_cannot_run_are_errors(values, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(values, runnable=False)
 
 
 def test_print_config_is_yaml_that_rebuilds_the_same_configuration(capsys, tmp_path):
@@ -282,24 +293,15 @@ def test_importing_the_configuration_does_not_import_torch():
     assert out.stdout.strip() == "False"
 
 
-def test_name_lists_mirrored_for_a_torch_free_cli_equal_the_engines():
-    # config.py keeps copies so that --help loads no torch; the engine and ops own the names
-    from spacedkd_fast.engine import base, compat, modes, self_kd, spaced, spacing
-    from spacedkd_fast.ops import losses, objective
+def test_name_lists_are_the_engines_own():
+    # config.py takes them from the engine's torch-free modules: one definition
+    from spacedkd_fast.engine import modes, options
+    from spacedkd_fast.ops import names
     from spacedkd_fast.train import config
 
-    assert config.MODES == modes.MODE_NAMES and config.SELF_MODES == modes.SELF_MODES
-    assert config.OFFLINE_INTERVAL_RATE == modes.OFFLINE_RATE
-    assert config.FEATURE_LOSSES == losses.FEATURE_LOSSES
-    assert config.KD_NORMALIZATIONS == objective.KD_NORMALIZATIONS
-    assert config.REPLAY_KINDS == spaced.REPLAY_KINDS
-    assert config.ZERO_INTERVAL == base.ZERO_INTERVAL
-    assert (config.FEATURE_EXITS, config.TRIGGER_STEPS) == (self_kd.FEATURE_EXITS,
-                                                            self_kd.TRIGGER_STEPS)
-    assert set(config.COMPAT_MODES) == {"none"} | {name for _, name in compat.PRESETS}
-    assert set(config.FIRST_REPLAY) == set(spacing.FIRST_REPLAY_RULES) - {"vit"}  # vit: pair only
-    if hasattr(spaced, "STUDENT_DATA"):
-        assert config.STUDENT_DATA == spaced.STUDENT_DATA
+    assert config.MODES is modes.MODE_NAMES and config.REPLAY_KINDS is options.REPLAY_KINDS
+    assert config.FEATURE_LOSSES is names.FEATURE_LOSSES
+    assert config.DEFAULT_TEMPERATURE is names.DEFAULT_TEMPERATURE
 
 
 @pytest.mark.parametrize("mode", ["base", "online", "spaced", "offline", "frozen", "self",
