@@ -28,6 +28,8 @@ from functools import partial
 import torch
 from torch import nn
 
+from ..model_catalog import CATALOG, VIT_TIMM, ModelInfo
+from ..model_catalog import describe_models as describe_models  # re-exported
 from . import vit
 from .byot import byot_resnet
 from .cifar_resnet import cifar_resnet
@@ -43,16 +45,17 @@ from .wrn import WideResNet
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """How to build one registered name and which square image sizes it takes."""
+    """How to build one registered name (``builder(num_classes, image_size, **kw)``) and what it
+    is (its :class:`~spacedkd_fast.model_catalog.ModelInfo`: sizes, description, official
+    counts)."""
 
-    builder: Callable[..., nn.Module]  # builder(num_classes, image_size, **kw)
-    min_image_size: int
-    size_multiple: int  # image_size must be a multiple of this (1: any size)
-    size_reason: str
-    description: str
-    drop_path: bool = False  # takes drop_path_rate
-    official_params: tuple[int, int] | None = None  # (total, trainable), 100 classes
-    official_size: int | None = None  # the official image size
+    builder: Callable[..., nn.Module]
+    info: ModelInfo
+
+    def __getattr__(self, name: str):  # min_image_size, description, ... come from the info
+        if name == "info":  # not set yet (copying): no recursion
+            raise AttributeError(name)
+        return getattr(self.info, name)
 
 
 def _ignore_size(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -60,167 +63,37 @@ def _ignore_size(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return lambda num_classes, image_size, **kw: build(num_classes=num_classes, **kw)
 
 
-_REGISTRY: dict[str, ModelEntry] = {}
-
-
-def _register(
-    name: str,
-    builder: Callable[..., nn.Module],
-    description: str,
-    *,
-    min_size: int = 1,
-    multiple: int = 1,
-    reason: str = "",
-    drop_path: bool = False,
-    official: tuple[int, int] | int | None = None,
-    official_size: int | None = None,
-) -> None:
-    if isinstance(official, int):
-        official = (official, official)
-    _REGISTRY[name] = ModelEntry(builder, min_size, multiple, reason, description, drop_path,
-                                 official, official_size)  # fmt: skip
-
-
-_STRIDE8 = "its three stride-2 stages need at least 8 px"
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 for _d in (18, 34, 50, 101, 152):
-    _register(
-        f"resnet{_d}",
-        _ignore_size(partial(cifar_resnet, _d)),
-        f"CIFAR ResNet-{_d} (3x3 stem, no max-pool); kw: downsample_factor",
-        min_size=8,
-        reason=_STRIDE8,
-    )
-    _register(
-        f"byot_resnet{_d}",
-        _ignore_size(partial(byot_resnet, _d)),
-        f"four-exit self-KD ResNet-{_d} (SPEC section 4); kw: downsample_factor",
-        min_size=8,
-        multiple=8,
-        reason="its attention masks (stride 2, then x2 upsampling) need even sizes at layer1..3",
-    )
-_register(
-    "mobilenetv2",
-    _ignore_size(MobileNetV2),
-    "MobileNetV2 for 32 px inputs (stem and first stride-2 stage at stride 1); kw: width_mult",
-    min_size=8,
-    reason=_STRIDE8,
-)
-_register(
-    "shufflenetv2",
-    _ignore_size(ShuffleNetV2),
-    "ShuffleNetV2 for 32 px inputs (3x3 stride-1 stem, no max-pool); kw: net_size",
-    min_size=8,
-    reason=_STRIDE8,
-)
+    _BUILDERS[f"resnet{_d}"] = _ignore_size(partial(cifar_resnet, _d))
+    _BUILDERS[f"byot_resnet{_d}"] = _ignore_size(partial(byot_resnet, _d))
+_BUILDERS["mobilenetv2"] = _ignore_size(MobileNetV2)
+_BUILDERS["shufflenetv2"] = _ignore_size(ShuffleNetV2)
 for _d in (11, 13, 16, 19):
-    _register(
-        f"vgg{_d}",
-        _ignore_size(partial(VGG, _d)),
-        f"VGG-{_d} with BatchNorm, global pooling + one linear classifier",
-        min_size=32,
-        reason="its five 2x2 max-pools need at least 32 px",
-    )
+    _BUILDERS[f"vgg{_d}"] = _ignore_size(partial(VGG, _d))
 for _d, _k in ((16, 2), (16, 4), (16, 8), (28, 4), (28, 10), (40, 2), (40, 4)):
-    _register(
-        f"wrn_{_d}_{_k}",
-        _ignore_size(partial(WideResNet, _d, _k)),
-        f"WideResNet-{_d}-{_k}; kw: drop_rate",
-        min_size=4,
-        reason="its two stride-2 groups need at least 4 px",
-    )
-_VIT_KW = "kw: patch_size, drop_path_rate and other timm kwargs"
-for _name, _build, _timm_name, _distilled, _label, _official in (
-    ("deit_tiny", vit.build_plain_vit, "deit_tiny_patch16_224", False, "DeiT-Tiny", 5_543_716),
-    ("deit_tiny_distilled", vit.build_plain_vit, "deit_tiny_distilled_patch16_224", True,
-     "DeiT-Tiny with distillation token", 5_563_400),
-    ("convit_tiny", vit.build_plain_vit, "convit_tiny", False, "ConViT-Tiny", 5_536_812),
-    ("pit_tiny", vit.build_pit, "pit_ti_224", False, "PiT-Ti", 4_615_972),
-    ("pit_tiny_distilled", vit.build_pit, "pit_ti_distilled_224", True,
-     "PiT-Ti with distillation token, which the official code lacks", None),
-):  # fmt: skip
-    # The builders check the size themselves: what they take depends on patch_size.
-    _register(
-        _name,
-        partial(_build, _name, _timm_name, distilled=_distilled),
-        f"{_label} (timm {_timm_name}); {_VIT_KW}",
-        drop_path=True,
-        official=_official,
-        official_size=224 if _official else None,
-    )
-_register(
-    "pvt_v2_b0",
-    partial(vit.build_pvt_v2, "pvt_v2_b0", "pvt_v2_b0"),
-    "PVTv2-b0 (timm pvt_v2_b0); kw: drop_path_rate and other timm kwargs",
-    min_size=32,
-    reason="its first stage's 8x8 spatial-reduction convolution needs 32 px",
-    drop_path=True,
-    official=3_435_460,
-    official_size=224,
-)
-_register(
-    "pvt_tiny",
-    pvt_tiny,
-    "PVT v1 Tiny (written from the official description; official tensor names); kw: drop_path_rate",
-    min_size=32,
-    multiple=32,
-    reason="its patch embeddings have strides 4, 2, 2, 2; 224 is the official size",
-    drop_path=True,
-    official=12_767_588,
-    official_size=224,
-)
-for _name, _official in (("t2t_vit_7", (4_078_922, 4_024_394)),
-                         ("t2t_vit_14", (21_199_050, 21_119_306))):  # fmt: skip
-    _register(
-        _name,
-        partial(t2t_vit, _name),
-        f"T2T-ViT-{_name.rsplit('_', 1)[1]} (written from the official description; frozen "
-        "sinusoidal position embedding and Performer projections); kw: drop_path_rate",
-        min_size=16,
-        multiple=16,
-        reason="its soft splits have strides 4, 2, 2; 224 is the official size",
-        drop_path=True,
-        official=_official,
-        official_size=224,
-    )
-_register(
-    "cvt_13",
-    cvt_13,
-    "CvT-13 (written from the official description; official tensor names); kw: drop_path_rate",
-    min_size=16,
-    reason="total stride 16; 224 is the official size",
-    drop_path=True,
-    official=19_650_980,
-    official_size=224,
-)
-_register(
-    "resnet56",
-    _ignore_size(resnet56),
-    "CIFAR ResNet-56 of the official ViT code (16/32/64 channels, 9 blocks per stage), the "
-    "intermediate-feature KD teacher",
-    min_size=4,
-    reason="its two stride-2 stages need at least 4 px; 32 is the official size",
-    official=861_620,
-    official_size=32,
-)
+    _BUILDERS[f"wrn_{_d}_{_k}"] = _ignore_size(partial(WideResNet, _d, _k))
+_VIT_BUILDERS = {"deit_tiny": vit.build_plain_vit, "deit_tiny_distilled": vit.build_plain_vit,
+                 "convit_tiny": vit.build_plain_vit, "pit_tiny": vit.build_pit,
+                 "pit_tiny_distilled": vit.build_pit}
+for _name, _timm_name, _, _ in VIT_TIMM:
+    _BUILDERS[_name] = partial(_VIT_BUILDERS[_name], _name, _timm_name,
+                               distilled=_name.endswith("_distilled"))
+_BUILDERS["pvt_v2_b0"] = partial(vit.build_pvt_v2, "pvt_v2_b0", "pvt_v2_b0")
+_BUILDERS["pvt_tiny"] = pvt_tiny
+for _name in ("t2t_vit_7", "t2t_vit_14"):
+    _BUILDERS[_name] = partial(t2t_vit, _name)
+_BUILDERS["cvt_13"] = cvt_13
+_BUILDERS["resnet56"] = _ignore_size(resnet56)
+
+# every builder has its catalog entry and every entry its builder (one definition of the names)
+assert set(_BUILDERS) == set(CATALOG), set(_BUILDERS) ^ set(CATALOG)
+_REGISTRY: dict[str, ModelEntry] = {n: ModelEntry(b, CATALOG[n]) for n, b in _BUILDERS.items()}
 
 
 def list_models() -> list[str]:
     """The registered names, sorted."""
     return sorted(_REGISTRY)
-
-
-def describe_models() -> dict[str, str]:
-    """``{name: one-line description}`` for help texts (with the official parameter count)."""
-    out = {}
-    for name in list_models():
-        entry = _REGISTRY[name]
-        text = entry.description
-        if entry.official_params is not None:
-            total, trainable = entry.official_params
-            count = f"{total:,}" + (f" ({trainable:,} trainable)" if trainable != total else "")
-            text += f"; official: {count} params (100 classes, {entry.official_size} px)"
-        out[name] = text
-    return out
 
 
 def official_params(name: str) -> tuple[int, int] | None:

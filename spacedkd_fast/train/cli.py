@@ -155,7 +155,7 @@ def _print_recipes() -> None:
 
 
 def _print_models() -> None:
-    from ..models import describe_models
+    from ..model_catalog import describe_models  # torch-free: answers at once
 
     for name, description in describe_models().items():
         print(f"  {name:<22} {description}")

@@ -293,6 +293,22 @@ def test_importing_the_configuration_does_not_import_torch():
     assert out.stdout.strip() == "False"
 
 
+def test_list_models_answers_without_torch_and_matches_the_registry():
+    import subprocess
+    import sys
+
+    from spacedkd_fast.models import describe_models
+
+    code = ("import sys; from spacedkd_fast.train.cli import main; main(['--list-models']); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == "False"
+    listed = {line.split()[0] for line in lines[:-1]}
+    assert listed == set(describe_models())
+    assert "5,563,400 params" in describe_models()["deit_tiny_distilled"]
+
+
 def test_name_lists_are_the_engines_own():
     # config.py takes them from the engine's torch-free modules: one definition
     from spacedkd_fast.engine import modes, options
