@@ -42,12 +42,24 @@ def _site_with_extension(root: Path) -> Path:
     return site
 
 
+def _site_packages_without_us(root: Path) -> Path:
+    """This environment's site-packages (for torch and the rest) as links, minus any installed
+    spacedkd_fast: after a regular install it holds a real copy that would hide the fake ones."""
+    view = root / "site-packages-view"
+    if not view.exists():
+        view.mkdir()
+        for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+            if not entry.name.lower().startswith(("spacedkd_fast", "__editable__")):
+                (view / entry.name).symlink_to(entry)
+    return view
+
+
 def _run(cwd: Path, pythonpath: list[Path], code: str | None = None, module: str | None = None):
     """A fresh interpreter as after a regular install: ``-S`` keeps out the .pth hooks of this
     environment (an editable install's finder would resolve ``spacedkd_fast._C`` itself); torch
     comes from this environment's site-packages, given as a plain path entry."""
-    purelib = sysconfig.get_paths()["purelib"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, pythonpath), purelib])}
+    purelib = _site_packages_without_us(cwd.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, pythonpath), str(purelib)])}
     env.pop("PYTHONSTARTUP", None)
     run = [sys.executable, "-S"] + (["-c", code] if code else ["-m", module])
     return subprocess.run(run, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
