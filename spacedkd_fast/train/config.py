@@ -233,9 +233,10 @@ class TrainConfig:
                           "2; not part of --compat)", G_COMPAT, metavar="N")
     # speed and reproducibility
     finite_check_every: int = _opt(1, "read the loss-is-finite checks every N steps instead of "
-                                   "before each step (N > 1: fused optimisers, no fp16, one "
-                                   "process; not the self modes, whose SGD stays non-fused)",
-                                   G_SPEED, metavar="N")
+                                   "before each step; N > 1 builds fused optimisers (which round "
+                                   "slightly differently), needs amp off or bf16 and one process, "
+                                   "and is refused for the self modes (torch's fused SGD fails "
+                                   "on their late-starting exits)", G_SPEED, metavar="N")
     seed: int = _opt(0, "seed of weights, data order and augmentation", G_SPEED, metavar="N")
     seeds: str = _opt("", "run once per seed, e.g. 0,1,2 (replaces --seed; empty: --seed only)",
                       G_SPEED, metavar="N,N,...")

@@ -50,7 +50,8 @@ def resolved_switches(cfg: TrainConfig) -> dict[str, Any]:
     try:
         return resolve_switches(compat_of(cfg), family(cfg), given_switches(cfg))
     except ValueError as err:
-        raise UserError(f"--compat {cfg.compat}: {err}") from None
+        text = str(err).replace("use compat=None", "use --compat none")
+        raise UserError(f"--compat {cfg.compat}: {text}") from None
 
 
 def objective_args(cfg: TrainConfig) -> dict[str, Any]:

@@ -134,8 +134,15 @@ RUNNER_CASES = [
     pytest.param(["--schedule", "multistep"], "needs --milestones", id="config-multistep"),
     pytest.param(["--mode", "base", "--teacher-arch", "resnet18"], "mode base trains one model",
                  id="config-base-teacher"),
-    pytest.param(["--replay", "fresh", "--dataset", "digits", "--device", "cpu"],
+    pytest.param(["--mode", "frozen", "--teacher-checkpoint", "t.pt", "--feature-kd", "inter",
+                  "--inter-student-blocks", "0", "--inter-teacher-blocks", "0",
+                  "--teacher-features", "precomputed", "--dataset", "digits", "--device", "cpu"],
                  "cannot run yet", id="config-not-runnable"),
+    pytest.param(["--mode", "frozen", "--teacher-checkpoint", "missing.pt", "--dataset", "digits",
+                  "--device", "cpu"], "teacher-checkpoint missing.pt: no such file",
+                 id="teacher-checkpoint-missing"),
+    pytest.param(["--compat", "official", "--flush-tail", "--dataset", "digits", "--device",
+                  "cpu"], "sets flush_tail=False; drop flush_tail=True or use --compat none", id="compat-contradicted"),
 ]
 
 

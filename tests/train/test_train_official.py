@@ -179,3 +179,15 @@ def test_channels_last_source_forwards_the_second_stream(digits_bundle):
     _, (x, _) = next(iter(wrapped.epoch(0)))
     _, (want, _) = next(iter(digits_bundle.train.stream(1).epoch(0)))
     assert x.is_contiguous(memory_format=torch.channels_last) and torch.equal(x, want)
+
+
+def test_an_extension_that_cannot_load_is_one_line_and_exit_2(monkeypatch, capsys):
+    from spacedkd_fast.train.cli import main
+
+    def broken(*args, **kwargs):
+        raise ImportError("_C.so: undefined symbol: _ZN3c10\nsecond line")
+
+    monkeypatch.setattr(runner, "train", broken)
+    assert main(["--dataset", "digits", "--device", "cpu", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: cannot load spacedkd_fast: _C.so: undefined symbol: _ZN3c10"]
