@@ -74,7 +74,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     groups: dict[str, list] = defaultdict(list)
     for b in session.benchmarks:
-        if b.stats is None or not b.extra_info.get("provider"):
+        if b.stats is None or not b.stats.data or not b.extra_info.get("provider"):
             continue
         groups[b.group].append(b)
     if not groups:

@@ -71,7 +71,10 @@ def torchvision_transform(recipe: str, size: int):
     if recipe == "vit-official":  # the official ViT code's pipeline, built by timm
         from timm.data import auto_augment, create_transform
 
-        auto_augment.posterize = _posterize_zero_bits_black
+        # The ops are looked up in NAME_TO_OP (filled at import), not through the module attribute.
+        for name, op in list(auto_augment.NAME_TO_OP.items()):
+            if op is auto_augment.posterize:
+                auto_augment.NAME_TO_OP[name] = _posterize_zero_bits_black
 
         return create_transform(input_size=(size, size), is_training=True,
                                 auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4, re_prob=0.25,
