@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+from .analysis.cli import HelpFormatter, OneLineErrorParser
+
 DESCRIPTION = """\
 Compare groups of training runs: several seeds per configuration, mean ± std, and whether the
 difference between configurations is larger than the seed-to-seed spread.
@@ -41,19 +43,9 @@ compare.png (test top-1 per epoch, mean per group with a ± 1 std band).
 exit status: 0 done, 2 bad input (no runs found, unreadable metrics, unwritable --out)."""
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    def __init__(self, prog: str) -> None:
-        super().__init__(prog, max_help_position=34, width=100)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage block
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m spacedkd_fast.compare", description=DESCRIPTION,
-                     epilog=EPILOG, formatter_class=_Formatter)
+    parser = OneLineErrorParser(prog="python -m spacedkd_fast.compare", description=DESCRIPTION,
+                     epilog=EPILOG, formatter_class=HelpFormatter)
     parser.add_argument("paths", nargs="*", metavar="RUN_OR_GROUP",
                         help="run folders, group folders, or folders of groups")
     parser.add_argument("--group", action="append", default=[], metavar="NAME=DIR,DIR,...",

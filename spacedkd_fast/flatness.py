@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .analysis.cli import HelpFormatter, OneLineErrorParser
+
 DESCRIPTION = """\
 Measure the flatness of the best student of each run: the trace of the Hessian of the test loss
 (Hutchinson's estimator with Rademacher probes and Hessian-vector products; smaller = flatter, the
@@ -45,19 +47,9 @@ exit status: 0 done, 2 bad input (no runs, no best_student.pt, data or model tha
 FLATNESS_VERSION = 1
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    def __init__(self, prog: str) -> None:
-        super().__init__(prog, max_help_position=34, width=100)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage block
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m spacedkd_fast.flatness", description=DESCRIPTION, epilog=EPILOG,
-                formatter_class=_Formatter)
+    p = OneLineErrorParser(prog="python -m spacedkd_fast.flatness", description=DESCRIPTION, epilog=EPILOG,
+                formatter_class=HelpFormatter)
     p.add_argument("paths", nargs="*", metavar="RUN_OR_GROUP",
                    help="run folders, group folders, or folders of groups")
     p.add_argument("--group", action="append", default=[], metavar="NAME=DIR,DIR,...",

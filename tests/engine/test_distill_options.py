@@ -70,21 +70,30 @@ class TwoHeads(torch.nn.Module):
         return f, (z, self.dist(f))
 
 
-def test_class_and_distillation_heads_get_ce_and_kd_respectively():
+def _heads_of_pair(model, x):
+    _, (cls, dist) = model(x)
+    return cls, dist
+
+
+def _heads_of_attribute(model, x):
+    _, cls = model(x)
+    return cls, model.distill_logits
+
+
+def _check_ce_on_class_head_and_kd_on_distillation_head(student, heads):
+    """One online step of the engine against the same step by hand: CE on the class head,
+    KL(q || p) on the distillation head."""
     losses = pytest.importorskip("spacedkd_fast.ops.objective")
     src = make_source()
-    torch.manual_seed(0)
-    teacher, student = TinyNet(10), TwoHeads()
-    ref = copy.deepcopy(student)
+    teacher = TinyNet(10)
+    ref, t_ref = copy.deepcopy(student), copy.deepcopy(teacher)
     kd = losses.KDLoss(temperature=3.0, alpha=0.3, kd_scale=1.0)
     d = SpacedDistiller(teacher, student, sgd(teacher), sgd(student), mode="online",
                         steps_per_epoch=7, loss=kd)
-    t_ref = copy.deepcopy(teacher)
     x, y = src.batch(1)
     d.step(1, x, y)
-    # the same step by hand: CE on the class head, KL(q || p) on the distillation head
     t_z = t_ref(x)[1].detach()
-    f, (cls, dist) = ref(x)
+    cls, dist = heads(ref, x)
     kl = F.kl_div(F.log_softmax(dist / 3.0, 1), F.softmax(t_z / 3.0, 1), reduction="batchmean")
     loss = 0.7 * F.cross_entropy(cls, y) + 0.3 * kl
     opt = sgd(ref)
@@ -93,6 +102,11 @@ def test_class_and_distillation_heads_get_ce_and_kd_respectively():
     opt.step()
     for a, b in zip(student.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_class_and_distillation_heads_get_ce_and_kd_respectively():
+    torch.manual_seed(0)
+    _check_ce_on_class_head_and_kd_on_distillation_head(TwoHeads(), _heads_of_pair)
 
 
 def test_online_student_epochs():
@@ -125,25 +139,5 @@ class DistillAttr(torch.nn.Module):
 
 
 def test_distill_logits_attribute_gets_the_kd_term():
-    losses = pytest.importorskip("spacedkd_fast.ops.objective")
-    src = make_source()
     torch.manual_seed(0)
-    teacher, student = TinyNet(10), DistillAttr()
-    ref = copy.deepcopy(student)
-    kd = losses.KDLoss(temperature=3.0, alpha=0.3, kd_scale=1.0)
-    d = SpacedDistiller(teacher, student, sgd(teacher), sgd(student), mode="online",
-                        steps_per_epoch=7, loss=kd)
-    t_ref = copy.deepcopy(teacher)
-    x, y = src.batch(1)
-    d.step(1, x, y)
-    t_z = t_ref(x)[1].detach()
-    f, cls = ref(x)
-    dist = ref.distill_logits
-    kl = F.kl_div(F.log_softmax(dist / 3.0, 1), F.softmax(t_z / 3.0, 1), reduction="batchmean")
-    loss = 0.7 * F.cross_entropy(cls, y) + 0.3 * kl
-    opt = sgd(ref)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    for a, b in zip(student.parameters(), ref.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    _check_ce_on_class_head_and_kd_on_distillation_head(DistillAttr(), _heads_of_attribute)
