@@ -18,11 +18,11 @@ from .config import (
     ConfigError,
     TrainConfig,
     build_config,
-    list_recipes,
     load_yaml,
     print_config,
 )
 from .errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, CheckpointError, UserError
+from .recipe_files import list_recipes
 
 DESCRIPTION = """\
 Train with Spaced Knowledge Distillation (Sun et al., ICML 2025).

@@ -13,8 +13,6 @@ argparse parser from them, so the CLI, the YAML keys and this file never disagre
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -33,10 +31,9 @@ from ..engine.options import (
     ZERO_INTERVAL,
 )
 from ..ops.names import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, FEATURE_LOSSES, KD_NORMALIZATIONS
-from .config_checks import official_setting_errors, pending
-from .config_values import coerce
-
-RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+from . import recipe_files
+from .config_checks import official_setting_errors, pending, value_errors
+from .config_values import ConfigError, coerce
 
 # Name lists and defaults of the engine and the ops layer, from their torch-free modules (the CLI
 # answers --help without loading torch or the compiled extension).
@@ -60,10 +57,6 @@ OFFLINE_INTERVAL_RATE = OFFLINE_RATE
 # and student near 90% top-1) in about a minute on 2 cores with the full ResNet-18.
 DIGITS_DEFAULTS: dict[str, Any] = {"epochs": 3, "batch_size": 64, "lr": 0.05, "image_size": 8,
                                    "augment": "none"}
-
-
-class ConfigError(ValueError):
-    """A configuration value or file that cannot be used; the message says what is expected."""
 
 
 def _opt(default: Any, help: str, group: str, *, choices: tuple | None = None,
@@ -296,75 +289,9 @@ FIELD_NAMES = tuple(f.name for f in fields(TrainConfig) if not f.metadata.get("i
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
 
 
-# ---------------------------------------------------------------------- recipes and YAML
-def list_recipes() -> dict[str, str]:
-    """Recipe name -> its one-line description, for every YAML file shipped in ``recipes/``.
-
-    Files whose name starts with ``_`` hold values shared by several recipes (``inherit`` them);
-    they are not listed.
-    """
-    out = {}
-    for path in sorted(RECIPE_DIR.glob("*.yaml")):
-        if path.name.startswith("_"):
-            continue
-        data = yaml.safe_load(path.read_text()) or {}
-        out[path.stem] = str(data.get("description", "")).strip()
-    return out
-
-
-def resolve_recipe(name_or_path: str) -> Path:
-    """A YAML path as given, or the shipped recipe of that name (with or without ``.yaml``)."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
-    shipped = RECIPE_DIR / f"{stem}.yaml"
-    if path.parent == Path(".") and shipped.is_file():
-        return shipped
-    names = sorted(list_recipes())
-    close = difflib.get_close_matches(stem, names, n=3)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    raise ConfigError(f"config file {name_or_path!r} not found (neither a file nor a shipped "
-                      f"recipe).{hint} --list-recipes lists the {len(names)} shipped recipes.")
-
-
-def load_yaml(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Read a recipe file into a dict of field values, following ``inherit: <recipe>`` chains.
-
-    ``inherit`` names one recipe or a list of them (merged in order, later ones win; the file's
-    own values win over all). Keys may use dashes or underscores. Unknown keys are an error that
-    names the close matches.
-    """
-    path = resolve_recipe(name_or_path)
-    key = str(path.resolve())
-    if key in _seen:
-        raise ConfigError(f"recipe inheritance loops through {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of settings, got {type(data).__name__}")
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    parents = data.pop("inherit", None)
-    if parents is None:
-        parents = []
-    elif not isinstance(parents, list):
-        parents = [parents]
-    merged: dict[str, Any] = {}
-    for parent in parents:
-        merged.update(load_yaml(str(parent), _seen + (key,)))
-        merged.pop("description", None)
-    for k in data:
-        if k not in FIELD_NAMES:
-            close = difflib.get_close_matches(k, FIELD_NAMES, n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ConfigError(f"{path}: unknown setting {k!r}{hint}. Valid settings: "
-                              f"{', '.join(FIELD_NAMES)}")
-    merged.update(data)
-    return merged
+def load_yaml(name_or_path: str) -> dict[str, Any]:
+    """A recipe file's settings, ``inherit:`` chains followed (see :mod:`.recipe_files`)."""
+    return recipe_files.load_yaml(name_or_path, FIELD_NAMES)
 
 
 def build_config(file_values: dict[str, Any] | None = None,
@@ -429,51 +356,7 @@ def normalise(cfg: TrainConfig) -> None:
 
 def validate(cfg: TrainConfig) -> None:
     """Raise ``ConfigError`` naming every value that makes no sense (all of them at once)."""
-    errors: list[str] = []
-    for f in fields(cfg):
-        choices = f.metadata.get("choices")
-        value = getattr(cfg, f.name)
-        if choices and value not in choices:
-            errors.append(f"{f.name}={value!r} is not one of: {', '.join(choices)}")
-
-    def positive(name: str, *, allow_zero: bool = False) -> None:
-        value = getattr(cfg, name)
-        if value is None:
-            return
-        bad = (value < 0 if allow_zero else value <= 0) or (isinstance(value, float)
-                                                            and not math.isfinite(value))
-        if bad:
-            need = "zero or more" if allow_zero else "greater than zero"
-            errors.append(f"{name} must be {need}, got {value}")
-
-    for name in ("epochs", "batch_size", "lr", "temperature", "log_every", "image_size",
-                 "bn_groups", "finite_check_every"):
-        positive(name)
-    for name in ("momentum", "weight_decay", "beta", "warmup_epochs", "min_lr", "interval_rate",
-                 "gamma", "seed"):
-        positive(name, allow_zero=True)
-    if cfg.kd_scale is not None:
-        positive("kd_scale", allow_zero=True)
-    if not 0.0 <= cfg.alpha <= 1.0:
-        errors.append(f"alpha must lie in [0, 1], got {cfg.alpha}")
-    if cfg.warmup_epochs >= cfg.epochs > 0:
-        errors.append(f"warmup_epochs ({cfg.warmup_epochs}) must be shorter than epochs "
-                      f"({cfg.epochs})")
-    if cfg.mode in ("spaced", "spaced-self") and not 0 < cfg.interval_rate < OFFLINE_INTERVAL_RATE:
-        errors.append(f"{cfg.mode} mode needs 0 < interval_rate < {OFFLINE_INTERVAL_RATE:g}, got "
-                      f"{cfg.interval_rate}")
-    if any(m <= 0 for m in cfg.milestones):
-        errors.append(f"milestones must be positive epochs, got {cfg.milestones}")
-    if cfg.schedule == "multistep" and not cfg.milestones:
-        errors.append("schedule=multistep needs --milestones (e.g. --milestones 30,60)")
-    if cfg.is_self and (cfg.teacher_arch or cfg.student_arch):
-        errors.append(f"mode {cfg.mode} trains one multi-exit network: use --arch, not "
-                      "--teacher-arch/--student-arch")
-    if cfg.mode == "base" and cfg.teacher_arch:
-        errors.append("mode base trains one model: use --arch or --student-arch")
-    if cfg.kd_loss == "paper-code" and cfg.is_self:
-        errors.append("kd_loss=paper-code reproduces the online-KD objective; self KD has none")
-    errors += official_setting_errors(cfg)
+    errors = value_errors(cfg) + official_setting_errors(cfg)
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
 

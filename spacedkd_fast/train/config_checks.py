@@ -8,8 +8,12 @@ No torch here (the CLI answers ``--help`` without it).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import fields
 from typing import Any
+
+from ..engine.modes import OFFLINE_RATE
 
 # (what the configuration asks for, the piece of the trainer that is missing). A configuration that
 # matches an entry can still be printed (--print-config) but not run.
@@ -24,6 +28,55 @@ def pending(cfg: Any) -> list[str]:
     """One line per setting of ``cfg`` that the trainer cannot run yet, naming the missing piece."""
     return [f"{setting}: not supported yet, needs {piece}"
             for applies, setting, piece in PENDING if applies(cfg)]
+
+
+def value_errors(cfg: Any) -> list[str]:
+    """Messages for values that make no sense on their own or with the mode (empty: fine)."""
+    errors: list[str] = []
+    for f in fields(cfg):
+        choices = f.metadata.get("choices")
+        value = getattr(cfg, f.name)
+        if choices and value not in choices:
+            errors.append(f"{f.name}={value!r} is not one of: {', '.join(choices)}")
+
+    def positive(name: str, *, allow_zero: bool = False) -> None:
+        value = getattr(cfg, name)
+        if value is None:
+            return
+        bad = (value < 0 if allow_zero else value <= 0) or (isinstance(value, float)
+                                                            and not math.isfinite(value))
+        if bad:
+            need = "zero or more" if allow_zero else "greater than zero"
+            errors.append(f"{name} must be {need}, got {value}")
+
+    for name in ("epochs", "batch_size", "lr", "temperature", "log_every", "image_size",
+                 "bn_groups", "finite_check_every"):
+        positive(name)
+    for name in ("momentum", "weight_decay", "beta", "warmup_epochs", "min_lr", "interval_rate",
+                 "gamma", "seed"):
+        positive(name, allow_zero=True)
+    if cfg.kd_scale is not None:
+        positive("kd_scale", allow_zero=True)
+    if not 0.0 <= cfg.alpha <= 1.0:
+        errors.append(f"alpha must lie in [0, 1], got {cfg.alpha}")
+    if cfg.warmup_epochs >= cfg.epochs > 0:
+        errors.append(f"warmup_epochs ({cfg.warmup_epochs}) must be shorter than epochs "
+                      f"({cfg.epochs})")
+    if cfg.mode in ("spaced", "spaced-self") and not 0 < cfg.interval_rate < OFFLINE_RATE:
+        errors.append(f"{cfg.mode} mode needs 0 < interval_rate < {OFFLINE_RATE:g}, got "
+                      f"{cfg.interval_rate}")
+    if any(m <= 0 for m in cfg.milestones):
+        errors.append(f"milestones must be positive epochs, got {cfg.milestones}")
+    if cfg.schedule == "multistep" and not cfg.milestones:
+        errors.append("schedule=multistep needs --milestones (e.g. --milestones 30,60)")
+    if cfg.is_self and (cfg.teacher_arch or cfg.student_arch):
+        errors.append(f"mode {cfg.mode} trains one multi-exit network: use --arch, not "
+                      "--teacher-arch/--student-arch")
+    if cfg.mode == "base" and cfg.teacher_arch:
+        errors.append("mode base trains one model: use --arch or --student-arch")
+    if cfg.kd_loss == "paper-code" and cfg.is_self:
+        errors.append("kd_loss=paper-code reproduces the online-KD objective; self KD has none")
+    return errors
 
 
 def official_setting_errors(cfg: Any) -> list[str]:

@@ -12,6 +12,11 @@ from typing import Any
 
 import yaml
 
+
+class ConfigError(ValueError):
+    """A configuration value or file that cannot be used; the message says what is expected."""
+
+
 # List-valued settings and the type of their elements.
 LIST_FIELDS: dict[str, type] = {"milestones": float, "inter_student_blocks": int,
                                 "inter_teacher_blocks": int}

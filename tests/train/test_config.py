@@ -14,10 +14,10 @@ from spacedkd_fast.train.config import (
     apply_dataset_defaults,
     build_config,
     from_dict,
-    list_recipes,
     load_yaml,
     save_yaml,
 )
+from spacedkd_fast.train.recipe_files import list_recipes
 
 
 def test_defaults_are_the_papers_cifar100_spaced_recipe():

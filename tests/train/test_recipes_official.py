@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from spacedkd_fast.train.config import ConfigError, build_config, list_recipes, load_yaml
+from spacedkd_fast.train.config import ConfigError, build_config, load_yaml
+from spacedkd_fast.train.recipe_files import list_recipes
 
 # Table A labels -> registered model names
 DEIT, DEIT_D = "deit_tiny", "deit_tiny_distilled"
