@@ -94,6 +94,8 @@ class TraceWriter:
         self.lines = int(lines)
 
     def _open(self):
+        folder = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(folder, exist_ok=True)
         if self._resume_lines is None:
             self._file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 (held open)
             return

@@ -146,15 +146,14 @@ def _stop_requested(parts: RunParts, stop: StopRequest, at_log_point: bool) -> b
     return bool(flag.item())
 
 
-def _trained(parts: RunParts) -> str:
-    """What trains in an epoch of the main loop."""
-    if parts.cfg.mode == "offline":
-        return "teacher"
+def _trained(parts: RunParts, teacher_steps: int, student_steps: int) -> str:
+    """What trained in an epoch of the main loop: the networks whose step counters moved (a spaced
+    student takes no step before its first replay; ``none`` says that nothing did)."""
     if parts.teacher is None:
-        return "network" if parts.cfg.is_self else "model"
-    if parts.teacher_opt is None:  # a frozen teacher
-        return "student"
-    return "teacher+student"
+        moved = student_steps > 0 or teacher_steps > 0
+        return ("network" if parts.cfg.is_self else "model") if moved else "none"
+    names = [n for n, k in (("teacher", teacher_steps), ("student", student_steps)) if k > 0]
+    return "+".join(names) or "none"
 
 
 def _train_epoch(parts: RunParts, history: RunHistory, stop: StopRequest, epoch: int,
@@ -170,6 +169,7 @@ def _train_epoch(parts: RunParts, history: RunHistory, stop: StopRequest, epoch:
                       enabled=progress and parts.info.is_main)
     images, done = images0, at.step_in_epoch
     last_t, last_s = d.teacher_steps, d.student_steps
+    first_t, first_s = last_t, last_s
     # a mid-epoch resume starts at the next batch; the source names the keys
     for key, (x, y) in parts.source.epoch(epoch, start=at.step_in_epoch):
         d.step(key, x, y)
@@ -195,7 +195,8 @@ def _train_epoch(parts: RunParts, history: RunHistory, stop: StopRequest, epoch:
         d.finish()  # replay the tail before the final evaluation
         sums.add(d.pop_stats(), d.teacher_steps - last_t, d.student_steps - last_s)
     wall = wall0 + time.monotonic() - t0
-    history.record(epoch_row(parts, history, epoch + 1, _trained(parts), sums, images, wall))
+    trained = _trained(parts, d.teacher_steps - first_t, d.student_steps - first_s)
+    history.record(epoch_row(parts, history, epoch + 1, trained, sums, images, wall))
     save(parts, history, Position(epoch + 1, finished=last and cfg.mode != "offline"))
     if not last and _stop_requested(parts, stop, True):
         raise Interrupted
@@ -247,3 +248,8 @@ def run_loop(parts: RunParts, history: RunHistory, stop: StopRequest,
         at = Position(epoch + 1)
     if parts.cfg.mode == "offline" and not state.get("finished", False):
         _offline_student_phase(parts, history, stop)
+    if parts.teacher is not None and parts.distiller.student_steps == 0:
+        history.say("warning: the student took no training step in this run (its spacing "
+                    f"interval, {parts.cfg.interval_rate:g} epochs, was never completed within "
+                    f"{parts.cfg.epochs} epoch{'s' if parts.cfg.epochs != 1 else ''}); its accuracy is that of its initial weights. "
+                    "Train more epochs or use a smaller --interval-rate.")

@@ -130,7 +130,7 @@ def _final_report(parts: RunParts, history: RunHistory) -> None:
                if cfg.mode in ("spaced", "spaced-self") else "")
     heading = [f"{cfg.mode} KD{spacing} on {cfg.dataset or parts.data.name}: "
                f"{models_text(cfg, models)}",
-               f"{cfg.epochs} epochs of {parts.steps_per_epoch} steps, batch {cfg.batch_size}, "
+               f"{cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''} of {parts.steps_per_epoch} steps, batch {cfg.batch_size}, "
                f"seed {cfg.seed}; wall time {wall:.1f} s"]
     table = summary_table(rows, wall_s=wall, heading=heading,
                           images_per_s=float(np.mean(rates)) if rates else 0.0,

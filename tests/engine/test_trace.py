@@ -72,3 +72,11 @@ def test_fresh_writer_truncates(tmp_path):
     w.write("new")
     w.close()
     assert [e["event"] for e in read_trace(path)] == ["new"]
+
+
+def test_writer_creates_the_folders_of_its_path(tmp_path):
+    path = tmp_path / "not" / "yet" / "t.jsonl"
+    w = TraceWriter(path)
+    w.write("flush", replayed=0, dropped=0)
+    w.close()
+    assert read_trace(path)[0]["event"] == "flush"

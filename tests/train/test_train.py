@@ -62,7 +62,7 @@ def test_every_mode_trains_end_to_end_and_writes_well_formed_outputs(tmp_path, m
         assert r["student_top5"] >= r["student_top1"]
     last = rows[-1]
     assert {r["trained"] for r in rows} == {
-        "base": {"model"}, "online": {"teacher+student"}, "spaced": {"teacher+student"},
+        "base": {"model"}, "online": {"teacher+student"}, "spaced": {"teacher", "teacher+student"},
         "offline": {"teacher", "student"}, "self": {"network"}, "spaced-self": {"network"}}[mode]
     if mode in ("self", "spaced-self"):
         for i in range(1, 5):
@@ -274,3 +274,15 @@ def test_summary_reports_the_gain_over_a_comparison_run(tmp_path, digits_bundle)
     line = next(x for x in out.splitlines() if "vs online" in x)
     assert f"gain {100 * (ours - theirs):+.2f} points" in line
     assert line in (tmp_path / "spaced/summary.txt").read_text()
+
+
+def test_a_student_that_never_trains_is_said_and_each_epoch_names_what_trained(tmp_path,
+                                                                               digits_bundle):
+    # the ViT loop's student catches up only when its counter reaches L*s: never within 1 epoch
+    cfg = tiny_config(tmp_path, mode="spaced", epochs=1, interval_rate=1.5, replay="fresh")
+    status, out = run(cfg, data=digits_bundle)
+    assert status == 0, out
+    assert "the student took no training step" in out
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
+            .splitlines()]
+    assert [r["trained"] for r in rows] == ["teacher"]
