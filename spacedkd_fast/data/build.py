@@ -139,6 +139,9 @@ def build_data(dataset: str | None, *, data_dir: str = "./data", recipe: str | N
     (``vit-official``: True, as the official loaders: CIFAR-100 at batch 128 gives 390 steps).
     """
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} asked for, but torch sees no CUDA device here; use "
+                         "device='cpu'")
     fallback_note = ""
     if dataset is None:
         if cifar_present(data_dir, 100):

@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from test_data_fakes import save_jpeg, write_cifar10, write_cifar100, write_tiny
 
@@ -195,3 +196,9 @@ def test_no_warnings_when_loading_clean_data(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_tiny_imagenet(tmp_path, "val")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_device_without_cuda_is_one_clear_error():
+    with pytest.raises(ValueError, match="no CUDA device"):
+        build_data("digits", device="cuda")
