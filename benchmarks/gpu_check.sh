@@ -31,7 +31,8 @@ if [ $rc -ne 0 ]; then tail -40 "$OUT/build.log"; exit $rc; fi
 $PY -m spacedkd_fast.info 2>&1 | tee -a "$summary"
 
 note "== CUDA tests"
-timeout 90 $PY -m pytest tests/ops/test_kd_loss.py tests/ops/test_kd_loss_cuda_grad_in_forward.py tests/engine/test_distill*.py tests/models/test_models_runtime.py \
+timeout 90 $PY -m pytest tests/ops/test_kd_loss.py tests/ops/test_kd_loss_cuda_grad_in_forward.py tests/engine/test_distill*.py \
+  tests/engine/test_deferred_checks_cuda.py tests/models/test_models_runtime.py tests/data/test_data_vit_official.py \
   -m cuda -k "not inductor" -q -p no:cacheprovider > "$OUT/tests_cuda.log" 2>&1
 note "cuda tests rc=$?: $(tail -1 "$OUT/tests_cuda.log")"
 grep -E "^(FAILED|ERROR)" "$OUT/tests_cuda.log" | head -20 | tee -a "$summary"
@@ -60,4 +61,10 @@ timeout 100 $PY -m pytest benchmarks/test_bench_train.py -m cuda -q -p no:cachep
   --benchmark-json="$OUT/bench_train.json" > "$OUT/bench_train.log" 2>&1
 note "train bench rc=$?"
 sed -n '/ratio tables/,/^---/p' "$OUT/bench_train.log" | grep -v "^---" | tee -a "$summary"
+
+note "== CUDA benchmark: the official-code ViTs and ResNet-56, forward+backward, eager vs compile"
+timeout 45 $PY -m pytest benchmarks/test_bench_models.py -k "official and cuda" -q -p no:cacheprovider \
+  --benchmark-json="$OUT/bench_models.json" > "$OUT/bench_models.log" 2>&1
+note "models bench rc=$?"
+sed -n '/ratio tables/,/^---/p' "$OUT/bench_models.log" | grep -v "^---" | tee -a "$summary"
 exit 0
