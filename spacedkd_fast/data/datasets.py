@@ -247,7 +247,10 @@ def load_tiny_imagenet(root: str | os.PathLike, split: str) -> ArrayData:
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     folder = Path(root) / TINY_FOLDER
     if not folder.is_dir():
-        raise FileNotFoundError(f"Tiny-ImageNet not found: expected the folder {folder} ({TINY_LAYOUT})")
+        raise FileNotFoundError(f"Tiny-ImageNet not found: expected the folder {folder} "
+                                f"({TINY_LAYOUT}); it cannot be downloaded by this package "
+                                "(torchvision has no Tiny-ImageNet class): unpack "
+                                "tiny-imagenet-200.zip there")
     wnids_file = folder / "wnids.txt"
     if not wnids_file.is_file():
         raise FileNotFoundError(f"missing {wnids_file}; expected layout: {TINY_LAYOUT}")
