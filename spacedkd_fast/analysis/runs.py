@@ -8,7 +8,7 @@ sub-folders are runs (``--seeds 0,1,2`` writes ``seed0/``, ``seed1/``, ...), an 
 
 Metric names: the trainer renamed its fields (test accuracies gained a ``test_`` prefix, training
 losses a ``train_`` prefix; the old names stayed for one version as aliases). ``canonical_row``
-reads both through ``RENAMED`` and gives the old, short names (``student_top1``), newest first.
+reads both through the trainer's table (``train/metric_names.py``) and gives the old, short names (``student_top1``), newest first.
 """
 
 from __future__ import annotations
@@ -23,15 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..train.metric_names import ALIASES
+
 METRICS_FILES = ("metrics.jsonl", "metrics.csv")
 FLATNESS_FILE = "flatness.json"
 CONFIG_FILE = "config.yaml"
 
-# Prefix the current trainer puts before a metric -> which metrics carry it (the renames of
-# spacedkd_fast/train/metric_names.py, checked by a test). A prefixed name wins over the old name
-# when a row has both.
-RENAMED = {"test_": re.compile(r"(teacher|student|ensemble|exit\d+)_top\d+|loss"),
-           "train_": re.compile(r"(teacher|student)_loss|ce|kl|feat")}
+# Current metric name -> the short name of earlier versions, from the trainer's own table (torch-free).
+SHORT_NAME = {new: old for old, new in ALIASES.items()}
 
 # Configuration keys that do not change what a run computes (left out when grouping loose runs).
 NOT_THE_EXPERIMENT = frozenset({
@@ -49,17 +48,14 @@ def canonical_row(row: dict[str, Any]) -> dict[str, Any]:
     """``row`` with renamed metrics under their short names (``test_student_top1`` ->
     ``student_top1``); keys that are not renamed metrics pass unchanged."""
     out: dict[str, Any] = {}
-    renamed: set[str] = set()
+    renamed: set[str] = set()  # a current name wins over the old one when a row has both
     for key, value in row.items():
-        for prefix, pattern in RENAMED.items():
-            short = key[len(prefix):]
-            if key.startswith(prefix) and pattern.fullmatch(short):
-                out[short] = value
-                renamed.add(short)
-                break
-        else:
-            if key not in renamed:
-                out[key] = value
+        short = SHORT_NAME.get(key)
+        if short is not None:
+            out[short] = value
+            renamed.add(short)
+        elif key not in renamed:
+            out[key] = value
     return out
 
 
