@@ -20,7 +20,7 @@ from torch import Tensor
 from . import kd_op as ops
 from .names import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, FEATURE_LOSSES
 
-_REDUCTIONS = ("mean", "sum", "none")
+REDUCTIONS = tuple(ops.REDUCTIONS)  # the names of the op's reduction codes
 _REDUCTION_CODES = ops.REDUCTIONS
 _KD_LOSS_FORWARD = torch.ops.spacedkd.kd_loss_forward.default
 
@@ -89,8 +89,8 @@ def kd_loss(
     loss is backpropagated with gradient 1; backpropagating twice through a retained graph
     after modifying ``.grad`` in place in between is refused by autograd's version check.
     """
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"kd_loss: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"kd_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     for name, tensor in (("student_logits", student_logits), ("teacher_logits", teacher_logits),
                          ("target", target)):
         if not isinstance(tensor, Tensor):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .losses import (
+    REDUCTIONS,
     KDLossParts,
     check_number,
     kd_loss,
@@ -137,9 +138,8 @@ class KDLoss(nn.Module):
         super().__init__()
         self.objective = KDObjective(temperature, alpha, kd_scale, kind, normalization,
                                      ignore_index)
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"KDLoss: reduction must be one of ('mean', 'sum', 'none'), got "
-                             f"{reduction!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"KDLoss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
         if reduction != "mean" and (kind != "kl" or normalization != "batch"):
             raise ValueError("KDLoss: reduction other than 'mean' needs kind='kl' and "
                              "normalization='batch'")
