@@ -20,7 +20,30 @@ from typing import Any
 import torch
 
 
-class StepSchedule:
+class _ParamGroupSchedule:
+    """What both schedules share: the current rate written into every param group, one ``step()``
+    per optimiser step (``t`` counts them)."""
+
+    optimizer: torch.optim.Optimizer
+    t: int
+
+    def current_lr(self) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _apply(self) -> None:
+        lr = self.current_lr()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self) -> None:
+        self.t += 1
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+
+class StepSchedule(_ParamGroupSchedule):
     """``lr(t)`` for ``t`` completed optimiser steps, written into ``optimizer``'s param groups.
 
     - warm-up: ``lr = peak * (t + 1) / warmup_steps`` for ``t < warmup_steps``, or, with
@@ -61,17 +84,8 @@ class StepSchedule:
         progress = min((t - self.warmup_steps) / span, 1.0)
         return self.min_lr + (self.peak_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    def _apply(self) -> None:
-        lr = self.lr_at(self.t)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
-    def step(self) -> None:
-        self.t += 1
-        self._apply()
-
-    def get_last_lr(self) -> list[float]:
-        return [g["lr"] for g in self.optimizer.param_groups]
+    def current_lr(self) -> float:
+        return self.lr_at(self.t)
 
     def state_dict(self) -> dict[str, Any]:
         return {"t": self.t}
@@ -81,7 +95,7 @@ class StepSchedule:
         self._apply()
 
 
-class EpochSchedule:
+class EpochSchedule(_ParamGroupSchedule):
     """The rate of timm's schedulers stepped once per epoch, as the official ViT code uses them.
 
     For epoch ``e`` (0 first), ``W`` warm-up epochs, ``E`` epochs in all, ``peak`` the base rate:
@@ -137,10 +151,8 @@ class EpochSchedule:
             return self.min_lr
         return self.min_lr + 0.5 * (self.peak_lr - self.min_lr) * (1.0 + math.cos(math.pi * e / self.epochs))
 
-    def _apply(self) -> None:
-        lr = self.lr_at_epoch(self.epoch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    def current_lr(self) -> float:
+        return self.lr_at_epoch(self.epoch)
 
     def set_epoch(self, epoch: int | None) -> None:
         """Follow the main loop's epoch from now on (see the class docstring); ``None`` returns
@@ -148,13 +160,6 @@ class EpochSchedule:
         teacher)."""
         self.pinned_epoch = None if epoch is None else int(epoch)
         self._apply()
-
-    def step(self) -> None:
-        self.t += 1
-        self._apply()
-
-    def get_last_lr(self) -> list[float]:
-        return [g["lr"] for g in self.optimizer.param_groups]
 
     def state_dict(self) -> dict[str, Any]:
         return {"t": self.t, "epoch": self.pinned_epoch}
