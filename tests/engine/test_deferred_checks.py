@@ -9,8 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers.toys import (  # noqa: F401 (one_thread is an autouse fixture)
+    NaNOnCall,
     TinyMultiExit,
     assert_same_weights,
+    fused_sgd,
     make_pair,
     make_source,
     one_thread,
@@ -29,31 +31,8 @@ from spacedkd_fast.engine.distill import (
 L, INTERVAL_RATE = 7, 1.5  # interval 10 teacher steps
 
 
-def fused_sgd(model):
-    return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4,
-                           fused=True)
-
-
 def fused_adamw(model):
     return torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.05, fused=True)
-
-
-class NaNOnCall(torch.nn.Module):
-    """Wraps a model; the ``bad``-th forward with gradients enabled (a training step, not a
-    soft-target forward) returns NaN logits."""
-
-    def __init__(self, inner, bad):
-        super().__init__()
-        self.inner, self.bad, self.calls = inner, bad, 0
-        self.feature_dim = getattr(inner, "feature_dim", None)
-
-    def forward(self, x):
-        f, z = self.inner(x)
-        if torch.is_grad_enabled():
-            self.calls += 1
-            if self.calls == self.bad:
-                z = z * float("nan")
-        return f, z
 
 
 def naive_spaced_until_nan(teacher, student, t_opt, s_opt, batches, interval):

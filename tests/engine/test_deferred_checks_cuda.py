@@ -4,7 +4,7 @@ Written without a GPU at hand (see the engine's report): these run under gpu_che
 
 import pytest
 import torch
-from helpers.toys import TinyNet, assert_same_weights, ref_kd_loss
+from helpers.toys import NaNOnCall, TinyNet, assert_same_weights, fused_sgd, ref_kd_loss
 
 from spacedkd_fast.data.memory import InMemorySource
 from spacedkd_fast.engine import deferred_checks
@@ -16,28 +16,6 @@ pytestmark = [
 ]
 
 IN_DIM = 64
-
-
-def fused_sgd(model):
-    return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4,
-                           fused=True)
-
-
-class NaNOnCall(torch.nn.Module):
-    """The ``bad``-th training forward (gradients enabled) returns NaN logits."""
-
-    def __init__(self, inner, bad):
-        super().__init__()
-        self.inner, self.bad, self.calls = inner, bad, 0
-        self.feature_dim = inner.feature_dim
-
-    def forward(self, x):
-        f, z = self.inner(x)
-        if torch.is_grad_enabled():
-            self.calls += 1
-            if self.calls == self.bad:
-                z = z * float("nan")
-        return f, z
 
 
 def run(overlap, every, bad=0, keyed=True, epochs=4):

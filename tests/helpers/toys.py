@@ -272,3 +272,27 @@ def assert_same_weights(a: nn.Module, b: nn.Module) -> None:
         if not torch.equal(sa[k], sb[k]):
             diff = (sa[k].double() - sb[k].double()).abs().max().item()
             raise AssertionError(f"{k} differs (max abs diff {diff:.3e})")
+
+
+def fused_sgd(model: nn.Module) -> torch.optim.Optimizer:
+    """SGD as the recipes use it, fused (the deferred finite checks need ``found_inf``)."""
+    return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4,
+                           fused=True)
+
+
+class NaNOnCall(nn.Module):
+    """Wraps a model; the ``bad``-th forward with gradients enabled (a training step, not a
+    soft-target forward) returns NaN logits."""
+
+    def __init__(self, inner: nn.Module, bad: int):
+        super().__init__()
+        self.inner, self.bad, self.calls = inner, bad, 0
+        self.feature_dim = getattr(inner, "feature_dim", None)
+
+    def forward(self, x):
+        f, z = self.inner(x)
+        if torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls == self.bad:
+                z = z * float("nan")
+        return f, z
