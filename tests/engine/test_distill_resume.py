@@ -9,6 +9,7 @@ from helpers.toys import (  # noqa: F401 (one_thread is an autouse fixture)
     BETA,
     TinyMultiExit,
     assert_same_weights,
+    full_and_resumed,
     make_pair,
     make_source,
     one_thread,
@@ -96,22 +97,5 @@ def test_self_distiller_resume(tmp_path):
 
     pytest.importorskip("spacedkd_fast.ops.losses")
     batches = list(make_source().epochs(EPOCHS))
-    ref, _, d = build_self(0, tmp_path / "full.jsonl")
-    for key, (x, y) in batches:
-        d.step(key, x, y)
-    d.finish()
-
-    m1, o1, d1 = build_self(0, tmp_path / "resumed.jsonl")
-    for key, (x, y) in batches[:13]:
-        d1.step(key, x, y)
-    ckpt = copy.deepcopy({"m": m1.state_dict(), "o": o1.state_dict(), "e": d1.state_dict()})
-    d1.close()
-    m2, o2, d2 = build_self(7, tmp_path / "resumed.jsonl")
-    m2.load_state_dict(ckpt["m"])
-    o2.load_state_dict(ckpt["o"])
-    d2.load_state_dict(ckpt["e"])
-    for key, (x, y) in batches[13:]:
-        d2.step(key, x, y)
-    d2.finish()
-    assert (tmp_path / "resumed.jsonl").read_text() == (tmp_path / "full.jsonl").read_text()
+    ref, m2 = full_and_resumed(build_self, batches, 13, 7, tmp_path)
     assert_same_weights(m2, ref)

@@ -7,7 +7,6 @@ feature loss skips the exit before the deepest; leftovers are dropped; the KD te
 The engine's loss uses the fused kernel and the reference plain torch ops, so weights are compared
 at 1e-9 after 3 epochs (see test_self_distill.py for why that bound is tight)."""
 
-import copy
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from helpers.toys import (  # noqa: F401 (one_thread is an autouse fixture)
     BETA,
     TinyMultiExit,
+    full_and_resumed,
     make_source,
     one_thread,
     ref_self_kd_loss,
@@ -147,22 +147,7 @@ def test_official_preset_resumes_exactly(tmp_path):
         return model, opt, SelfDistiller(model, opt, interval_rate=0.5, steps_per_epoch=L,
                                          source=make_source(), trace=trace, compat="official")
 
-    ref, _, d = build(0, tmp_path / "full.jsonl")
-    for key, (x, y) in batches:
-        d.step(key, x, y)
-    d.finish()
-    m1, o1, d1 = build(0, tmp_path / "resumed.jsonl")
-    for key, (x, y) in batches[:9]:  # replays at 1, 4, 7; 8 and 9 pending
-        d1.step(key, x, y)
-    ckpt = copy.deepcopy({"m": m1.state_dict(), "o": o1.state_dict(), "e": d1.state_dict()})
-    d1.close()
-    m2, o2, d2 = build(5, tmp_path / "resumed.jsonl")
-    m2.load_state_dict(ckpt["m"])
-    o2.load_state_dict(ckpt["o"])
-    d2.load_state_dict(ckpt["e"])
-    for key, (x, y) in batches[9:]:
-        d2.step(key, x, y)
-    d2.finish()
-    assert (tmp_path / "resumed.jsonl").read_text() == (tmp_path / "full.jsonl").read_text()
+    # replays at 1, 4, 7 before the cut; 8 and 9 pending
+    ref, m2 = full_and_resumed(build, batches, 9, 5, tmp_path)
     for a, b in zip(m2.state_dict().values(), ref.state_dict().values()):
         assert torch.equal(a, b)

@@ -296,3 +296,28 @@ class NaNOnCall(nn.Module):
             if self.calls == self.bad:
                 z = z * float("nan")
         return f, z
+
+
+def full_and_resumed(build, batches, cut: int, reseed: int, tmp_path):
+    """The same one-network run twice: straight through, and stopped after ``cut`` batches,
+    checkpointed (model, optimizer, distiller), restored into a network built with another seed
+    and finished. ``build(seed, trace) -> (model, opt, distiller)``. Asserts the two traces are
+    identical; returns ``(full_model, resumed_model)`` for the caller's weight check."""
+    ref, _, d = build(0, tmp_path / "full.jsonl")
+    for key, (x, y) in batches:
+        d.step(key, x, y)
+    d.finish()
+    m1, o1, d1 = build(0, tmp_path / "resumed.jsonl")
+    for key, (x, y) in batches[:cut]:
+        d1.step(key, x, y)
+    ckpt = copy.deepcopy({"m": m1.state_dict(), "o": o1.state_dict(), "e": d1.state_dict()})
+    d1.close()
+    m2, o2, d2 = build(reseed, tmp_path / "resumed.jsonl")
+    m2.load_state_dict(ckpt["m"])
+    o2.load_state_dict(ckpt["o"])
+    d2.load_state_dict(ckpt["e"])
+    for key, (x, y) in batches[cut:]:
+        d2.step(key, x, y)
+    d2.finish()
+    assert (tmp_path / "resumed.jsonl").read_text() == (tmp_path / "full.jsonl").read_text()
+    return ref, m2
