@@ -43,6 +43,7 @@ SCHEDULES = ("constant", "multistep", "cosine")
 KD_LOSSES = ("fused", "paper-code")
 AMP_MODES = ("off", "bf16", "fp16")
 OVERLAP_MODES = ("auto", "on", "off")
+GRAPH_MODES = ("auto", "on", "off")
 COMPAT_MODES = ("none", *PRESET_NAMES)  # the engine's presets (engine/compat.py)
 WEIGHT_DECAY_GROUPS = ("all", "official")  # the same names as optim.WEIGHT_DECAY_GROUPS
 WARMUP_PER = ("step", "epoch")
@@ -242,6 +243,9 @@ class TrainConfig:
     deterministic: bool = _opt(False, "deterministic algorithms only (slower on CUDA)", G_SPEED)
     overlap: str = _opt("auto", "run the student's replay concurrently with the teacher's next "
                         "interval (auto: when a GPU makes it pay)", G_SPEED, choices=OVERLAP_MODES)
+    cuda_graphs: str = _opt("auto", "capture the teacher's and the student's training steps as "
+                            "CUDA graphs and replay them (auto: off until capture is verified "
+                            "on a GPU)", G_SPEED, choices=GRAPH_MODES)
     # output
     out: str | None = _opt(None, "output folder (auto: runs/<time>-<mode>-<arch>-<data>)", G_OUT,
                            metavar="DIR")
