@@ -1,5 +1,5 @@
 """What every registered model is, without torch: names, one-line descriptions, the image sizes
-each takes, and the official parameter counts.
+each takes, the official parameter counts, and the family (convolutional or transformer).
 
 ``spacedkd_fast.models.registry`` pairs each entry with its builder (and refuses a builder without
 an entry, and the reverse), so this table is the one definition; ``python -m spacedkd_fast.train
@@ -22,8 +22,16 @@ class ModelInfo:
     drop_path: bool = False  # takes drop_path_rate
     official_params: tuple[int, int] | None = None  # (total, trainable), 100 classes
     official_size: int | None = None  # the official image size
+    # "cnn" or "transformer": the trainer's --amp/--channels-last auto turn on bf16 + channels_last
+    # on CUDA for runs whose models are all convolutional (train/speed_defaults.py)
+    family: str = "transformer"
+
+    @property
+    def convolutional(self) -> bool:
+        return self.family == "cnn"
 
 
+FAMILIES = ("cnn", "transformer")
 CATALOG: dict[str, ModelInfo] = {}
 
 # (name, timm name, label, official parameter count) of the timm-based transformers
@@ -42,6 +50,7 @@ def _info(
     name: str,
     description: str,
     *,
+    family: str,
     min_size: int = 1,
     multiple: int = 1,
     reason: str = "",
@@ -51,8 +60,9 @@ def _info(
 ) -> None:
     if isinstance(official, int):
         official = (official, official)
+    assert family in FAMILIES, family
     CATALOG[name] = ModelInfo(min_size, multiple, reason, description, drop_path, official,
-                              official_size)
+                              official_size, family)
 
 
 _VIT_KW = "kw: patch_size, drop_path_rate and other timm kwargs"
@@ -62,12 +72,14 @@ for _d in (18, 34, 50, 101, 152):
     _info(
         f"resnet{_d}",
         f"CIFAR ResNet-{_d} (3x3 stem, no max-pool); kw: downsample_factor",
+        family="cnn",
         min_size=8,
         reason=_STRIDE8,
     )
     _info(
         f"byot_resnet{_d}",
         f"four-exit self-KD ResNet-{_d} (SPEC section 4); kw: downsample_factor",
+        family="cnn",
         min_size=8,
         multiple=8,
         reason="its attention masks (stride 2, then x2 upsampling) need even sizes at layer1..3",
@@ -75,12 +87,14 @@ for _d in (18, 34, 50, 101, 152):
 _info(
     "mobilenetv2",
     "MobileNetV2 for 32 px inputs (stem and first stride-2 stage at stride 1); kw: width_mult",
+    family="cnn",
     min_size=8,
     reason=_STRIDE8,
 )
 _info(
     "shufflenetv2",
     "ShuffleNetV2 for 32 px inputs (3x3 stride-1 stem, no max-pool); kw: net_size",
+    family="cnn",
     min_size=8,
     reason=_STRIDE8,
 )
@@ -88,6 +102,7 @@ for _d in (11, 13, 16, 19):
     _info(
         f"vgg{_d}",
         f"VGG-{_d} with BatchNorm, global pooling + one linear classifier",
+        family="cnn",
         min_size=32,
         reason="its five 2x2 max-pools need at least 32 px",
     )
@@ -95,6 +110,7 @@ for _d, _k in ((16, 2), (16, 4), (16, 8), (28, 4), (28, 10), (40, 2), (40, 4)):
     _info(
         f"wrn_{_d}_{_k}",
         f"WideResNet-{_d}-{_k}; kw: drop_rate",
+        family="cnn",
         min_size=4,
         reason="its two stride-2 groups need at least 4 px",
     )
@@ -103,6 +119,7 @@ for _name, _timm_name, _label, _official in VIT_TIMM:
     _info(
         _name,
         f"{_label} (timm {_timm_name}); {_VIT_KW}",
+        family="transformer",
         drop_path=True,
         official=_official,
         official_size=224 if _official else None,
@@ -110,6 +127,7 @@ for _name, _timm_name, _label, _official in VIT_TIMM:
 _info(
     "pvt_v2_b0",
     "PVTv2-b0 (timm pvt_v2_b0); kw: drop_path_rate and other timm kwargs",
+    family="transformer",
     min_size=32,
     reason="its first stage's 8x8 spatial-reduction convolution needs 32 px",
     drop_path=True,
@@ -119,6 +137,7 @@ _info(
 _info(
     "pvt_tiny",
     "PVT v1 Tiny (written from the official description; official tensor names); kw: drop_path_rate",
+    family="transformer",
     min_size=32,
     multiple=32,
     reason="its patch embeddings have strides 4, 2, 2, 2; 224 is the official size",
@@ -132,6 +151,7 @@ for _name, _official in (("t2t_vit_7", (4_078_922, 4_024_394)),
         _name,
         f"T2T-ViT-{_name.rsplit('_', 1)[1]} (written from the official description; frozen "
         "sinusoidal position embedding and Performer projections); kw: drop_path_rate",
+        family="transformer",
         min_size=16,
         multiple=16,
         reason="its soft splits have strides 4, 2, 2; 224 is the official size",
@@ -142,6 +162,7 @@ for _name, _official in (("t2t_vit_7", (4_078_922, 4_024_394)),
 _info(
     "cvt_13",
     "CvT-13 (written from the official description; official tensor names); kw: drop_path_rate",
+    family="transformer",
     min_size=16,
     reason="total stride 16; 224 is the official size",
     drop_path=True,
@@ -152,11 +173,25 @@ _info(
     "resnet56",
     "CIFAR ResNet-56 of the official ViT code (16/32/64 channels, 9 blocks per stage), the "
     "intermediate-feature KD teacher",
+    family="cnn",
     min_size=4,
     reason="its two stride-2 stages need at least 4 px; 32 is the official size",
     official=861_620,
     official_size=32,
 )
+
+
+def is_convolutional(name: str) -> bool:
+    """Whether the registered model ``name`` is a CNN (False for transformers and unknown names)."""
+    info = CATALOG.get(name)
+    return info is not None and info.convolutional
+
+
+def multi_exit_name(name: str) -> str:
+    """The network self KD trains for ``--arch name``: ``resnet18`` means ``byot_resnet18``."""
+    if not name.startswith("byot_") and f"byot_{name}" in CATALOG:
+        return f"byot_{name}"
+    return name
 
 
 def describe_models() -> dict[str, str]:

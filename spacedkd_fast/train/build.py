@@ -21,12 +21,14 @@ from ..data import build_data
 from ..data.datasets import cifar_present
 from ..engine.distill import SelfDistiller, SpacedDistiller
 from ..engine.model_io import unwrap
-from ..models import apply_bn_groups, create, list_models
+from ..model_catalog import multi_exit_name
+from ..models import apply_bn_groups, create
 from .config import TrainConfig
 from .distributed import DistInfo, average_gradients_of, wrap_ddp
 from .errors import UserError
 from .lr_schedule import EpochSchedule, StepSchedule, build_schedule
 from .optim import build_optimizer
+from .speed_defaults import apply_speed_defaults, channels_last_on
 from .wiring import (
     InterFeatures,
     ResizedInput,
@@ -38,7 +40,7 @@ from .wiring import (
     resolved_switches,
 )
 
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # "auto": resolved first
 OVERLAP = {"auto": "auto", "on": True, "off": False}
 
 
@@ -81,9 +83,7 @@ class RunParts:
 
 def self_arch(name: str) -> str:
     """Self KD trains a multi-exit network: ``resnet18`` means ``byot_resnet18``."""
-    if not name.startswith("byot_") and f"byot_{name}" in list_models():
-        return f"byot_{name}"
-    return name
+    return multi_exit_name(name)
 
 
 def resolve_dataset(cfg: TrainConfig) -> str:
@@ -128,7 +128,7 @@ def _build_model(cfg: TrainConfig, data: Any, name: str, extra: dict[str, Any],
     except (ValueError, TypeError) as err:
         raise UserError(f"model {name!r}: {err}") from None
     model = model.to(device)
-    if cfg.channels_last:
+    if channels_last_on(cfg.channels_last):
         model = model.to(memory_format=torch.channels_last)
     return model
 
@@ -181,12 +181,16 @@ def _build_optimizers(cfg: TrainConfig, teacher, student, shared: bool):
 
 def build_run(cfg: TrainConfig, info: DistInfo, *, data: Any = None) -> RunParts:
     """Seeds, data (``data``: a prebuilt bundle, as tests inject), models, optimisers, LR
-    schedules, gradient scaler and the distiller of ``cfg``, on ``info.device``."""
+    schedules, gradient scaler and the distiller of ``cfg``, on ``info.device``.
+
+    ``amp`` / ``channels_last`` auto are resolved for the device first and written back into
+    ``cfg`` (speed_defaults.py): what the run trains with is what config.yaml records."""
+    apply_speed_defaults(cfg, info.device.type)
     seed_everything(cfg, info.device)
     if data is None:
         data = _build_data(cfg, info)
     source = data.train
-    if cfg.channels_last:
+    if channels_last_on(cfg.channels_last):
         source = ChannelsLastSource(source)
     steps = int(source.steps_per_epoch)
     # models under the run's seed: teacher first, then student (fixed order = fixed weights)

@@ -41,7 +41,8 @@ MODES = MODE_NAMES
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "multistep", "cosine")
 KD_LOSSES = ("fused", "paper-code")
-AMP_MODES = ("off", "bf16", "fp16")
+AMP_MODES = ("auto", "off", "bf16", "fp16")  # auto: speed_defaults.py decides, once per run
+CHANNELS_LAST_MODES = ("auto", "on", "off")
 OVERLAP_MODES = ("auto", "on", "off")
 GRAPH_MODES = ("auto", "on", "off")
 COMPAT_MODES = ("none", *PRESET_NAMES)  # the engine's presets (engine/compat.py)
@@ -236,9 +237,12 @@ class TrainConfig:
                       G_SPEED, metavar="N,N,...")
     device: str = _opt("auto", "cpu, cuda, cuda:N; auto = cuda when available", G_SPEED,
                        metavar="DEV")
-    amp: str = _opt("off", "autocast dtype (fp16 adds a GradScaler)", G_SPEED, choices=AMP_MODES)
-    channels_last: bool = _opt(False, "channels_last memory format for models and batches",
-                               G_SPEED)
+    amp: str = _opt("auto", "autocast dtype (fp16 adds a GradScaler); auto = bf16 on CUDA when "
+                    "every model is a CNN and --compat is none, else off (fp32)", G_SPEED,
+                    choices=AMP_MODES)
+    channels_last: str = _opt("auto", "channels_last memory format for models and batches; auto "
+                              "= on when amp resolves to bf16/fp16 for a CNN run on CUDA, else off",
+                              G_SPEED, choices=CHANNELS_LAST_MODES)
     compile: bool = _opt(False, "torch.compile the models", G_SPEED)
     deterministic: bool = _opt(False, "deterministic algorithms only (slower on CUDA)", G_SPEED)
     overlap: str = _opt("auto", "run the student's replay concurrently with the teacher's next "

@@ -21,6 +21,9 @@ class ConfigError(ValueError):
 LIST_FIELDS: dict[str, type] = {"milestones": float, "inter_student_blocks": int,
                                 "inter_teacher_blocks": int}
 KD_SCALE_T2 = ("t2", "t*t", "t^2", "hinton")  # spellings of kd_scale = T*T (stored as None)
+# auto|on|off settings; they also take switches: YAML reads ``on`` as true, and configurations
+# saved before channels_last had "auto" hold true / false
+AUTO_SWITCHES = frozenset({"channels_last", "overlap", "cuda_graphs"})
 
 
 def coerce(name: str, value: Any, default: Any, type_text: str) -> Any:
@@ -38,6 +41,8 @@ def coerce(name: str, value: Any, default: Any, type_text: str) -> Any:
         if not isinstance(value, (list, tuple)):
             value = [value]
         return [number(LIST_FIELDS[name], v) for v in value]
+    if name in AUTO_SWITCHES:
+        return auto_switch(value)
     if name == "seeds":
         if isinstance(value, (list, tuple)):
             return ",".join(str(number(int, v)) for v in value)
@@ -65,6 +70,17 @@ def switch(value: Any) -> bool:
     if not isinstance(value, (bool, int)):
         raise ValueError(value)
     return bool(value)
+
+
+def auto_switch(value: Any) -> str:
+    """``auto``, ``on`` or ``off`` from the word or a switch (``True``, ``"yes"``, ``0``, ...);
+    other words pass through (validation names the choices)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return "on" if switch(value) else "off"
+    except ValueError:
+        return str(value)
 
 
 def number(kind: type, value: Any) -> int | float:

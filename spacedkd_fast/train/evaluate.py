@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..engine.model_io import unwrap
 from .distributed import DistInfo, all_reduce_sum
+from .speed_defaults import channels_last_on
 
 
 def topk_correct(logits: Tensor, target: Tensor, ks: tuple[int, ...] = (1, 5)) -> Tensor:
@@ -37,15 +38,17 @@ def _amp_context(device: torch.device, amp_dtype: torch.dtype | None):
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], *,
              device: torch.device | str, amp_dtype: torch.dtype | None = None,
-             channels_last: bool = False, info: DistInfo | None = None) -> dict[str, float]:
+             channels_last: bool | str = False, info: DistInfo | None = None) -> dict[str, float]:
     """Top-1/top-5 of ``model`` (in eval mode; its mode is restored afterwards), as fractions.
 
     A model returning ``(features, logits)`` gives ``{"top1", "top5", "loss"}``. A multi-exit model
     returning ``(features_list, logits_list)`` (deepest last) gives ``exit{i}_top1``/``_top5`` for
     each exit and ``ensemble_top1``/``_top5`` for the mean of the exits' logits, plus ``top1``/
     ``top5`` equal to the ensemble's. ``loss`` is the mean cross-entropy (deepest exit).
+    ``channels_last``: a bool, or the configuration's resolved ``on`` / ``off``.
     """
     device = torch.device(device)
+    channels_last = channels_last_on(channels_last)
     net = unwrap(model)
     was_training = net.training
     net.eval()

@@ -51,6 +51,7 @@ from .report import (
     summary_models,
     summary_table,
 )
+from .speed_defaults import AUTO, SPEED_AUTO_KEYS, apply_speed_defaults
 from .stop import StopRequest
 
 # Flags given together with --resume that do not change what is computed.
@@ -90,7 +91,8 @@ def prepare_output(cfg: TrainConfig, info: DistInfo, *, resuming: bool) -> Path:
     return Path(cfg.out)
 
 
-def _announce(parts: RunParts, history: RunHistory, digits_changes: list[str]) -> None:
+def _announce(parts: RunParts, history: RunHistory, digits_changes: list[str],
+              speed_note: str) -> None:
     cfg, info, data = parts.cfg, parts.info, parts.data
     history.say(getattr(data, "announcement", "") or f"data: {data.name}")
     if digits_changes:
@@ -99,7 +101,7 @@ def _announce(parts: RunParts, history: RunHistory, digits_changes: list[str]) -
     where = (f"{parts.device}" + (f" x {info.world_size} processes" if info.enabled else "")
              + (f", {torch.get_num_threads()} CPU threads" if parts.device.type == "cpu" else ""))
     history.say(f"spacedkd_fast {__version__}, torch {torch.__version__}, device {where}, "
-                f"amp {cfg.amp}, data backend {getattr(data, 'backend', '?')}")
+                f"{speed_note}, data backend {getattr(data, 'backend', '?')}")
     models = [(parts.student_arch, n_params(parts.student))]
     if parts.teacher is not None:
         models.insert(0, (cfg.teacher, n_params(parts.teacher)))
@@ -160,6 +162,9 @@ def execute(cfg: TrainConfig, info: DistInfo, *, state: dict[str, Any] | None, p
     ``dataset``: the data set actually used (the digits fallback resolved), written into the
     folder name and config.yaml; ``notes``: lines printed after the run's header (resume).
     """
+    # amp / channels_last auto, resolved before the loggers record the configuration (build_run
+    # would resolve them too; it finds them resolved); the note says what auto chose
+    speed_note = apply_speed_defaults(cfg, info.device.type).note
     _refuse_unusable(cfg, info)
     if cfg.out is None:
         cfg.out = default_out(cfg, dataset or cfg.dataset or "auto")
@@ -186,7 +191,7 @@ def execute(cfg: TrainConfig, info: DistInfo, *, state: dict[str, Any] | None, p
         if info.is_main:
             save_yaml(cfg, out / "config.yaml")
         history = RunHistory(parts, out, stream=stream, state=state, loggers=loggers)
-        _announce(parts, history, digits_changes or [])
+        _announce(parts, history, digits_changes or [], speed_note)
         if state is not None:
             history.say(f"resuming after epoch {state['epoch']}"
                         + (f", step {state['step_in_epoch']} of epoch {state['epoch'] + 1}"
@@ -283,6 +288,9 @@ def resume_plan(state: dict[str, Any], out: str | os.PathLike,
     """
     saved = from_dict(dict(state["config"]))
     cfg = from_dict({**state["config"], **(overrides or {}), "out": str(out)})
+    for k in SPEED_AUTO_KEYS:  # the saved value is what auto resolved to when the run started
+        if getattr(cfg, k) == AUTO:
+            setattr(cfg, k, getattr(saved, k))
     changed = [k for k in (overrides or {}) if k not in RESUME_SAFE | {"epochs"}
                and getattr(cfg, k) != getattr(saved, k)]
     if changed:

@@ -157,7 +157,7 @@ def test_a_nan_in_a_batch_stops_the_run_naming_the_step_and_keeps_the_last_check
 
 
 def test_amp_bf16_channels_last_and_paper_code_objective_run(tmp_path, digits_bundle):
-    cfg = tiny_config(tmp_path, mode="online", epochs=1, amp="bf16", channels_last=True,
+    cfg = tiny_config(tmp_path, mode="online", epochs=1, amp="bf16", channels_last="on",
                       kd_loss="paper-code", beta=0.0)
     status, out = run(cfg, data=digits_bundle)
     assert status == 0, out

@@ -46,7 +46,7 @@ def test_help_reads_like_a_manual(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0
     text = " ".join(done.stdout.split())  # argparse wraps lines anywhere
-    for needle in ("--interval-rate", "--amp {off,bf16,fp16}", "--resume OUT", "--list-recipes",
+    for needle in ("--interval-rate", "--amp {auto,off,bf16,fp16}", "--resume OUT", "--list-recipes",
                    "(default: spaced)", "(default: 1.5)", "examples:", "exit status:",
                    "compatibility with the official code"):
         assert needle in text, needle
