@@ -43,7 +43,8 @@ examples:
   python -m spacedkd_fast.train --config cifar100-resnet18-online --out runs/online
   python -m spacedkd_fast.train --config cifar100-resnet18-spaced --compare runs/online
       the paper's comparison: the summary prints the student's gain over the online run
-  python -m spacedkd_fast.train --config cifar100-byot-resnet18-spaced-self --amp bf16
+  python -m spacedkd_fast.train --config cifar100-byot-resnet18-spaced-self --amp off
+      spaced self KD in fp32 (on CUDA, CNN runs default to bf16 autocast + channels_last)
   python -m spacedkd_fast.train --resume runs/online
   python -m spacedkd_fast.train --resume runs/online --epochs 120
       extend a run (schedules that depend on the total are re-planned; said in the output)
@@ -122,7 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
                                help=help_text)
             continue
         kwargs: dict[str, Any] = {"dest": f.name, "help": help_text}
-        if meta.get("choices"):
+        if meta.get("choices") and {"on", "off"} <= set(meta["choices"]):
+            # a three-way auto|on|off switch: the bare flag means on and --no-FLAG off, as the
+            # on/off switches spell it (--channels-last was one before auto existed)
+            kwargs.update(choices=meta["choices"], nargs="?", const="on")
+            group.add_argument("--no-" + flag[2:], dest=f.name, action="store_const",
+                               const="off", help=argparse.SUPPRESS)
+        elif meta.get("choices"):
             kwargs["choices"] = meta["choices"]
         else:
             kwargs["metavar"] = meta.get("metavar") or f.name.upper()

@@ -52,6 +52,18 @@ def test_help_reads_like_a_manual(tmp_path):
         assert needle in text, needle
 
 
+@pytest.mark.parametrize("flag", ["channels_last", "overlap", "cuda_graphs"])
+def test_three_way_switches_take_the_bare_flag_and_its_negation(flag):
+    """auto|on|off settings: ``--X`` alone means on, ``--no-X`` off, ``--X auto`` auto."""
+    from spacedkd_fast.train.cli import parse
+
+    dashed = "--" + flag.replace("_", "-")
+    assert parse([dashed])[1] == {flag: "on"}
+    assert parse(["--no-" + dashed[2:]])[1] == {flag: "off"}
+    assert parse([dashed, "auto"])[1] == {flag: "auto"}
+    assert parse([])[1] == {}
+
+
 def test_default_command_without_data_trains_on_digits_and_says_so(tmp_path):
     # the default architecture (resnet18), narrowed 16x in FLOPs to keep the test short; the
     # digits defaults (3 epochs, 8 px, batch 64, lr 0.05) come from the fallback itself
