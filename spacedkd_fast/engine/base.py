@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import graphed_steps
 from .deferred_checks import DeferredChecks, check_fused
 from .model_io import BufferGuard, to_device
 from .modes import MODES, resolve_mode
@@ -43,6 +44,7 @@ class EngineBase(StepIO):
     offline_student_data: str = "replay"
     student_device: torch.device
     teacher_device: torch.device
+    _graphs: graphed_steps.StepGraphs | None = None  # cuda_graphs (pair distiller only)
 
     def __init__(self, *, mode: str, interval_rate: float, self_kd: bool, steps_per_epoch: int,
                  trace, source, check_finite: bool, amp_dtype, grad_scaler, flush_tail: bool,
@@ -137,10 +139,17 @@ class EngineBase(StepIO):
             check_fused(list(opts))
 
     # -- the two kinds of step --------------------------------------------------------------
-    def _recorded_ce_step(self, model: nn.Module, ce_loss: Callable[[], Tensor], key: Any,
+    def _recorded_ce_step(self, model: nn.Module, ce_loss: Callable[..., Tensor], key: Any,
                           x: Tensor, y: Tensor, opt: torch.optim.Optimizer, scheduler,
                           what: str, record: bool = True, idle: list[Tensor] | tuple = ()
                           ) -> None:
+        if self._graphs is not None:  # captured and replayed (ce_loss(x, y) on static copies)
+            graphed_steps.ce_step(self, model, ce_loss, key, x, y, opt, scheduler, what, record,
+                                  idle)
+        else:
+            self._eager_ce_step(model, ce_loss, key, x, y, opt, scheduler, what, record, idle)
+
+    def _eager_ce_step(self, model, ce_loss, key, x, y, opt, scheduler, what, record, idle):
         """A CE step of the teacher (or of the deepest exit), recorded for the replay (unless
         ``record`` is false: a student that never replays this batch).
 
@@ -174,6 +183,17 @@ class EngineBase(StepIO):
                       guard: tuple[nn.Module | None, ...], teacher_step: int | None,
                       expected: Tensor | tuple | None = None, what: str = "",
                       stream: int | None = None) -> None:
+        kw = dict(loss_fn=loss_fn, guard=guard, teacher_step=teacher_step, expected=expected,
+                  what=what, stream=stream)
+        if self._graphs is not None:  # captured and replayed
+            graphed_steps.student_step(self, key, x, y, **kw)
+        else:
+            self._eager_student_step(key, x, y, **kw)
+
+    def _eager_student_step(self, key: Any, x: Tensor, y: Tensor, *, loss_fn: LossFn,
+                            guard: tuple[nn.Module | None, ...], teacher_step: int | None,
+                            expected: Tensor | tuple | None = None, what: str = "",
+                            stream: int | None = None) -> None:
         """One student update on ``(x, y)``: the loss, the replayed batch verified against the
         ``expected`` checksum (when given), the loss checked, the optimizer step, the log."""
         verify = expected is not None

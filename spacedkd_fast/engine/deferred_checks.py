@@ -152,17 +152,35 @@ class DeferredChecks:
 
     def check_losses(self, losses: list[tuple[Tensor, str, int]], key: Any, what: str) -> None:
         """Queue a finiteness check of each ``(loss, role, step)``: one kernel sets the flag."""
-        flag = self._device_flag(losses[0][0].device)
+        vals = self.flag_nonfinite([loss for loss, _, _ in losses])
+        self.add_loss_checks(vals, losses, key, what)
+
+    def flag_nonfinite(self, losses: list[Tensor]) -> list[Tensor]:
+        """The device half of :meth:`check_losses` (a captured graph runs it): set the flag if a
+        loss is non-finite; returns float32 copies of the losses."""
+        flag = self._device_flag(losses[0].device)
         vals = [loss.detach().reshape(1).to(flag.device, torch.float32, copy=True)
-                for loss, _, _ in losses]
+                for loss in losses]
         # GradScaler's kernel: writes 1.0 into the flag iff a value is non-finite (and
         # multiplies the copies by 1.0); a store-only update, so two streams may share the flag
         torch._amp_foreach_non_finite_check_and_unscale_(vals, flag, self._one)
-        for v, (_, role, step) in zip(vals, losses):
+        return vals
+
+    def add_loss_checks(self, values: list[Tensor], losses: list[tuple[Any, str, int]], key: Any,
+                        what: str) -> None:
+        """The host half of :meth:`check_losses`: remember ``values`` (one per ``(_, role,
+        step)``; tensors that later steps do not overwrite) for the read that names a failure."""
+        for v, (_, role, step) in zip(values, losses):
             self.checks.append(_Check(self.unit, "loss", role, step, key, what, value=v))
 
     def check_checksum(self, got: Tensor, expected: Tensor | tuple, key: Any) -> None:
         """Queue the comparison of a replayed batch's checksum with the recorded one."""
+        exp = self.flag_checksum(got, expected)
+        self.add_checksum_check(got, exp, key)
+
+    def flag_checksum(self, got: Tensor, expected: Tensor | tuple) -> Tensor:
+        """The device half of :meth:`check_checksum`; returns the expected checksum on the
+        device."""
         flag = self._device_flag(got.device)
         exp = (expected.to(got.device, non_blocking=True) if isinstance(expected, Tensor)
                else torch.tensor(expected, dtype=got.dtype).to(got.device, non_blocking=True))
@@ -170,6 +188,9 @@ class DeferredChecks:
         # would read and write the flag back: a race with the other lane under overlap)
         bad = torch.where((got != exp).any(), float("nan"), 0.0).to(flag.device, torch.float32)
         torch._amp_foreach_non_finite_check_and_unscale_([bad.reshape(1)], flag, self._one)
+        return exp
+
+    def add_checksum_check(self, got: Tensor, exp: Tensor, key: Any) -> None:
         self.checks.append(_Check(self.unit, "checksum", "student", 0, key, "", got=got,
                                   expected=exp))
 
@@ -179,6 +200,14 @@ class DeferredChecks:
         n_before = len(opt.state)
         total = sum(len(g["params"]) for g in opt.param_groups)
         keys_before = set(opt.state) if n_before < total else None
+        self.step_on_device(opt)
+        if keys_before is not None and len(opt.state) != n_before:
+            created = [p for p in opt.state if p not in keys_before]
+            self.new_state.append((self.unit, opt, created))
+        self.count_update()
+
+    def step_on_device(self, opt: torch.optim.Optimizer) -> None:
+        """The device half of :meth:`optimizer_step` (a captured graph runs it)."""
         if self.flag is not None:
             opt.found_inf = self.flag
         try:
@@ -186,9 +215,9 @@ class DeferredChecks:
         finally:
             if self.flag is not None:
                 del opt.found_inf
-        if keys_before is not None and len(opt.state) != n_before:
-            created = [p for p in opt.state if p not in keys_before]
-            self.new_state.append((self.unit, opt, created))
+
+    def count_update(self) -> None:
+        """The host half: one more update in the window."""
         self.updates += 1
 
     # -- the read ---------------------------------------------------------------------------

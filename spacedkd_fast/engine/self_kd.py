@@ -59,7 +59,10 @@ class SelfDistiller(EngineBase):
                  grad_scaler: Any = None, check_finite: bool = True, check_finite_every: int = 1,
                  on_student_epoch_end: Callable[[int], None] | None = None,
                  copy_device: torch.device | str | None = None,
-                 copy_dtype: torch.dtype | None = None) -> None:
+                 copy_dtype: torch.dtype | None = None, cuda_graphs: Any = False) -> None:
+        if cuda_graphs is not False and cuda_graphs is not None:
+            raise ValueError("cuda_graphs are not supported for SelfDistiller yet (only the pair "
+                             "distiller's steps are captured): use cuda_graphs=False")
         check_compat(compat, "self")
         sw = resolve_switches(compat, "self", {
             "self_kd_first_replay": self_kd_first_replay, "flush_tail": flush_tail,

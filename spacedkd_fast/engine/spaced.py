@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import graphed_steps
 from .base import EngineBase, LossFn
 from .compat import check_compat, resolve_objective, resolve_switches
 from .feature_kd import build_head, check_feature_kd, detached_to, feature_term, head_dims
@@ -101,6 +102,10 @@ class SpacedDistiller(SpacedReplays, EngineBase):
     ``check_finite``: a non-finite loss is a ``NonFiniteLossError`` and never an update; each loss
     is read on the host before its step, or with ``check_finite_every=N > 1`` checked on the device
     and read every N updates (fused optimizers needed; :mod:`.deferred_checks`).
+
+    ``cuda_graphs=True``: the teacher's, the online and the student's steps are captured as CUDA
+    graphs and replayed (needs ``check_finite_every > 1``, fused tensor-lr optimizers, no trace:
+    :mod:`.graphed_steps`); a backend object instead of ``True`` (tests: ``RecordingBackend``).
     """
 
     def __init__(self, teacher: nn.Module | None, student: nn.Module,
@@ -122,7 +127,8 @@ class SpacedDistiller(SpacedReplays, EngineBase):
                  grad_scaler: Any = None, check_finite: bool = True, check_finite_every: int = 1,
                  on_student_epoch_end: Callable[[int], None] | None = None,
                  copy_device: torch.device | str | None = None,
-                 copy_dtype: torch.dtype | None = None, projector_seed: int = 0) -> None:
+                 copy_dtype: torch.dtype | None = None, projector_seed: int = 0,
+                 cuda_graphs: Any = False) -> None:
         check_compat(compat, "pair")
         sw = resolve_switches(compat, "pair", {
             "flush_tail": flush_tail, "teacher_bn_update": teacher_bn_update, "replay": replay,
@@ -212,6 +218,7 @@ class SpacedDistiller(SpacedReplays, EngineBase):
         self._queue: list[Record] = []  # overlap: student work of the last interval, not issued
         self._queue_teacher_step = 0
         self._queue_count = 0
+        self._graphs = graphed_steps.make_step_graphs(self, cuda_graphs)
 
     # -- construction helpers ---------------------------------------------------------------
     def _want_overlap(self, overlap) -> bool:
@@ -250,7 +257,7 @@ class SpacedDistiller(SpacedReplays, EngineBase):
         x = to_device(x, self.teacher_device)
         y = to_device(y, self.teacher_device)
 
-        def ce_loss() -> Tensor:
+        def ce_loss(x: Tensor = x, y: Tensor = y) -> Tensor:  # cuda_graphs: static copies
             _, z = self._teacher_forward_train(x)
             return F.cross_entropy(fp32(ce_logits(z)), y)
 
@@ -279,18 +286,28 @@ class SpacedDistiller(SpacedReplays, EngineBase):
             self._student_step(key, x, y, loss_fn=self._replay_loss(teacher),
                                guard=self._replay_guard(teacher), teacher_step=None)
 
+    def _online_losses(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        xt = to_device(x, self.teacher_device)
+        t_feat, t_z = self._teacher_forward_train(xt)
+        t_loss = F.cross_entropy(fp32(ce_logits(t_z)), to_device(y, self.teacher_device))
+        target = to_device(target_logits(t_z).detach(), self.student_device)
+        feat = detached_to(t_feat, self.student_device)
+        s_loss, parts = self._student_loss(to_device(x, self.student_device),
+                                           to_device(y, self.student_device), target, feat)
+        return t_loss, s_loss, parts
+
     def _online_step(self, key: Any, x: Tensor, y: Tensor) -> None:
+        if self._graphs is not None:
+            graphed_steps.online_step(self, key, x, y)  # captured; warm-up: the eager step
+        else:
+            self._eager_online_step(key, x, y)
+
+    def _eager_online_step(self, key: Any, x: Tensor, y: Tensor) -> None:
         xt = to_device(x, self.teacher_device)
         yt = to_device(y, self.teacher_device)
         # both losses are checked before either model is updated: a refused step writes nothing
         with self._guard(self.teacher, self.student):
-            t_feat, t_z = self._teacher_forward_train(xt)
-            t_loss = F.cross_entropy(fp32(ce_logits(t_z)), yt)
-            xs = to_device(x, self.student_device)
-            ys = to_device(y, self.student_device)
-            target = to_device(target_logits(t_z).detach(), self.student_device)
-            feat = detached_to(t_feat, self.student_device)
-            s_loss, parts = self._student_loss(xs, ys, target, feat)
+            t_loss, s_loss, parts = self._online_losses(x, y)
             checksum = batch_checksum(xt, yt) if self.trace is not None else None
             cs = self._check_step([(t_loss, "teacher", self.teacher_steps + 1),
                                    (s_loss, "student", self.student_steps + 1)], key, "",

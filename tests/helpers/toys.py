@@ -321,3 +321,43 @@ def full_and_resumed(build, batches, cut: int, reseed: int, tmp_path):
     d2.finish()
     assert (tmp_path / "resumed.jsonl").read_text() == (tmp_path / "full.jsonl").read_text()
     return ref, m2
+
+
+def fused_sgd_tensor_lr(model: nn.Module, lr: float = 0.05) -> torch.optim.Optimizer:
+    """Fused SGD with the rate as a tensor (of the parameters' dtype and device), as captured
+    steps (``cuda_graphs``) need it: a schedule writes it in place, each replay reads it."""
+    p = next(model.parameters())
+    return torch.optim.SGD(model.parameters(), lr=torch.tensor(lr, dtype=p.dtype, device=p.device),
+                           momentum=0.9, weight_decay=5e-4, fused=True)
+
+
+class InPlaceDecay:
+    """A per-step LR schedule written in place into tensor rates: ``lr0 * gamma ** (t // every)``
+    after ``t`` steps (the engine calls ``step()`` after each optimizer step)."""
+
+    def __init__(self, opt: torch.optim.Optimizer, gamma: float = 0.7, every: int = 3) -> None:
+        self.opt, self.gamma, self.every, self.t = opt, gamma, every, 0
+        self.lr0 = float(opt.param_groups[0]["lr"])
+
+    def step(self) -> None:
+        self.t += 1
+        for g in self.opt.param_groups:
+            g["lr"].fill_(self.lr0 * self.gamma ** (self.t // self.every))
+
+
+class ScaledLogits(nn.Module):
+    """Wraps a ``(features, logits)`` model; its logits are multiplied by ``scale``, a 0-dim tensor
+    (1.0) kept outside the module's buffers. ``scale.fill_(nan)`` poisons every later forward
+    from the device side, which a captured step sees on replay (:class:`NaNOnCall` counts Python
+    calls, of which a replay makes none)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.feature_dim = getattr(inner, "feature_dim", None)
+        p = next(inner.parameters())
+        self.scale = torch.ones((), dtype=p.dtype, device=p.device)
+
+    def forward(self, x):
+        f, z = self.inner(x)
+        return f, z * self.scale

@@ -1,0 +1,228 @@
+"""The pair distiller's hot steps as captured graphs (``cuda_graphs``; :mod:`.graphs`).
+
+Three steps are captured: the teacher's CE step (spaced, offline), the online step (both networks)
+and the student's step (a replay, an offline or a ``base`` step). Inside a captured step there is
+only device work: the forward under autocast, the loss, the deferred finiteness flag
+(:mod:`.deferred_checks`), ``zero_grad`` + backward, the fused optimizer step, which reads the flag
+as ``found_inf`` and the current rate from its tensor ``lr``. Around each replay, on the host, in
+the order of the eager step: the BN buffer copies of the deferred checks, a replayed batch's
+checksum check (before the replay: the graph's optimizer step must see its flag), the check
+records and the statistics (clones of the static losses), ``scheduler.step()`` (it writes the
+tensor rate in place), counters, the record of the batch. The first calls of each signature run
+the eager step (the warm-up), so a graphed run takes exactly the eager run's steps.
+
+Preconditions (:func:`check_graphable`, one line each): the finiteness check deferred
+(``check_finite_every > 1``; or off, without a keyed replay to verify), no trace, no grad scaler, one process, fused optimizers with
+a tensor ``lr`` on the parameters' device (Adam / AdamW also ``capturable=True``), modes ``base``,
+``online``, ``spaced``, ``offline`` with keyed or copy replay, no shared optimizer, teacher and
+student on one device of the backend's type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
+
+from .graphs import StepGraphs, make_backend, signature
+from .model_io import train_mode, unwrap
+from .trace import batch_checksum
+
+GRAPH_MODES = ("base", "online", "spaced", "offline")
+
+
+def make_step_graphs(d, cuda_graphs: Any) -> StepGraphs | None:
+    """The distiller's :class:`~.graphs.StepGraphs` (``None`` when off), preconditions checked."""
+    backend = make_backend(cuda_graphs)
+    if backend is None:
+        return None
+    check_graphable(d, backend)
+    return StepGraphs(backend)
+
+
+def check_graphable(d, backend) -> None:
+    def refuse(why: str) -> None:
+        raise ValueError(f"cuda_graphs {why}")
+
+    verifies = d.replay_buffer.verifies and d.spec.replays is not None
+    if d._deferred is None and (d.check_finite or verifies):
+        refuse("needs check_finite_every > 1 (a loss or replay checksum read on the host before "
+               "every step cannot be captured): pass check_finite_every=N, or cuda_graphs=False")
+    if d.trace is not None:
+        refuse("cannot write a trace (it reads every step on the host): pass trace=None, or "
+               "cuda_graphs=False")
+    if d.grad_scaler is not None:
+        refuse("cannot use a grad_scaler (it reads its flag on the host every step): use bf16 "
+               "autocast without a scaler, or cuda_graphs=False")
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and (
+            torch.distributed.get_world_size() > 1):
+        refuse("supports one process only for now: use cuda_graphs=False")
+    if d.mode not in GRAPH_MODES:
+        refuse(f"are not supported for mode {d.mode!r} yet (only {', '.join(GRAPH_MODES)}): "
+               "use cuda_graphs=False")
+    if d.replay == "fresh" or d.shared_optimizer:
+        refuse("are not supported with replay='fresh' or a shared optimizer yet: use "
+               "cuda_graphs=False")
+    if d.teacher_device != d.student_device:
+        refuse(f"need teacher and student on one device, got {d.teacher_device} and "
+               f"{d.student_device}: use cuda_graphs=False")
+    if d.student_device.type != backend.device_type:
+        refuse(f"need a {backend.device_type.upper()} device (the models are on "
+               f"{d.student_device}): use cuda_graphs=False")
+    for opt in (d.teacher_opt if d.spec.teacher and not d.spec.frozen_teacher else None,
+                d.student_opt):
+        if opt is not None:
+            check_graph_optimizer(opt)
+
+
+def check_graph_optimizer(opt: torch.optim.Optimizer) -> None:
+    """A captured optimizer step reads the flag as ``found_inf`` (fused kernels) and the rate of
+    each replay from a tensor ``lr`` (a float would be frozen into the graph)."""
+    for g in opt.param_groups:
+        lr, params = g["lr"], g["params"]
+        ok = (getattr(opt, "_step_supports_amp_scaling", False) and g.get("fused")
+              and isinstance(lr, Tensor) and g.get("capturable", True)
+              and all(p.device == lr.device for p in params))
+        if not ok:
+            raise ValueError(
+                f"cuda_graphs needs fused optimizers with a tensor lr on the parameters' device "
+                f"(the captured step reads the current rate), got {type(opt).__name__} with "
+                f"fused={g.get('fused')}, lr={lr!r}: e.g. torch.optim.SGD(params, "
+                "lr=torch.tensor(0.1, device=dev), fused=True) (Adam/AdamW: also "
+                "capturable=True), or cuda_graphs=False")
+
+
+# -- what a captured step does on the device, and what follows on the host ---------------------
+def _update_on_device(d, losses: list[Tensor], updates: list[tuple[Tensor, Any]]) -> None:
+    """Flag non-finite losses, then backward and optimizer step of each ``(loss, opt)``."""
+    if d._deferred is not None:
+        d._deferred.flag_nonfinite(losses)
+    for loss, opt in updates:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if d._deferred is not None:
+            d._deferred.step_on_device(opt)  # skipped on the device once the flag is set
+        else:
+            opt.step()
+
+
+def _after_replay(d, losses: list[tuple[Tensor, str, int]], key: Any, what: str,
+                  updates: int) -> None:
+    if d._deferred is not None:
+        d._deferred.add_loss_checks([loss for loss, _, _ in losses], losses, key, what)
+        for _ in range(updates):
+            d._deferred.count_update()
+
+
+def _taken(outputs: Any) -> Any:
+    """Copies of a step's static outputs that the next replay does not overwrite."""
+    return tree_map(lambda t: t.detach().clone() if isinstance(t, Tensor) else t, outputs)
+
+
+def _kernel_state(fn: Callable) -> tuple:
+    """Host state that decides a loss function's kernels: its code and the modules it closes
+    over (the teacher a replay reads: the live one or the overlap snapshot) in train/eval mode."""
+    mods = []
+    for cell in fn.__closure__ or ():
+        value = cell.cell_contents
+        if isinstance(value, nn.Module):
+            mods.append((id(value), unwrap(value).training))
+    return fn.__code__, tuple(mods)
+
+
+# -- the three steps --------------------------------------------------------------------------
+def ce_step(d, model: nn.Module, ce_loss: Callable[..., Tensor], key: Any, x: Tensor, y: Tensor,
+            opt, scheduler, what: str, record: bool, idle) -> None:
+    """The teacher's recorded CE step (:meth:`~.base.EngineBase._recorded_ce_step`)."""
+    graphs: StepGraphs = d._graphs
+    sig = signature("teacher", (x, y))
+    if not graphs.ready(sig):
+        with graphs.warm_up(sig, "teacher", d.teacher_device):
+            d._eager_ce_step(model, ce_loss, key, x, y, opt, scheduler, what, record, idle)
+        return
+    train_mode(model)  # the mode the graph computes in, also on the host
+    checksum = batch_checksum(x, y) if d._need_checksum() else None
+    if d._deferred is not None:
+        d._deferred.open_unit((model,))
+
+    def body(sx: Tensor, sy: Tensor) -> Tensor:
+        loss = ce_loss(sx, sy)
+        _update_on_device(d, [loss], [(loss, opt)])
+        return loss
+
+    loss = _taken(graphs.replay(sig, d.teacher_device, (x, y), body))
+    _after_replay(d, [(loss, "teacher", d.teacher_steps + 1)], key, what, updates=1)
+    if scheduler is not None:
+        scheduler.step()
+    d.teacher_steps += 1
+    d._stats.add("teacher_loss", loss)
+    if record:
+        d.replay_buffer.record(key, x, y, checksum)
+
+
+def online_step(d, key: Any, x: Tensor, y: Tensor) -> None:
+    """Teacher and student on one batch (:meth:`~.spaced.SpacedDistiller._online_step`)."""
+    graphs: StepGraphs = d._graphs
+    sig = signature("online", (x, y))
+    if not graphs.ready(sig):
+        with graphs.warm_up(sig, "online", d.teacher_device):
+            d._eager_online_step(key, x, y)
+        return
+    train_mode(d.teacher)
+    train_mode(d.student)
+    if d._deferred is not None:
+        d._deferred.open_unit((d.teacher, d.student))
+
+    def body(sx: Tensor, sy: Tensor):
+        t_loss, s_loss, parts = d._online_losses(sx, sy)
+        _update_on_device(d, [t_loss, s_loss], [(t_loss, d.teacher_opt), (s_loss, d.student_opt)])
+        return t_loss, s_loss, parts
+
+    t_loss, s_loss, parts = _taken(graphs.replay(sig, d.teacher_device, (x, y), body))
+    _after_replay(d, [(t_loss, "teacher", d.teacher_steps + 1),
+                      (s_loss, "student", d.student_steps + 1)], key, "", updates=2)
+    if d.teacher_scheduler is not None:
+        d.teacher_scheduler.step()
+    d.teacher_steps += 1
+    d._stats.add("teacher_loss", t_loss)
+    if d.student_scheduler is not None:
+        d.student_scheduler.step()
+    d._student_done_one(key, d.teacher_steps - 1, None, s_loss, parts)
+
+
+def student_step(d, key: Any, x: Tensor, y: Tensor, *, loss_fn, guard, teacher_step,
+                 expected=None, what: str = "", stream: int | None = None) -> None:
+    """One student update (:meth:`~.base.EngineBase._student_step`)."""
+    graphs: StepGraphs = d._graphs
+    sig = signature("student", (x, y), *_kernel_state(loss_fn))
+    if not graphs.ready(sig):
+        with graphs.warm_up(sig, "student", d.student_device):
+            d._eager_student_step(key, x, y, loss_fn=loss_fn, guard=guard,
+                                  teacher_step=teacher_step, expected=expected, what=what,
+                                  stream=stream)
+        return
+    train_mode(d.student)
+    checksum = batch_checksum(x, y) if expected is not None else None
+    exp = None
+    if d._deferred is not None:
+        d._deferred.open_unit(guard)
+        if checksum is not None:  # depends on (x, y) only: flagged before the graph's step
+            exp = d._deferred.flag_checksum(checksum, expected)
+
+    def body(sx: Tensor, sy: Tensor):
+        loss, parts = loss_fn(sx, sy)
+        _update_on_device(d, [loss], [(loss, d.student_opt)])
+        return loss, parts
+
+    loss, parts = _taken(graphs.replay(sig, d.student_device, (x, y), body))
+    _after_replay(d, [(loss, "student", d.student_steps + 1)], key, what, updates=0)
+    if exp is not None:
+        d._deferred.add_checksum_check(checksum, exp, key)
+    if d._deferred is not None:
+        d._deferred.count_update()
+    if d.student_scheduler is not None:
+        d.student_scheduler.step()
+    d._student_done_one(key, teacher_step, None, loss, parts, stream)

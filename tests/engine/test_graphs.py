@@ -1,0 +1,285 @@
+"""cuda_graphs on CPU, through the recording backend (graphs.RecordingBackend): the teacher's,
+the online and the student's steps captured once per input signature and replayed.
+
+The recording backend replays the recorded aten ops on the same tensors (a CUDA graph's contract:
+static memory, no Python at replay), so a step that reads a stale input, a rate frozen at capture
+or host state changed only at capture gives different numbers here. The reference is the eager
+engine with the same optimizers and deferred checks (itself checked against naive loops in
+test_distill.py and test_deferred_checks.py): equal bitwise, over 3 epochs with a partial last
+batch (a second capture) and a rate that changes every 3 steps."""
+
+import pytest
+import torch
+from helpers.toys import (  # noqa: F401 (one_thread is an autouse fixture)
+    InPlaceDecay,
+    ScaledLogits,
+    assert_same_weights,
+    fused_sgd_tensor_lr,
+    make_pair,
+    make_source,
+    one_thread,
+    ref_kd_loss,
+)
+
+from spacedkd_fast.data.memory import InMemorySource
+from spacedkd_fast.engine.distill import (
+    NonFiniteLossError,
+    ReplayMismatchError,
+    SelfDistiller,
+    SpacedDistiller,
+)
+from spacedkd_fast.engine.graphs import HostSyncInGraphError, RecordingBackend, StepGraphs
+from spacedkd_fast.ops.objective import KDObjective
+
+L, EPOCHS = 7, 3  # make_source: 50 samples in batches of 8, the 7th batch holds 2
+
+
+def build(mode, graphs, *, every=4, teacher=None, student=None, source=None, **kw):
+    if teacher is None:
+        teacher, student = make_pair(0)
+    t_opt, s_opt = fused_sgd_tensor_lr(teacher), fused_sgd_tensor_lr(student)
+    kw.setdefault("loss", KDObjective(3.0, 0.3, 1.0))
+    d = SpacedDistiller(teacher, student, t_opt, s_opt, mode=mode, interval_rate=1.5,
+                        steps_per_epoch=L, source=source or make_source(), beta=0.03,
+                        check_finite_every=every, cuda_graphs=graphs,
+                        teacher_scheduler=InPlaceDecay(t_opt), student_scheduler=InPlaceDecay(s_opt),
+                        **kw)
+    return d
+
+
+def train(d, epochs=EPOCHS, after=None):
+    """Runs ``epochs`` epochs; ``after(n)`` is called after each ``step``. Returns the stats of
+    each epoch."""
+    stats = []
+    for e in range(epochs):
+        for key, (x, y) in d.source.epoch(e):
+            d.step(key, x, y)
+            if after is not None:
+                after(d.n)
+        stats.append(d.pop_stats())
+    d.finish()
+    stats.append(d.pop_stats())
+    return stats
+
+
+def opt_states_equal(a, b):
+    sa, sb = a.state_dict()["state"], b.state_dict()["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(sa[i][k], sb[i][k]), (i, k)
+
+
+@pytest.mark.parametrize("mode", ["online", "spaced", "offline", "base"])
+def test_a_graphed_run_equals_the_eager_run_bitwise(mode):
+    eager, graphed = build(mode, False), build(mode, RecordingBackend())
+    s_eager, s_graphed = train(eager), train(graphed)
+    assert s_graphed == s_eager  # every logged mean, bitwise
+    for a, b in ((eager.student, graphed.student), (eager.teacher, graphed.teacher)):
+        assert_same_weights(a, b)
+    opt_states_equal(eager.student_opt, graphed.student_opt)
+    # the rate moved, and the captured steps read it (a frozen rate would change the weights)
+    assert float(graphed.student_opt.param_groups[0]["lr"]) < 0.05 * 0.7 ** 5
+    g = graphed._graphs
+    assert g.captures >= 2 and g.replays > g.warmups
+    assert eager.teacher_steps == graphed.teacher_steps
+    assert eager.student_steps == graphed.student_steps
+
+
+def test_warm_up_then_one_capture_per_signature():
+    # spaced: teacher steps on full and partial batches, replays (train-mode teacher) on both
+    d = build("spaced", RecordingBackend(warmup=2))
+    train(d)
+    g = d._graphs
+    assert g.captures == 4 and g.warmups == 4 * 2
+    assert g.replays == d.teacher_steps + d.student_steps - g.warmups
+    # offline: the student's steps run against the teacher in eval mode after the teacher's
+    d = build("offline", RecordingBackend(warmup=1))
+    train(d)
+    assert d._graphs.captures == 4 and d._graphs.warmups == 4
+    roles = sorted(sig[0] for sig in d._graphs.entries)
+    assert roles == ["student", "student", "teacher", "teacher"]
+
+
+def test_the_recording_backend_replays_static_memory():
+    """A replay reads the tensors the capture saw: a tensor rebound afterwards is not seen (as
+    in a CUDA graph), one written in place is."""
+    g = StepGraphs(RecordingBackend(warmup=1))
+    w = torch.tensor([2.0])
+    rate = torch.tensor([3.0])
+    sig = ("t",)
+    with g.warm_up(sig, "t", w.device):
+        pass
+    out = g.replay(sig, w.device, (torch.tensor([1.0]),), lambda x: x * w * rate)
+    assert out.tolist() == [6.0]
+    w = torch.tensor([100.0])  # rebound: the graph still multiplies by 2
+    rate.fill_(5.0)  # in place: seen
+    out2 = g.replay(sig, w.device, (torch.tensor([4.0]),), None)
+    assert out2 is out and out.tolist() == [40.0]
+
+
+@pytest.mark.parametrize("read", ["item", "tolist", "bool", "nonzero", "equal", "float"])
+def test_a_host_read_inside_a_captured_step_is_refused(read):
+    x = torch.randn(4)
+    reads = {"item": lambda: x.sum().item(), "tolist": lambda: x.tolist(),
+             "bool": lambda: 1 if (x > 0).any() else 0, "nonzero": lambda: x.nonzero(),
+             "equal": lambda: torch.equal(x, x), "float": lambda: float(x.sum())}
+    with pytest.raises(HostSyncInGraphError, match="cannot capture"):
+        RecordingBackend().capture(reads[read], x.device)
+
+
+class ClampsOnHost(torch.nn.Module):
+    """A student that reads its activations on the host each forward (fine eagerly)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.feature_dim = inner, inner.feature_dim
+
+    def forward(self, x):
+        f, z = self.inner(x)
+        if z.abs().max() > 1e6:  # a host read
+            z = z.clamp(-1e6, 1e6)
+        return f, z
+
+
+def test_a_host_read_in_the_model_fails_the_capture_not_the_eager_run():
+    t, s = make_pair(0)
+    train(build("online", False, teacher=t, student=ClampsOnHost(s)), epochs=1)
+    t, s = make_pair(0)
+    d = build("online", RecordingBackend(), teacher=t, student=ClampsOnHost(s))
+    with pytest.raises(HostSyncInGraphError, match="__bool__"):
+        train(d, epochs=1)
+    assert d._graphs.warmups == 1 and d._graphs.captures == 0
+
+
+def poisoned_run(mode, graphs, role, at):
+    teacher, student = make_pair(0)
+    teacher, student = ScaledLogits(teacher), ScaledLogits(student)
+    d = build(mode, graphs, teacher=teacher, student=student, every=5)
+    target = teacher if role == "teacher" else student
+
+    def poison(n):
+        if n == at:
+            target.scale.fill_(float("nan"))
+
+    with pytest.raises(NonFiniteLossError) as err:
+        train(d, after=poison)
+    return err.value, d
+
+
+@pytest.mark.parametrize("mode,role,at", [("spaced", "student", 12), ("spaced", "teacher", 16),
+                                          ("online", "student", 10), ("online", "teacher", 9)])
+def test_a_nan_mid_run_stops_as_the_eager_deferred_run(mode, role, at):
+    e_err, eager = poisoned_run(mode, False, role, at)
+    g_err, graphed = poisoned_run(mode, RecordingBackend(), role, at)
+    assert (g_err.step, g_err.role, g_err.key) == (e_err.step, e_err.role, e_err.key)
+    assert g_err.role == role and str(g_err) == str(e_err)
+    assert graphed._graphs.replays > 0  # the failing step was a replayed graph
+    for a, b in ((eager.student, graphed.student), (eager.teacher, graphed.teacher)):
+        assert_same_weights(a, b)
+    opt_states_equal(eager.student_opt, graphed.student_opt)
+    opt_states_equal(eager.teacher_opt, graphed.teacher_opt)
+
+
+class Drifting(InMemorySource):
+    """Gives back a different batch 4 at its second fetch (the replay)."""
+
+    def batch(self, key):
+        x, y = super().batch(key)
+        return (x + 1e-6, y) if key == 4 else (x, y)
+
+
+def test_a_replay_mismatch_stops_as_the_eager_deferred_run():
+    base = make_source()
+    out = []
+    for graphs in (False, RecordingBackend()):
+        src = Drifting(base.x, base.y, 8, seed=0, noise=0.1)
+        d = build("spaced", graphs, source=src, every=5)
+        with pytest.raises(ReplayMismatchError) as err:
+            train(d, epochs=2)
+        out.append((err.value, d))
+    (e_err, eager), (g_err, graphed) = out
+    assert g_err.key == e_err.key == 4 and g_err.got == e_err.got
+    assert graphed._graphs.replays > 0
+    assert_same_weights(eager.student, graphed.student)
+
+
+# -- preconditions: one line each, naming the fix ----------------------------------------------
+def adam(model, **kw):
+    return torch.optim.Adam(model.parameters(), **kw)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(every=1), "check_finite_every > 1"),
+    (dict(every=1, check_finite=False), "check_finite_every > 1"),  # keyed replay still reads
+    (dict(trace="TRACE"), "trace"),
+    (dict(grad_scaler=object(), every=1, check_finite=False, mode="online"), "grad_scaler"),
+    (dict(replay="fresh"), "replay='fresh'"),
+    (dict(mode="frozen"), "mode 'frozen'"),
+])
+def test_preconditions(change, match, tmp_path):
+    if change.get("trace") == "TRACE":
+        change["trace"] = tmp_path / "t.jsonl"
+    mode = change.pop("mode", "spaced")
+    with pytest.raises(ValueError, match=match) as err:
+        build(mode, RecordingBackend(), **change)
+    assert "\n" not in str(err.value) and "cuda_graphs=False" in str(err.value)
+
+
+def test_check_finite_off_is_accepted_without_a_keyed_replay():
+    d = build("online", RecordingBackend(), every=1, check_finite=False)
+    train(d, epochs=2)
+    assert d._graphs.replays > 0
+
+
+@pytest.mark.parametrize("make_opt,checks", [
+    (lambda m: torch.optim.SGD(m.parameters(), lr=0.05, fused=True), {}),  # a float rate
+    # not fused (without deferred checks, which refuse it first)
+    (lambda m: torch.optim.SGD(m.parameters(), lr=torch.tensor(0.05, dtype=torch.float64)),
+     dict(check_finite=False, mode="online")),
+    (lambda m: adam(m, lr=torch.tensor(0.01, dtype=torch.float64), fused=True), {}),  # capturable
+])
+def test_optimizers_must_be_fused_with_a_tensor_rate(make_opt, checks):
+    teacher, student = make_pair(0)
+    kw = dict(mode="spaced", check_finite_every=4) | checks
+    with pytest.raises(ValueError, match="tensor lr") as err:
+        SpacedDistiller(teacher, student, make_opt(teacher), make_opt(student), steps_per_epoch=L,
+                        source=make_source(), loss=ref_kd_loss, cuda_graphs=RecordingBackend(),
+                        **kw)
+    assert "\n" not in str(err.value)
+
+
+def test_a_capturable_fused_adam_is_accepted():
+    teacher, student = make_pair(0)
+    kw = dict(lr=torch.tensor(0.01, dtype=torch.float64), fused=True, capturable=True)
+    d = SpacedDistiller(teacher, student, adam(teacher, **kw), adam(student, **kw),
+                        mode="online", steps_per_epoch=L, source=make_source(),
+                        check_finite_every=4, loss=ref_kd_loss, cuda_graphs=RecordingBackend())
+    train(d, epochs=2)
+    assert d._graphs.replays > 0
+
+
+def test_the_cuda_backend_needs_a_cuda_device():
+    with pytest.raises(ValueError, match="need a CUDA device.*cuda_graphs=False"):
+        build("spaced", True)
+
+
+def test_a_shared_optimizer_is_refused():
+    teacher, student = make_pair(0)
+    opt = torch.optim.SGD(list(teacher.parameters()) + list(student.parameters()),
+                          lr=torch.tensor(0.05, dtype=torch.float64), fused=True)
+    with pytest.raises(ValueError, match="shared optimizer"):
+        SpacedDistiller(teacher, student, opt, opt, mode="online", shared_optimizer=True,
+                        steps_per_epoch=L, check_finite_every=4, loss=KDObjective(3.0, 0.3, 1.0),
+                        cuda_graphs=RecordingBackend())
+
+
+def test_bad_values_and_the_self_distiller_are_refused():
+    with pytest.raises(ValueError, match="True, False or a graph backend"):
+        build("spaced", "on")
+    with pytest.raises(ValueError, match="warmup"):
+        RecordingBackend(warmup=0)
+    model = make_pair(0)[1]
+    with pytest.raises(ValueError, match="not supported for SelfDistiller yet"):
+        SelfDistiller(model, fused_sgd_tensor_lr(model), steps_per_epoch=L,
+                      check_finite_every=4, cuda_graphs=RecordingBackend())
