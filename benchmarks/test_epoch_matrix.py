@@ -1,0 +1,103 @@
+"""The end-to-end epoch matrix (``epoch_matrix.py``) in miniature on the CPU: 64 images at 8 px,
+batch 16 (L = 4 steps), s = 0.5 (I = 2), ResNet-18 narrowed 64x. It runs the script's code path
+for every row and checks what each row did, not how fast (a CPU says nothing about GPU speed);
+plus the GPU-busy arithmetic on hand-made intervals and a hand-made profiler trace."""
+
+from __future__ import annotations
+
+import json
+
+import epoch_matrix as em
+import gpu_busy
+import pytest
+
+MINI = ["--device", "cpu", "--images", "64", "--batch", "16", "--image-size", "8",
+        "--interval-rate", "0.5", "--model-kwargs", "downsample_factor=64", "--warmup-steps", "1",
+        "--official-batches", "2", "--official-interval", "2", "--official-workers", "0",
+        "--profile-steps", "2"]
+L, INTERVAL = 4, 2  # steps per epoch (64 / 16), spaced interval int(4 * 0.5)
+
+
+@pytest.mark.parametrize("intervals, covered", [
+    ([], 0.0),
+    ([(0, 1)], 1.0),
+    ([(3, 4), (0, 1), (0.5, 2)], 3.0),  # unsorted; (0, 1) and (0.5, 2) overlap -> [0, 2]
+    ([(1, 2), (2, 3)], 2.0),  # touching, counted once
+    ([(0, 10), (2, 3), (4, 5)], 10.0),  # nested
+    ([(0, 1), (5, 5), (7, 6)], 1.0),  # empty and reversed intervals cover nothing
+])
+def test_union_length_counts_overlaps_once(intervals, covered):
+    assert gpu_busy.union_length(intervals) == pytest.approx(covered)
+
+
+def test_trace_summary_reads_kernels_and_graph_launches():
+    trace = {"traceEvents": [
+        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 1000.0, "dur": 500.0},
+        {"ph": "X", "cat": "kernel", "name": "relu", "ts": 1400.0, "dur": 200.0},  # overlaps
+        {"ph": "X", "cat": "Kernel", "name": "conv", "ts": 3000.0, "dur": 1000.0},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": 900.0, "dur": 5.0},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 950.0, "dur": 5.0},
+        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD", "ts": 5000.0, "dur": 100.0},
+        {"ph": "i", "cat": "kernel", "name": "marker", "ts": 6000.0},
+    ]}
+    got = gpu_busy.trace_summary(trace)
+    assert got["kernels"] == 3 and got["graph_launches"] == 1
+    assert got["kernel_s"] == pytest.approx((600 + 1000) * 1e-6)  # [1000, 1600] + [3000, 4000]
+    no_api = {"traceEvents": [e for e in trace["traceEvents"] if e["cat"] != "cuda_runtime"]}
+    assert gpu_busy.trace_summary(no_api)["graph_launches"] is None  # unknown, not zero
+
+
+def test_cpu_miniature_runs_every_row(tmp_path, capsys):
+    out = tmp_path / "matrix.json"
+    result = em.main([*MINI, "--json", str(out)])
+    assert json.loads(out.read_text())["rows"].keys() == result["rows"].keys()
+    rows = result["rows"]
+    assert list(rows) == em.RUN_ORDER  # every row ran, in the run order
+    # rows that need a GPU may say why not (overlap: CUDA only; graphs: wiring / a CUDA device)
+    for name in ("bf16+cl+graphs", "bf16+cl+overlap"):
+        assert rows[name]["status"] in ("ok", "not available"), rows[name]
+        if rows[name]["status"] != "ok":
+            assert rows[name]["note"] and "\n" not in rows[name]["note"]
+    for name, row in rows.items():
+        if row["status"] != "ok":
+            continue
+        window = L if name == "online bf16+cl" else INTERVAL  # official: --official-batches 2
+        # one balanced window: as many student steps as teacher steps, each on a full batch
+        assert (row["timed_teacher_steps"], row["timed_student_steps"]) == (window, window), name
+        assert row["images"] == 16 * window and row["balanced"]
+        assert row["wall_s"] > 0 and row["epoch_s"] == pytest.approx(row["ms_per_step"] * L / 1e3)
+        assert row["profile"] is None  # no CUDA profiler on a CPU
+        if name != em.OFFICIAL:  # the engine's counters: both networks trained
+            assert row["total_teacher_steps"] >= row["warmup_steps"] + window
+            assert row["total_student_steps"] >= window
+    for name in ("fp32", "bf16+cl", "online bf16+cl", em.OFFICIAL):
+        assert rows[name]["status"] == "ok", rows[name]
+    assert set(result["ratios"]["vs_official"]) >= {"fp32", "bf16+cl", "online bf16+cl"}
+    assert set(result["ratios"]["spaced_over_online"]) >= {"fp32", "bf16+cl"}
+    printed = capsys.readouterr().out
+    assert "CPU MINIATURE" in printed and "target >= 10x" in printed
+
+
+def test_caps_and_budget_stop_rows_with_a_message(capsys):
+    capped = em.main([*MINI, "--variants", f"fp32,{em.OFFICIAL}", "--cap-scale", "1e-9"])["rows"]
+    for name in ("fp32", em.OFFICIAL):
+        assert capped[name]["status"] == "cap" and "cap" in capped[name]["note"], capped[name]
+    skipped = em.main([*MINI, "--variants", "fp32", "--budget", "0"])["rows"]
+    assert skipped["fp32"]["status"] == "skipped"
+
+
+def test_a_row_that_fails_reports_the_error_and_the_matrix_goes_on(monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: out of\nmemory")
+
+    monkeypatch.setattr(em, "trainer_row", broken)
+    rows = em.main([*MINI, "--variants", f"fp32,{em.OFFICIAL}"])["rows"]
+    assert rows["fp32"] == {"name": "fp32", "status": "error", "row_s": rows["fp32"]["row_s"],
+                            "note": "RuntimeError: CUDA error: out of memory"}
+    assert rows[em.OFFICIAL]["status"] == "ok"
+
+
+def test_an_unknown_variant_is_refused(capsys):
+    with pytest.raises(SystemExit) as exc:
+        em.main([*MINI, "--variants", "fp16"])
+    assert exc.value.code == 2 and "unknown variant" in capsys.readouterr().err
