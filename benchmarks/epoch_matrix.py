@@ -379,7 +379,9 @@ def row_line(r: dict) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("epoch_matrix: --device cuda, but torch sees no CUDA device; use --device cpu")
+        print("epoch_matrix: --device cuda, but torch sees no CUDA device here; use --device cpu "
+              "(with the miniature's options: see test_epoch_matrix.py)", file=sys.stderr)
+        sys.exit(2)
     start = time.perf_counter()
     dev = args.device
     meta = {"device": dev.type, "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda"
