@@ -1,5 +1,5 @@
-"""The end-to-end epoch matrix (``epoch_matrix.py``) in miniature on the CPU: 64 images at 8 px,
-batch 16 (L = 4 steps), s = 0.5 (I = 2), ResNet-18 narrowed 64x. It runs the script's code path
+"""The end-to-end epoch matrix (``epoch_matrix.py``) in miniature on the CPU: 56 images at 8 px,
+batch 16 (L = 4 steps, the last of 8 images), s = 1.5 (I = 6), ResNet-18 narrowed 64x. It runs the script's code path
 for every row and checks what each row did, not how fast (a CPU says nothing about GPU speed);
 plus the GPU-busy arithmetic on hand-made intervals and a hand-made profiler trace."""
 
@@ -11,11 +11,19 @@ import epoch_matrix as em
 import gpu_busy
 import pytest
 
-MINI = ["--device", "cpu", "--images", "64", "--batch", "16", "--image-size", "8",
-        "--interval-rate", "0.5", "--model-kwargs", "downsample_factor=64", "--warmup-steps", "1",
+MINI = ["--device", "cpu", "--images", "56", "--batch", "16", "--image-size", "8",
+        "--interval-rate", "1.5", "--model-kwargs", "downsample_factor=64",
         "--official-batches", "2", "--official-interval", "2", "--official-workers", "0",
         "--profile-steps", "2"]
-L, INTERVAL = 4, 2  # steps per epoch (64 / 16), spaced interval int(4 * 0.5)
+L, INTERVAL = 4, 6  # steps per epoch (ceil(56 / 16)), spaced interval int(4 * 1.5)
+# the timed windows, by the rules of the script's docstring: spaced: warm-up W = min(L, I - 1) = 4
+# (the first partial batch, key 4, inside), keys 5..10 timed (the replay at key 6); overlap and
+# graphs: keys 7..12; online: keys 5..8; the official loop: 2 full batches
+WINDOWS = {"spaced": range(5, 11), "second interval": range(7, 13), "online": range(5, 9)}
+
+
+def images_of(keys) -> int:
+    return sum(8 if key % L == 0 else 16 for key in keys)
 
 
 @pytest.mark.parametrize("intervals, covered", [
@@ -61,15 +69,21 @@ def test_cpu_miniature_runs_every_row(tmp_path, capsys):
     for name, row in rows.items():
         if row["status"] != "ok":
             continue
-        window = L if name == "online bf16+cl" else INTERVAL  # official: --official-batches 2
-        # one balanced window: as many student steps as teacher steps, each on a full batch
-        assert (row["timed_teacher_steps"], row["timed_student_steps"]) == (window, window), name
-        assert row["images"] == 16 * window and row["balanced"]
+        if name == em.OFFICIAL:
+            steps, images = 2, 32
+        else:
+            kind = ("online" if name.startswith("online") else "second interval"
+                    if "graphs" in name or "overlap" in name else "spaced")
+            steps, images = len(WINDOWS[kind]), images_of(WINDOWS[kind])
+            assert row["warmup_steps"] == WINDOWS[kind][0] - 1
+        # one balanced window: as many student steps as teacher steps
+        assert (row["timed_teacher_steps"], row["timed_student_steps"]) == (steps, steps), name
+        assert row["images"] == images and row["balanced"]
         assert row["wall_s"] > 0 and row["epoch_s"] == pytest.approx(row["ms_per_step"] * L / 1e3)
         assert row["profile"] is None  # no CUDA profiler on a CPU
         if name != em.OFFICIAL:  # the engine's counters: both networks trained
-            assert row["total_teacher_steps"] >= row["warmup_steps"] + window
-            assert row["total_student_steps"] >= window
+            assert row["total_teacher_steps"] >= row["warmup_steps"] + steps
+            assert row["total_student_steps"] >= steps
     for name in ("fp32", "bf16+cl", "online bf16+cl", em.OFFICIAL):
         assert rows[name]["status"] == "ok", rows[name]
     assert set(result["ratios"]["vs_official"]) >= {"fp32", "bf16+cl", "online bf16+cl"}
