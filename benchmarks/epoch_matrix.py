@@ -193,19 +193,30 @@ def trainer_row(name: str, bundle, args, cap: float) -> dict:
         row.update(timing(wall, t1_counts[0] - t0_counts[0], t1_counts[1] - t0_counts[1],
                           drv.images - images0, L))
         drv.deadline = float("inf")  # the profiled window is short; let it finish
-        before = drv.counts()
-        prof = profiled(args.device, lambda: drv.run(args.profile_steps))
-        after = drv.counts()
-        row["profile"] = prof and {**prof, "teacher_steps": after[0] - before[0],
-                                   "student_steps": after[1] - before[1]}
-        row["total_teacher_steps"], row["total_student_steps"] = after
+        add_profile(row, args.device, lambda: drv.run(args.profile_steps), drv.counts)
+        row["total_teacher_steps"], row["total_student_steps"] = drv.counts()
         row["status"] = "ok"
+        prof = row["profile"]
         if settings.get("cuda_graphs") == "on" and prof and prof["graph_launches"] == 0:
             row["note"] = "no cudaGraphLaunch in the profiled window: graphs not in effect"
     except CapReached as err:
         row.update(status="cap", note=f"stopped at the {cap:.0f} s cap ({err}) after "
                    f"{sum(drv.counts())} steps")
     return row
+
+
+def add_profile(row: dict, device: torch.device, fn, counts) -> None:
+    """``row["profile"]``: GPU busy over ``fn()`` (None on a CPU) and the teacher and student
+    steps it took (``counts()`` before and after). A profiler failure keeps the row's timing."""
+    before = counts()
+    try:
+        prof = profiled(device, fn)
+    except Exception as err:  # noqa: BLE001 - the timing above stands without the profile
+        row.update(profile=None, note=f"profiler failed: {type(err).__name__}: {one_line(err)}")
+        return
+    after = counts()
+    row["profile"] = prof and {**prof, "teacher_steps": after[0] - before[0],
+                               "student_steps": after[1] - before[1]}
 
 
 def timing(wall: float, teacher_steps: int, student_steps: int, images: int, L: int) -> dict:
@@ -273,9 +284,9 @@ def official_row(args, cap: float) -> dict:
                 f"of {timed} timed batches"}
     # every stored batch was replayed: the interval divides the timed batches
     row.update(timing(wall, steps, steps, got, args.steps_per_epoch), status="ok")
-    prof = profiled(args.device, lambda: loop.epoch(take(profile_batches, False)))
-    row["profile"] = prof and {**prof, "teacher_steps": profile_batches,
-                               "student_steps": profile_batches}
+    # whole intervals again: the student replays as many batches as the teacher takes
+    add_profile(row, args.device, lambda: loop.epoch(take(profile_batches, False)),
+                lambda: (loop.n, loop.n))
     return row
 
 

@@ -1,5 +1,5 @@
-"""The end-to-end epoch matrix (``epoch_matrix.py``) in miniature on the CPU: 56 images at 8 px,
-batch 16 (L = 4 steps, the last of 8 images), s = 1.5 (I = 6), ResNet-18 narrowed 64x. It runs the script's code path
+"""The end-to-end epoch matrix (``epoch_matrix.py``) in miniature on the CPU: 12 images at 8 px,
+batch 8 (L = 2 steps, the last of 4 images), s = 1.5 (I = 3), ResNet-18 narrowed 64x. It runs the script's code path
 for every row and checks what each row did, not how fast (a CPU says nothing about GPU speed);
 plus the GPU-busy arithmetic on hand-made intervals and a hand-made profiler trace."""
 
@@ -10,20 +10,31 @@ import json
 import epoch_matrix as em
 import gpu_busy
 import pytest
+import torch
 
-MINI = ["--device", "cpu", "--images", "56", "--batch", "16", "--image-size", "8",
+MINI = ["--device", "cpu", "--images", "12", "--batch", "8", "--image-size", "8",
         "--interval-rate", "1.5", "--model-kwargs", "downsample_factor=64",
         "--official-batches", "2", "--official-interval", "2", "--official-workers", "0",
         "--profile-steps", "2"]
-L, INTERVAL = 4, 6  # steps per epoch (ceil(56 / 16)), spaced interval int(4 * 1.5)
-# the timed windows, by the rules of the script's docstring: spaced: warm-up W = min(L, I - 1) = 4
-# (the first partial batch, key 4, inside), keys 5..10 timed (the replay at key 6); overlap and
-# graphs: keys 7..12; online: keys 5..8; the official loop: 2 full batches
-WINDOWS = {"spaced": range(5, 11), "second interval": range(7, 13), "online": range(5, 9)}
+L = 2  # steps per epoch, ceil(12 / 8); the spaced interval is I = int(2 * 1.5) = 3
+# the timed windows, by the rules of the script's docstring: spaced: warm-up W = min(L, I - 1) = 2
+# (the first partial batch, key 2, inside), keys 3..5 timed (the replay at key 3); overlap and
+# graphs: keys 4..6; online: keys 3..4; the official loop: 2 full batches
+WINDOWS = {"spaced": range(3, 6), "second interval": range(4, 7), "online": range(3, 5)}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: at these sizes a second one only waits, and on a shared 2-core
+    machine it made the miniature 5x slower (8.4 s vs 1.6 s for the whole matrix)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def images_of(keys) -> int:
-    return sum(8 if key % L == 0 else 16 for key in keys)
+    return sum(4 if key % L == 0 else 8 for key in keys)
 
 
 @pytest.mark.parametrize("intervals, covered", [
@@ -70,7 +81,7 @@ def test_cpu_miniature_runs_every_row(tmp_path, capsys):
         if row["status"] != "ok":
             continue
         if name == em.OFFICIAL:
-            steps, images = 2, 32
+            steps, images = 2, 16
         else:
             kind = ("online" if name.startswith("online") else "second interval"
                     if "graphs" in name or "overlap" in name else "spaced")
@@ -109,6 +120,30 @@ def test_a_row_that_fails_reports_the_error_and_the_matrix_goes_on(monkeypatch, 
     assert rows["fp32"] == {"name": "fp32", "status": "error", "row_s": rows["fp32"]["row_s"],
                             "note": "RuntimeError: CUDA error: out of memory"}
     assert rows[em.OFFICIAL]["status"] == "ok"
+
+
+def test_the_profiled_window_follows_the_timed_one(monkeypatch, capsys):
+    """With the profiler stubbed (none on a CPU), the profiled steps run and are counted; a
+    profiler that fails leaves the row's timing standing."""
+    def fake(device, fn):
+        fn()
+        return {"busy": 0.5, "kernels": 1, "kernel_s": 0.1, "wall_s": 0.2, "graph_launches": 0}
+
+    monkeypatch.setattr(em, "profiled", fake)
+    rows = em.main([*MINI, "--variants", f"fp32,{em.OFFICIAL}"])["rows"]
+    # fp32: keys 6..7 after the window 3..5; key 6 = 2I replays the interval's 3 batches
+    assert (rows["fp32"]["profile"]["teacher_steps"], rows["fp32"]["profile"]["student_steps"],
+            rows["fp32"]["profile"]["busy"]) == (2, 3, 0.5)
+    assert rows["fp32"]["total_teacher_steps"] == 7
+    assert rows[em.OFFICIAL]["profile"]["teacher_steps"] == 2
+
+    def broken(device, fn):
+        raise RuntimeError("CUPTI unavailable")
+
+    monkeypatch.setattr(em, "profiled", broken)
+    row = em.main([*MINI, "--variants", "fp32"])["rows"]["fp32"]
+    assert row["status"] == "ok" and row["epoch_s"] > 0 and row["profile"] is None
+    assert row["note"] == "profiler failed: RuntimeError: CUPTI unavailable"
 
 
 def test_an_unknown_variant_is_refused(capsys):
