@@ -321,10 +321,12 @@ def report(result: dict, stream=None) -> None:
     if meta["device"] == "cpu":
         w("   CPU MINIATURE: exercises the code path; says nothing about GPU speed\n")
     w(f"{'variant':<17}{'status':<14}{'epoch s':>9}{'ms/step':>9}{'images/s':>10}{'busy':>7}"
-      f"{'graphs':>7}  timed T/S steps\n")
+      f"{'graphs':>7}  {'timed T/S':>9}  {'prof T/S':>7}\n")
     for name in ORDER:
         if name in rows:
             w(row_line(rows[name]) + "\n")
+    w("T/S: teacher / student steps in the timed window and in the profiled one (busy, graph "
+      "launches); '-': no CUDA profiler\n")
     t = TARGETS
     w(f"targets (H100/H200, reported, not asserted): spaced epoch <= {t['epoch_s']} s; images/s "
       f">= {t['vs_official']:g}x the official loop; spaced <= {t['spaced_over_online']:g}x online's "
@@ -384,8 +386,13 @@ def row_line(r: dict) -> str:
     return (f"{r['name']:<17}{r['status']:<14}{_fmt(r.get('epoch_s'), '9.2f'):>9}"
             f"{_fmt(r.get('ms_per_step'), '9.2f'):>9}{_fmt(r.get('images_per_s'), '10.0f'):>10}"
             f"{_fmt(prof.get('busy'), '7.1%'):>7}{_fmt(prof.get('graph_launches'), 'd'):>7}  "
-            f"{r.get('timed_teacher_steps', '-')}/{r.get('timed_student_steps', '-')}"
+            f"{_steps(r, 'timed_teacher_steps', 'timed_student_steps'):>9}  "
+            f"{_steps(prof, 'teacher_steps', 'student_steps'):>7}"
             f"{'  ' + r['note'] if r.get('note') else ''}")
+
+
+def _steps(d: dict, teacher: str, student: str) -> str:
+    return f"{d[teacher]}/{d[student]}" if teacher in d else "-"
 
 
 def main(argv=None) -> dict:
