@@ -95,6 +95,17 @@ def check_graph_optimizer(opt: torch.optim.Optimizer) -> None:
                 "capturable=True), or cuda_graphs=False")
 
 
+def ready_rates(opt: torch.optim.Optimizer) -> None:
+    """Before a capture: a rate that ``load_state_dict`` replaced (a resume puts back the saved
+    value: a float, or a tensor on the checkpoint's map location) becomes a tensor on the
+    parameters' device again, then the optimizer is checked."""
+    for g in opt.param_groups:
+        device = g["params"][0].device if g["params"] else None
+        if device is not None and not (isinstance(g["lr"], Tensor) and g["lr"].device == device):
+            g["lr"] = torch.as_tensor(g["lr"], device=device)
+    check_graph_optimizer(opt)
+
+
 # -- what a captured step does on the device, and what follows on the host ---------------------
 def _update_on_device(d, losses: list[Tensor], updates: list[tuple[Tensor, Any]]) -> None:
     """Flag non-finite losses, then backward and optimizer step of each ``(loss, opt)``."""
@@ -127,7 +138,10 @@ def _kernel_state(fn: Callable) -> tuple:
     over (the teacher a replay reads: the live one or the overlap snapshot) in train/eval mode."""
     mods = []
     for cell in fn.__closure__ or ():
-        value = cell.cell_contents
+        try:
+            value = cell.cell_contents
+        except ValueError:  # a cell not filled yet
+            continue
         if isinstance(value, nn.Module):
             mods.append((id(value), unwrap(value).training))
     return fn.__code__, tuple(mods)
@@ -140,6 +154,7 @@ def ce_step(d, model: nn.Module, ce_loss: Callable[..., Tensor], key: Any, x: Te
     graphs: StepGraphs = d._graphs
     sig = signature("teacher", (x, y))
     if not graphs.ready(sig):
+        ready_rates(opt)
         with graphs.warm_up(sig, "teacher", d.teacher_device):
             d._eager_ce_step(model, ce_loss, key, x, y, opt, scheduler, what, record, idle)
         return
@@ -168,6 +183,8 @@ def online_step(d, key: Any, x: Tensor, y: Tensor) -> None:
     graphs: StepGraphs = d._graphs
     sig = signature("online", (x, y))
     if not graphs.ready(sig):
+        ready_rates(d.teacher_opt)
+        ready_rates(d.student_opt)
         with graphs.warm_up(sig, "online", d.teacher_device):
             d._eager_online_step(key, x, y)
         return
@@ -199,6 +216,7 @@ def student_step(d, key: Any, x: Tensor, y: Tensor, *, loss_fn, guard, teacher_s
     graphs: StepGraphs = d._graphs
     sig = signature("student", (x, y), *_kernel_state(loss_fn))
     if not graphs.ready(sig):
+        ready_rates(d.student_opt)
         with graphs.warm_up(sig, "student", d.student_device):
             d._eager_student_step(key, x, y, loss_fn=loss_fn, guard=guard,
                                   teacher_step=teacher_step, expected=expected, what=what,

@@ -86,6 +86,25 @@ def test_a_graphed_run_equals_the_eager_run_bitwise(mode):
     assert eager.student_steps == graphed.student_steps
 
 
+def test_a_rate_replaced_by_load_state_dict_becomes_a_tensor_again():
+    """A resume loads optimizer states after the distiller is built; torch puts the saved rate
+    back (here a float). The warm-up turns it into a tensor again, so captured steps follow the
+    schedule: the run equals the eager one."""
+    eager, graphed = build("spaced", False), build("spaced", RecordingBackend())
+    for d in (eager, graphed):
+        for opt in (d.teacher_opt, d.student_opt):
+            state = opt.state_dict()
+            for g in state["param_groups"]:
+                g["lr"] = 0.05
+            opt.load_state_dict(state)
+    for opt in (eager.teacher_opt, eager.student_opt):  # what the warm-up makes of 0.05
+        for g in opt.param_groups:
+            g["lr"] = torch.tensor(0.05, dtype=torch.float32)
+    assert train(graphed) == train(eager)
+    assert_same_weights(eager.student, graphed.student)
+    assert graphed.student_opt.param_groups[0]["lr"].dtype == torch.float32
+
+
 def test_warm_up_then_one_capture_per_signature():
     # spaced: teacher steps on full and partial batches, replays (train-mode teacher) on both
     d = build("spaced", RecordingBackend(warmup=2))
