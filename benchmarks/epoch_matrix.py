@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from epoch_matrix_report import TARGETS, ratios, report, row_line
 from gpu_busy import profiled
 
 BASE_SPACED = {"mode": "spaced", "overlap": "off", "cuda_graphs": "off", "finite_check_every": 1}
@@ -71,7 +72,6 @@ RUN_ORDER = ["bf16+cl", "online bf16+cl", OFFICIAL, "fp32", "bf16+cl+overlap", "
 # 586-step window, plus the warm-up; the first rows of a dtype also pay cuDNN's autotuning)
 CAPS = {"fp32": 40, "bf16+cl": 40, "bf16+cl+graphs": 40, "bf16+cl+overlap": 35,
         "online bf16+cl": 25, OFFICIAL: 30}
-TARGETS = {"epoch_s": 2.5, "vs_official": 10.0, "spaced_over_online": 1.05, "busy": 0.90}
 
 
 # ------------------------------------------------------------------------------ data
@@ -290,53 +290,6 @@ def official_row(args, cap: float) -> dict:
     return row
 
 
-# ------------------------------------------------------------------------------ report
-def ratios(rows: dict[str, dict]) -> dict:
-    """Images/s against the official loop, spaced epoch time over online's, each with its target."""
-    ok = {k: r for k, r in rows.items() if r.get("status") == "ok"}
-    out: dict = {}
-    official = ok.get(OFFICIAL, {}).get("images_per_s")
-    online = ok.get("online bf16+cl", {}).get("epoch_s")
-    for name, r in ok.items():
-        if name == OFFICIAL:
-            continue
-        if official:
-            out.setdefault("vs_official", {})[name] = r["images_per_s"] / official
-        if online and VARIANTS[name]["mode"] == "spaced":
-            out.setdefault("spaced_over_online", {})[name] = r["epoch_s"] / online
-    return out
-
-
-def _fmt(v, spec: str, none: str = "-") -> str:
-    return none if v is None else format(v, spec)
-
-
-def report(result: dict, stream=None) -> None:
-    meta, rows, rat = result["meta"], result["rows"], result["ratios"]
-    w = (stream or sys.stdout).write
-    w(f"== epoch matrix: {meta['device_name']}, torch {meta['torch']}, {meta['images']} images "
-      f"{meta['image_size']} px, {meta['classes']} classes, batch {meta['batch']}, "
-      f"L = {meta['steps_per_epoch']} steps, s = {meta['interval_rate']}, resnet18 pair"
-      f"{' ' + str(meta['model_kwargs']) if meta['model_kwargs'] else ''}\n")
-    if meta["device"] == "cpu":
-        w("   CPU MINIATURE: exercises the code path; says nothing about GPU speed\n")
-    w(f"{'variant':<17}{'status':<14}{'epoch s':>9}{'ms/step':>9}{'images/s':>10}{'busy':>7}"
-      f"{'graphs':>7}  {'timed T/S':>9}  {'prof T/S':>7}\n")
-    for name in ORDER:
-        if name in rows:
-            w(row_line(rows[name]) + "\n")
-    w("T/S: teacher / student steps in the timed window and in the profiled one (busy, graph "
-      "launches); '-': no CUDA profiler\n")
-    t = TARGETS
-    w(f"targets (H100/H200, reported, not asserted): spaced epoch <= {t['epoch_s']} s; images/s "
-      f">= {t['vs_official']:g}x the official loop; spaced <= {t['spaced_over_online']:g}x online's "
-      f"epoch; GPU busy >= {t['busy']:.0%}\n")
-    for name, v in rat.get("vs_official", {}).items():
-        w(f"  {name:<17} images/s vs official loop: {v:6.2f}x  (target >= {t['vs_official']:g}x)\n")
-    for name, v in rat.get("spaced_over_online", {}).items():
-        w(f"  {name:<17} epoch time / online's:    {v:6.3f}   (target <= {t['spaced_over_online']:g})\n")
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -369,6 +322,11 @@ def parse_args(argv=None):
     return args
 
 
+def matrix_ratios(rows: dict[str, dict]) -> dict:
+    spaced = {n for n, v in VARIANTS.items() if v["mode"] == "spaced"}
+    return ratios(rows, official=OFFICIAL, online="online bf16+cl", spaced=spaced)
+
+
 def run_row(name: str, bundle, args, cap: float) -> dict:
     """One row; an unexpected error is the row's result (one line), not the matrix's end."""
     try:
@@ -379,20 +337,6 @@ def run_row(name: str, bundle, args, cap: float) -> dict:
         return {"name": name, "status": "error", "note": f"{type(err).__name__}: {one_line(err)}"}
     finally:
         release(args.device)  # the row's networks and buffers are garbage now
-
-
-def row_line(r: dict) -> str:
-    prof = r.get("profile") or {}
-    return (f"{r['name']:<17}{r['status']:<14}{_fmt(r.get('epoch_s'), '9.2f'):>9}"
-            f"{_fmt(r.get('ms_per_step'), '9.2f'):>9}{_fmt(r.get('images_per_s'), '10.0f'):>10}"
-            f"{_fmt(prof.get('busy'), '7.1%'):>7}{_fmt(prof.get('graph_launches'), 'd'):>7}  "
-            f"{_steps(r, 'timed_teacher_steps', 'timed_student_steps'):>9}  "
-            f"{_steps(prof, 'teacher_steps', 'student_steps'):>7}"
-            f"{'  ' + r['note'] if r.get('note') else ''}")
-
-
-def _steps(d: dict, teacher: str, student: str) -> str:
-    return f"{d[teacher]}/{d[student]}" if teacher in d else "-"
 
 
 def main(argv=None) -> dict:
@@ -425,10 +369,10 @@ def main(argv=None) -> dict:
             rows[name]["row_s"] = time.perf_counter() - t0
         print(f"[{rows[name].get('row_s', 0):5.1f} s] {row_line(rows[name])}", flush=True)
         meta["total_s"] = time.perf_counter() - start
-        result["ratios"] = ratios(rows)
+        result["ratios"] = matrix_ratios(rows)
         if args.json:  # after every row: a killed run still leaves the rows it finished
             Path(args.json).write_text(json.dumps(result, indent=1, default=str))
-    report(result)
+    report(result, ORDER)
     return result
 
 
