@@ -22,7 +22,7 @@ import torch
 
 from .. import __version__
 from ..engine.model_io import unwrap
-from .errors import CheckpointError  # defined torch-free for the CLI; re-exported here
+from .errors import CheckpointError, resume_folder_error  # torch-free for the CLI; re-exported
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best_student.pt"
@@ -208,9 +208,9 @@ def restore_parts(parts, state: dict[str, Any]) -> None:
 def load_checkpoint(out_dir: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read ``OUT/checkpoint.pt``; ``CheckpointError`` when it is missing, corrupt or foreign."""
     folder = Path(out_dir)
-    if not folder.is_dir():
-        raise CheckpointError(f"cannot resume: {folder} is not a folder (give the --out folder "
-                              "of an earlier run)")
+    missing = resume_folder_error(folder)
+    if missing is not None:
+        raise missing
     path = folder / CHECKPOINT_NAME
     if not path.is_file():
         raise CheckpointError(f"cannot resume: no checkpoint in {folder} (expected {path}; a run "

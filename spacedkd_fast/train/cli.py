@@ -21,7 +21,13 @@ from .config import (
     load_yaml,
     print_config,
 )
-from .errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, CheckpointError, UserError
+from .errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    CheckpointError,
+    UserError,
+    resume_folder_error,
+)
 from .recipe_files import list_recipes
 
 DESCRIPTION = """\
@@ -173,6 +179,9 @@ def _run(ns: argparse.Namespace, cli: dict[str, Any]) -> int:
     if getattr(ns, "resume", None):
         if getattr(ns, "config", None):
             raise ConfigError("--resume uses the run's saved configuration; drop --config")
+        missing = resume_folder_error(ns.resume)  # answered before torch is imported
+        if missing is not None:
+            raise missing
         from . import seeds
 
         if seeds.is_group(ns.resume):

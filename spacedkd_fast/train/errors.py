@@ -19,3 +19,14 @@ class Interrupted(Exception):
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable or not one of ours; the message says which."""
+
+
+def resume_folder_error(folder) -> CheckpointError | None:
+    """The error of ``--resume FOLDER`` when FOLDER is not a folder at all (torch-free, so that
+    the CLI answers at once), else ``None``."""
+    from pathlib import Path
+
+    if Path(folder).is_dir():
+        return None
+    return CheckpointError(f"cannot resume: {folder} is not a folder (give the --out folder of an "
+                           "earlier run)")

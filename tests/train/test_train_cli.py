@@ -23,10 +23,12 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
 
 
 def test_quick_answers_do_not_import_torch(tmp_path):
-    """--help, --list-recipes and argument errors answer without importing torch."""
+    """--help, --list-recipes, argument errors and a missing --resume folder answer without
+    importing torch."""
     code = ("import sys, contextlib, io\n"
             "from spacedkd_fast.train.cli import main\n"
-            "for args in (['--help'], ['--list-recipes'], ['--lr', 'abc'], ['--epochs', '0']):\n"
+            "for args in (['--help'], ['--list-recipes'], ['--lr', 'abc'], ['--epochs', '0'],\n"
+            "             ['--resume', 'no-such-run']):\n"
             "    with contextlib.redirect_stdout(io.StringIO()), "
             "contextlib.redirect_stderr(io.StringIO()):\n"
             "        try:\n"
@@ -38,7 +40,7 @@ def test_quick_answers_do_not_import_torch(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["--help 0 False", "--list-recipes 0 False",
-                                        "--lr 2 False", "--epochs 2 False"]
+                                        "--lr 2 False", "--epochs 2 False", "--resume 2 False"]
 
 
 def test_help_reads_like_a_manual(tmp_path):
