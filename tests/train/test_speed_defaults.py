@@ -9,7 +9,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 import yaml
 
 from spacedkd_fast.model_catalog import CATALOG, FAMILIES, is_convolutional
@@ -161,3 +163,22 @@ def test_cli_run_on_cpu_records_fp32_nchw(tmp_path, capsys):
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert (saved["amp"], saved["channels_last"]) == ("off", "off")
     assert "amp off, data backend" in text
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cli_run_on_cuda_trains_bf16_channels_last_by_default(tmp_path, capsys):
+    """The CUDA default end to end: config.yaml records bf16 + channels_last, the header says
+    why, the run trained (finite losses), and a resume reads the resolved values back."""
+    out = tmp_path / "run"
+    status = main(["--dataset", "digits", "--device", "cuda", "--mode", "online", "--epochs", "1",
+                   "--model-kwargs", "downsample_factor=64", "--no-progress", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert status == 0, text
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (saved["amp"], saved["channels_last"]) == ("bf16", "on")
+    assert ON_NOTE in text
+    rows = [yaml.safe_load(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["train_student_loss"]) for r in rows)
+    status = main(["--resume", str(out), "--no-progress"])  # a finished run: resumes to nothing
+    assert status == 0
