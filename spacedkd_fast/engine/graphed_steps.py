@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from .graphs import StepGraphs, make_backend, signature
-from .model_io import train_mode, unwrap
+from .model_io import to_device, train_mode, unwrap
 from .trace import batch_checksum
 
 GRAPH_MODES = ("base", "online", "spaced", "offline")
@@ -181,6 +181,9 @@ def ce_step(d, model: nn.Module, ce_loss: Callable[..., Tensor], key: Any, x: Te
 def online_step(d, key: Any, x: Tensor, y: Tensor) -> None:
     """Teacher and student on one batch (:meth:`~.spaced.SpacedDistiller._online_step`)."""
     graphs: StepGraphs = d._graphs
+    # on the device before anything: a captured step cannot copy from the host (one device:
+    # a precondition)
+    x, y = to_device(x, d.teacher_device), to_device(y, d.teacher_device)
     sig = signature("online", (x, y))
     if not graphs.ready(sig):
         ready_rates(d.teacher_opt)

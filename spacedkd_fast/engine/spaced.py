@@ -103,9 +103,8 @@ class SpacedDistiller(SpacedReplays, EngineBase):
     is read on the host before its step, or with ``check_finite_every=N > 1`` checked on the device
     and read every N updates (fused optimizers needed; :mod:`.deferred_checks`).
 
-    ``cuda_graphs=True``: the teacher's, the online and the student's steps are captured as CUDA
-    graphs and replayed (needs ``check_finite_every > 1``, fused tensor-lr optimizers, no trace:
-    :mod:`.graphed_steps`); a backend object instead of ``True`` (tests: ``RecordingBackend``).
+    ``cuda_graphs=True``: the hot steps are captured as CUDA graphs and replayed (preconditions and
+    what stays on the host: :mod:`.graphed_steps`; tests pass a ``graphs.RecordingBackend``).
     """
 
     def __init__(self, teacher: nn.Module | None, student: nn.Module,

@@ -74,7 +74,7 @@ class RunParts:
 
     def lr(self) -> float:
         """The learning rate shown in logs: the teacher's when there is one."""
-        return (self.teacher_opt or self.student_opt).param_groups[0]["lr"]
+        return float((self.teacher_opt or self.student_opt).param_groups[0]["lr"])
 
     def num_train_samples(self) -> int:
         n = getattr(self.source, "num_samples", None)
@@ -157,7 +157,8 @@ def _build_distiller(cfg: TrainConfig, info: DistInfo, common: dict[str, Any], t
             interval_rate=cfg.interval_rate, beta=cfg.beta, feature_loss=cfg.feature_loss,
             feature_kd=cfg.feature_kd, compat=compat_of(cfg), overlap=OVERLAP[cfg.overlap],
             teacher_scheduler=teacher_sched, student_scheduler=student_sched,
-            projector_seed=cfg.seed, **objective, **given, **common)
+            projector_seed=cfg.seed, cuda_graphs=cfg.cuda_graphs == "on", **objective, **given,
+            **common)
         record_resolved(cfg, switches, distiller.kd)
         return distiller
     except (NotImplementedError, ValueError) as err:
@@ -168,13 +169,15 @@ def _build_optimizers(cfg: TrainConfig, teacher, student, shared: bool):
     """``(teacher_opt, student_opt)``: one optimiser over both networks under
     ``shared_optimizer`` (the official ViT code's), none for a frozen teacher."""
     fused = cfg.finite_check_every > 1  # deferred checks skip steps through fused kernels
+    # cuda_graphs: tensor rates that a captured step reads (the call is unchanged when off)
+    graphs = {"graphs": True} if cfg.cuda_graphs == "on" and not cfg.is_self else {}
     try:
         if teacher is not None and shared and cfg.mode != "frozen":
             opt = build_optimizer(cfg, [unwrap(teacher), unwrap(student)], fused=fused)
             return opt, opt
-        teacher_opt = (build_optimizer(cfg, teacher, fused=fused)
+        teacher_opt = (build_optimizer(cfg, teacher, fused=fused, **graphs)
                        if teacher is not None and cfg.mode != "frozen" else None)
-        return teacher_opt, build_optimizer(cfg, student, fused=fused)
+        return teacher_opt, build_optimizer(cfg, student, fused=fused, **graphs)
     except (ValueError, RuntimeError) as err:
         raise UserError(str(err)) from None
 

@@ -9,6 +9,7 @@ the teacher has finished, yet each sees the schedule at its own progress. The en
 
 Unlike ``torch.optim.lr_scheduler``, the rate is written to *every* param group present at each
 step, so a group added after construction (the student's projection head) follows the schedule.
+A tensor rate (the optimizers of ``cuda_graphs``, whose captured step reads it) is written in place.
 """
 
 from __future__ import annotations
@@ -31,16 +32,22 @@ class _ParamGroupSchedule:
         raise NotImplementedError
 
     def _apply(self) -> None:
-        lr = self.current_lr()
+        lr = self._last_lr = self.current_lr()
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            if isinstance(group["lr"], torch.Tensor):
+                # a tensor rate (cuda_graphs) is read by a captured optimizer step: write in place
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
 
     def step(self) -> None:
         self.t += 1
         self._apply()
 
     def get_last_lr(self) -> list[float]:
-        return [g["lr"] for g in self.optimizer.param_groups]
+        """The rate of each param group (host floats: no device read for a tensor rate)."""
+        return [self._last_lr if isinstance(g["lr"], torch.Tensor) else g["lr"]
+                for g in self.optimizer.param_groups]
 
 
 class StepSchedule(_ParamGroupSchedule):

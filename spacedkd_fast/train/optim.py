@@ -73,7 +73,8 @@ def param_groups(params: Any, weight_decay: float, rule: str = "official") -> li
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(cfg: Any, params: Any, *, fused: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Any, params: Any, *, fused: bool = False,
+                    graphs: bool = False) -> torch.optim.Optimizer:
     """The optimiser ``cfg.optimizer`` over ``params`` with ``cfg``'s rate and weight-decay groups.
 
     ``cfg``: a ``TrainConfig`` (reads ``optimizer``, ``lr``, ``momentum``, ``nesterov``,
@@ -81,19 +82,28 @@ def build_optimizer(cfg: Any, params: Any, *, fused: bool = False) -> torch.opti
     parameters; bare parameters only with ``weight_decay_groups="all"``). SGD: dampening 0, with
     ``nesterov`` as set; Adam / AdamW: betas (0.9, 0.999), eps 1e-8 (torch's defaults, the
     official values). ``fused``: torch's fused kernels (which can skip a step through
-    ``found_inf``: the engine's ``check_finite_every > 1`` needs them).
+    ``found_inf``: the engine's ``check_finite_every > 1`` needs them). ``graphs``: an optimizer
+    whose step can be captured in a CUDA graph (the engine's ``cuda_graphs``): fused, the rate a
+    float32 tensor on the parameters' device (the schedules write it in place, the captured step
+    reads it), Adam / AdamW ``capturable``.
     """
     rule = getattr(cfg, "weight_decay_groups", "all")
     groups = param_groups(params, cfg.weight_decay, rule)
     if not any(g["params"] for g in groups):
         raise ValueError("the model has no trainable parameters to optimise")
-    extra = {"fused": True} if fused else {}
+    extra: dict[str, Any] = {"fused": True} if fused or graphs else {}
+    lr: float | torch.Tensor = cfg.lr
+    if graphs:
+        device = next(p for g in groups for p in g["params"]).device
+        lr = torch.tensor(float(cfg.lr), dtype=torch.float32, device=device)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum,
                                nesterov=bool(getattr(cfg, "nesterov", False)),
                                weight_decay=cfg.weight_decay, **extra)
+    if graphs:
+        extra["capturable"] = True
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
+        return torch.optim.Adam(groups, lr=lr, weight_decay=cfg.weight_decay, **extra)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay, **extra)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose sgd, adam or adamw")

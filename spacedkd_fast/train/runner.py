@@ -151,6 +151,9 @@ def _refuse_unusable(cfg: TrainConfig, info: DistInfo) -> None:
     if cfg.amp == "fp16" and info.device.type == "cpu":
         raise UserError("--amp fp16 on CPU: float16 autocast has no fast CPU kernels (a ResNet-18 "
                         "step takes about 100x longer than in fp32); use --amp bf16 or --amp off")
+    if cfg.cuda_graphs == "on" and info.device.type != "cuda":
+        raise UserError(f"--cuda-graphs on needs a CUDA device (this run is on {info.device}); "
+                        "use --cuda-graphs off")
 
 
 def execute(cfg: TrainConfig, info: DistInfo, *, state: dict[str, Any] | None, progress: bool,

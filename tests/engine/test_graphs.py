@@ -302,3 +302,24 @@ def test_bad_values_and_the_self_distiller_are_refused():
     with pytest.raises(ValueError, match="not supported for SelfDistiller yet"):
         SelfDistiller(model, fused_sgd_tensor_lr(model), steps_per_epoch=L,
                       check_finite_every=4, cuda_graphs=RecordingBackend())
+
+
+@pytest.mark.parametrize("mode", ["online", "spaced"])
+def test_models_evaluated_between_epochs_are_back_in_train_mode_as_eagerly(mode):
+    """A replay runs no Python: the graphed step sets the train mode on the host itself."""
+    out = []
+    for graphs in (False, RecordingBackend()):
+        d = build(mode, graphs)
+        modes = []
+        for e in range(EPOCHS):
+            for key, (x, y) in d.source.epoch(e):
+                d.step(key, x, y)
+                modes.append((d.teacher.training, d.student.training))
+            d.teacher.eval()  # the trainer evaluates between epochs
+            d.student.eval()
+        d.finish()
+        out.append((modes, d))
+    (m_eager, eager), (m_graphed, graphed) = out
+    assert m_graphed == m_eager and (True, True) in m_graphed
+    assert_same_weights(eager.student, graphed.student)
+    assert graphed._graphs.replays > 0
