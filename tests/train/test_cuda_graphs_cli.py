@@ -116,3 +116,46 @@ def test_cuda_a_graphed_run_trains_like_the_eager_one(tmp_path, mode, digits_bun
                                                               off["student_steps"])
         assert on["train_student_loss"] == pytest.approx(off["train_student_loss"], rel=1e-3)
         assert isinstance(on["lr"], float) and isinstance(on["student_lr"], float)
+
+
+class _Built(Exception):
+    pass
+
+
+@pytest.mark.parametrize("value,on", [("on", True), ("auto", False), ("off", False)])
+def test_the_trainer_passes_the_setting_and_builds_tensor_rate_optimisers(tmp_path, value, on,
+                                                                          monkeypatch,
+                                                                          digits_bundle):
+    """build_run on CPU (the runner refuses 'on' there first): what reaches the engine."""
+    from run_helpers import tiny_config
+
+    from spacedkd_fast.train import build
+    from spacedkd_fast.train.distributed import init_distributed
+
+    seen = {}
+
+    def spy(teacher, student, teacher_opt, student_opt, **kw):
+        seen.update(kw, opts=(teacher_opt, student_opt))
+        raise _Built
+
+    monkeypatch.setattr(build, "SpacedDistiller", spy)
+    cfg = tiny_config(tmp_path, mode="spaced", finite_check_every=4, cuda_graphs=value)
+    with pytest.raises(_Built):
+        build.build_run(cfg, init_distributed("cpu"), data=digits_bundle)
+    assert seen["cuda_graphs"] is on and seen["check_finite_every"] == 4
+    for opt in seen["opts"]:
+        rates = [g["lr"] for g in opt.param_groups]
+        assert all(isinstance(r, torch.Tensor) == on for r in rates)
+        assert all(g["fused"] for g in opt.param_groups)  # deferred checks need them anyway
+
+
+def test_the_engine_refuses_graphs_on_cpu_models_through_build_run(tmp_path, digits_bundle):
+    from run_helpers import tiny_config
+
+    from spacedkd_fast.train.build import build_run
+    from spacedkd_fast.train.distributed import init_distributed
+    from spacedkd_fast.train.errors import UserError
+
+    cfg = tiny_config(tmp_path, mode="online", finite_check_every=4, cuda_graphs="on")
+    with pytest.raises(UserError, match=r"cuda_graphs need a CUDA device \(the models are on cpu"):
+        build_run(cfg, init_distributed("cpu"), data=digits_bundle)
