@@ -9,7 +9,9 @@ the order of the eager step: the BN buffer copies of the deferred checks, a repl
 checksum check (before the replay: the graph's optimizer step must see its flag), the check
 records and the statistics (clones of the static losses), ``scheduler.step()`` (it writes the
 tensor rate in place), counters, the record of the batch. The first calls of each signature run
-the eager step (the warm-up), so a graphed run takes exactly the eager run's steps.
+the eager step (the warm-up), so a graphed run takes exactly the eager run's steps. Random ops
+inside a step (dropout, drop-path) draw from CUDA's graph-safe generator offsets: the same
+distribution as eager, not the same draws.
 
 Preconditions (:func:`check_graphable`, one line each): the finiteness check deferred
 (``check_finite_every > 1``; or off, without a keyed replay to verify), no trace, no grad scaler, one process, fused optimizers with

@@ -34,16 +34,20 @@ from spacedkd_fast.ops.objective import KDObjective
 L, EPOCHS = 7, 3  # make_source: 50 samples in batches of 8, the 7th batch holds 2
 
 
-def build(mode, graphs, *, every=4, teacher=None, student=None, source=None, **kw):
+def build(mode, graphs, *, every=4, teacher=None, student=None, source=None, keyed=True, **kw):
+    """A pair distiller; ``keyed=False``: copy replay (the batches still come from
+    ``d.batches``, a source the distiller does not know)."""
     if teacher is None:
         teacher, student = make_pair(0)
     t_opt, s_opt = fused_sgd_tensor_lr(teacher), fused_sgd_tensor_lr(student)
     kw.setdefault("loss", KDObjective(3.0, 0.3, 1.0))
+    source = source or make_source()
     d = SpacedDistiller(teacher, student, t_opt, s_opt, mode=mode, interval_rate=1.5,
-                        steps_per_epoch=L, source=source or make_source(), beta=0.03,
+                        steps_per_epoch=L, source=source if keyed else None, beta=0.03,
                         check_finite_every=every, cuda_graphs=graphs,
                         teacher_scheduler=InPlaceDecay(t_opt), student_scheduler=InPlaceDecay(s_opt),
                         **kw)
+    d.batches = source
     return d
 
 
@@ -52,7 +56,7 @@ def train(d, epochs=EPOCHS, after=None):
     each epoch."""
     stats = []
     for e in range(epochs):
-        for key, (x, y) in d.source.epoch(e):
+        for key, (x, y) in d.batches.epoch(e):
             d.step(key, x, y)
             if after is not None:
                 after(d.n)
@@ -70,9 +74,14 @@ def opt_states_equal(a, b):
             assert torch.equal(sa[i][k], sb[i][k]), (i, k)
 
 
-@pytest.mark.parametrize("mode", ["online", "spaced", "offline", "base"])
-def test_a_graphed_run_equals_the_eager_run_bitwise(mode):
-    eager, graphed = build(mode, False), build(mode, RecordingBackend())
+@pytest.mark.parametrize("mode,kw", [
+    ("online", {}), ("spaced", {}), ("offline", {}), ("base", {}),
+    ("spaced", dict(keyed=False)),  # copy replay
+    ("spaced", dict(teacher_bn_update=True)),  # soft targets write the teacher's BN buffers
+    ("online", dict(check_finite=False, every=1)),  # no checks at all
+])
+def test_a_graphed_run_equals_the_eager_run_bitwise(mode, kw):
+    eager, graphed = build(mode, False, **kw), build(mode, RecordingBackend(), **kw)
     s_eager, s_graphed = train(eager), train(graphed)
     assert s_graphed == s_eager  # every logged mean, bitwise
     for a, b in ((eager.student, graphed.student), (eager.teacher, graphed.teacher)):
@@ -268,14 +277,22 @@ def test_optimizers_must_be_fused_with_a_tensor_rate(make_opt, checks):
     assert "\n" not in str(err.value)
 
 
-def test_a_capturable_fused_adam_is_accepted():
-    teacher, student = make_pair(0)
-    kw = dict(lr=torch.tensor(0.01, dtype=torch.float64), fused=True, capturable=True)
-    d = SpacedDistiller(teacher, student, adam(teacher, **kw), adam(student, **kw),
-                        mode="online", steps_per_epoch=L, source=make_source(),
-                        check_finite_every=4, loss=ref_kd_loss, cuda_graphs=RecordingBackend())
-    train(d, epochs=2)
-    assert d._graphs.replays > 0
+def test_a_capturable_fused_adam_is_accepted_and_equals_eager():
+    """Adam's step count is a tensor the captured step increments in place."""
+    out = []
+    for graphs in (False, RecordingBackend()):
+        teacher, student = make_pair(0)
+        kw = dict(lr=torch.tensor(0.01, dtype=torch.float64), fused=True, capturable=True)
+        d = SpacedDistiller(teacher, student, adam(teacher, **kw), adam(student, **kw),
+                            mode="online", steps_per_epoch=L, source=make_source(),
+                            check_finite_every=4, loss=ref_kd_loss, cuda_graphs=graphs)
+        d.batches = d.source
+        train(d, epochs=2)
+        out.append(d)
+    eager, graphed = out
+    assert graphed._graphs.replays > 0
+    assert_same_weights(eager.student, graphed.student)
+    opt_states_equal(eager.student_opt, graphed.student_opt)
 
 
 def test_the_cuda_backend_needs_a_cuda_device():
@@ -312,7 +329,7 @@ def test_models_evaluated_between_epochs_are_back_in_train_mode_as_eagerly(mode)
         d = build(mode, graphs)
         modes = []
         for e in range(EPOCHS):
-            for key, (x, y) in d.source.epoch(e):
+            for key, (x, y) in d.batches.epoch(e):
                 d.step(key, x, y)
                 modes.append((d.teacher.training, d.student.training))
             d.teacher.eval()  # the trainer evaluates between epochs

@@ -141,8 +141,10 @@ def test_the_partial_batch_gets_its_own_graph_and_replays_do_not_sync(monkeypatc
             torch.cuda.set_sync_debug_mode("error")
 
     d, src = build("spaced", CudaGraphBackend(warmup=1), source="copy")
-    batches = [list(src.epoch(e)) for e in range(4)]  # drawn before the sync check
-    for key, (x, y) in batches[0] + batches[1]:  # warm-ups and captures (a capture syncs)
+    batches = [b for e in range(5) for b in src.epoch(e)]  # drawn before the sync check
+    # L = 11, interval 16: the student's partial batch (11) is warmed up at the replay after
+    # step 16 and captured at the one after step 32 (it holds batch 22); a capture syncs
+    for key, (x, y) in batches[:3 * 11]:
         d.step(key, x, y)
     g = d._graphs
     assert g.captures == 4  # teacher and student, full and partial batches
@@ -152,7 +154,7 @@ def test_the_partial_batch_gets_its_own_graph_and_replays_do_not_sync(monkeypatc
     monkeypatch.setattr(deferred_checks.DeferredChecks, "read", read_allowed)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for key, (x, y) in batches[2] + batches[3]:
+        for key, (x, y) in batches[3 * 11:]:  # two epochs, with the replay after step 48
             d.step(key, x, y)
     finally:
         torch.cuda.set_sync_debug_mode(0)
