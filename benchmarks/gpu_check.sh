@@ -37,7 +37,7 @@ $PY -m spacedkd_fast.info 2>&1 | tee -a "$summary"
 note "== CUDA tests"
 timeout 100 $PY -m pytest tests/ops/test_kd_loss.py tests/ops/test_kd_loss_cuda_grad_in_forward.py tests/engine/test_distill*.py \
   tests/engine/test_deferred_checks_cuda.py tests/engine/test_graphs_cuda.py tests/models/test_models_runtime.py \
-  tests/data/test_data_vit_official.py tests/train/test_speed_defaults.py \
+  tests/data/test_data_vit_official.py tests/train/test_speed_defaults.py tests/train/test_cuda_graphs_cli.py \
   -m cuda -k "not inductor" -q -p no:cacheprovider > "$OUT/tests_cuda.log" 2>&1
 note "cuda tests rc=$?: $(tail -1 "$OUT/tests_cuda.log")"
 grep -E "^(FAILED|ERROR)" "$OUT/tests_cuda.log" | head -20 | tee -a "$summary"

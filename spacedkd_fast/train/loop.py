@@ -126,7 +126,7 @@ def epoch_row(parts: RunParts, history: RunHistory, epoch: int, trained: str, su
         if key in means:
             row[f"train_{key}"] = means[key]
     row["lr"] = parts.lr()
-    row["student_lr"] = parts.student_opt.param_groups[0]["lr"]
+    row["student_lr"] = float(parts.student_opt.param_groups[0]["lr"])  # a tensor under graphs
     row["teacher_steps"] = parts.distiller.teacher_steps
     row["student_steps"] = parts.distiller.student_steps
     row["images_per_s"] = images / epoch_wall if epoch_wall > 0 else None
