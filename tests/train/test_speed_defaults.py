@@ -6,6 +6,7 @@ function of the configuration and the device type, so the CUDA rows need no GPU.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -154,31 +155,25 @@ def test_resume_with_auto_or_equal_flags_continues_what_ran(tmp_path):
         resume_plan(state, tmp_path, {"amp": "off"})
 
 
-def test_cli_run_on_cpu_records_fp32_nchw(tmp_path, capsys):
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("device, amp, layout, header", [
+    pytest.param("cpu", "off", "off", "amp off, data backend", id="cpu"),
+    pytest.param("cuda", "bf16", "on", ON_NOTE, id="cuda", marks=[pytest.mark.cuda, CUDA]),
+])
+def test_cli_run_records_what_auto_chose(tmp_path, capsys, device, amp, layout, header):
+    """End to end: config.yaml records the resolved amp / channels_last, the header says it, the
+    run trained (finite losses), and a resume reads the resolved values back."""
     out = tmp_path / "run"
-    status = main(["--dataset", "digits", "--device", "cpu", "--mode", "online", "--epochs", "1",
+    status = main(["--dataset", "digits", "--device", device, "--mode", "online", "--epochs", "1",
                    "--model-kwargs", "downsample_factor=64", "--no-progress", "--out", str(out)])
     text = capsys.readouterr().out
     assert status == 0, text
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert (saved["amp"], saved["channels_last"]) == ("off", "off")
-    assert "amp off, data backend" in text
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cli_run_on_cuda_trains_bf16_channels_last_by_default(tmp_path, capsys):
-    """The CUDA default end to end: config.yaml records bf16 + channels_last, the header says
-    why, the run trained (finite losses), and a resume reads the resolved values back."""
-    out = tmp_path / "run"
-    status = main(["--dataset", "digits", "--device", "cuda", "--mode", "online", "--epochs", "1",
-                   "--model-kwargs", "downsample_factor=64", "--no-progress", "--out", str(out)])
-    text = capsys.readouterr().out
-    assert status == 0, text
-    saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert (saved["amp"], saved["channels_last"]) == ("bf16", "on")
-    assert ON_NOTE in text
-    rows = [yaml.safe_load(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert all(np.isfinite(r["train_student_loss"]) for r in rows)
-    status = main(["--resume", str(out), "--no-progress"])  # a finished run: resumes to nothing
-    assert status == 0
+    assert (saved["amp"], saved["channels_last"]) == (amp, layout)
+    assert header in text
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(np.isfinite(r["train_student_loss"]) for r in rows)
+    assert main(["--resume", str(out), "--no-progress"]) == 0  # finished: resumes to nothing
+    assert "already finished" in capsys.readouterr().out
