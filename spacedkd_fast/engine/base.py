@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from . import graphed_steps
 from .deferred_checks import DeferredChecks, check_fused
-from .model_io import BufferGuard, to_device
+from .model_io import BufferGuard, autocast, to_device
 from .modes import MODES, resolve_mode
 from .options import ZERO_INTERVAL
 from .overlap import Lanes
@@ -132,6 +132,12 @@ class EngineBase(StepIO):
         if self.schedule is not None and self.schedule.replay_due(self.n):
             self._replay("interval")
         self._read_deferred(force=self.n % self.steps_per_epoch == 0)  # every N, epoch end
+
+    def _autocast(self, device: torch.device):
+        """The models' autocast on ``device``. Under ``cuda_graphs`` without the weight-cast
+        cache (torch's rule for captured work), in the warm-ups as in the captured steps; the
+        eager engine's autocast is unchanged."""
+        return autocast(device, self.amp_dtype, cache=self._graphs is None)
 
     def _check_deferred_optimizers(self, *opts: torch.optim.Optimizer | None) -> None:
         """Deferred checks skip a step through ``found_inf``: fused optimizers only."""

@@ -34,10 +34,17 @@ def fp32(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """Autocast to ``dtype`` on ``device``; no context at all for ``None``."""
+def autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True):
+    """Autocast to ``dtype`` on ``device``; no context at all for ``None``.
+
+    ``cache=False``: without autocast's cache of low-precision weight copies, as torch asks for
+    work captured in a CUDA graph (``cuda_graphs``): the cache would hold copies made inside the
+    capture (memory of the graph's private pool) and free them at the context's exit while
+    capturing. Each weight is cast where it is used instead; the values are the same."""
     if dtype is None:
         return contextlib.nullcontext()
+    if not cache:
+        return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=False)
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 

@@ -27,7 +27,6 @@ from .base import EngineBase, LossFn
 from .compat import check_compat, resolve_objective, resolve_switches
 from .feature_kd import build_head, check_feature_kd, detached_to, feature_term, head_dims
 from .model_io import (
-    autocast,
     ce_logits,
     fp32,
     frozen_bn_stats,
@@ -249,7 +248,7 @@ class SpacedDistiller(SpacedReplays, EngineBase):
 
     def _teacher_forward_train(self, x: Tensor) -> tuple[Tensor | None, Any]:
         train_mode(self.teacher)
-        with autocast(self.teacher_device, self.amp_dtype):
+        with self._autocast(self.teacher_device):
             return split_output(self.teacher(x))
 
     def _record_step(self, key: Any, x: Tensor, y: Tensor) -> None:
@@ -272,7 +271,7 @@ class SpacedDistiller(SpacedReplays, EngineBase):
 
         def ce(x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
             train_mode(self.student)
-            with autocast(self.student_device, self.amp_dtype):
+            with self._autocast(self.student_device):
                 _, z = split_output(self.student(x))
             return F.cross_entropy(fp32(ce_logits(z)), y), {}
 
@@ -328,7 +327,7 @@ class SpacedDistiller(SpacedReplays, EngineBase):
     def _student_loss(self, x: Tensor, y: Tensor, t_logits: Tensor, t_feat: Tensor | None
                       ) -> tuple[Tensor, dict[str, Tensor]]:
         train_mode(self.student)
-        with autocast(self.student_device, self.amp_dtype):
+        with self._autocast(self.student_device):
             s_feat, s_z = split_output(self.student(x))
             s_z = with_distill_head(self.student, s_z)
             if self.kd_second_forward and isinstance(s_z, Tensor):
@@ -362,7 +361,7 @@ class SpacedDistiller(SpacedReplays, EngineBase):
                 bns = self._bn_cache[id(teacher)] = tracking_bns(teacher)
             freeze = frozen_bn_stats(teacher, bns)
         device = model_device(teacher)  # the live teacher may sit on another GPU than x
-        with torch.no_grad(), freeze, autocast(device, self.amp_dtype):
+        with torch.no_grad(), freeze, self._autocast(device):
             feat, z = split_output(teacher(to_device(x, device)))
         z = to_device(target_logits(z), self.student_device)
         return detached_to(feat, self.student_device), z

@@ -95,6 +95,47 @@ def test_a_graphed_run_equals_the_eager_run_bitwise(mode, kw):
     assert eager.student_steps == graphed.student_steps
 
 
+def float32_pair_and_source():
+    teacher, student = make_pair(0, dtype=torch.float32)
+    src = make_source()
+    return teacher, student, InMemorySource(src.x.float(), src.y, 8, seed=0, noise=0.1)
+
+
+class SeesAutocast(torch.nn.Module):
+    """Wraps a ``(features, logits)`` model; records, at each forward under autocast, whether
+    autocast's weight-cast cache is on."""
+
+    def __init__(self, inner: torch.nn.Module, seen: list) -> None:
+        super().__init__()
+        self.inner, self.feature_dim, self.seen = inner, inner.feature_dim, seen
+
+    def forward(self, x):
+        if torch.is_autocast_enabled(x.device.type):
+            self.seen.append(torch.is_autocast_cache_enabled())
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("mode", ["spaced", "online", "base"])
+def test_graphed_steps_autocast_without_the_weight_cast_cache(mode):
+    """torch's rule for autocast in captured work (cache_enabled=False): in every forward of a
+    graphed run, warm-ups and captures alike; the eager engine keeps the cache. The values are
+    the same (a cast is a cast): bf16 autocast, graphed equals eager bitwise."""
+    out = []
+    for graphs in (False, RecordingBackend()):
+        teacher, student, src = float32_pair_and_source()
+        seen = []
+        d = build(mode, graphs, teacher=SeesAutocast(teacher, seen),
+                  student=SeesAutocast(student, seen), source=src, amp_dtype=torch.bfloat16)
+        out.append((train(d), d, seen))
+    (s_eager, eager, seen_eager), (s_graphed, graphed, seen_graphed) = out
+    assert seen_eager and all(seen_eager)
+    assert seen_graphed and not any(seen_graphed)
+    assert graphed._graphs.captures >= 2 and graphed._graphs.replays > graphed._graphs.warmups
+    assert s_graphed == s_eager
+    assert_same_weights(eager.student, graphed.student)
+    assert torch.is_autocast_cache_enabled()  # restored after the run
+
+
 def test_a_rate_replaced_by_load_state_dict_becomes_a_tensor_again():
     """A resume loads optimizer states after the distiller is built; torch puts the saved rate
     back (here a float). The warm-up turns it into a tensor again, so captured steps follow the
