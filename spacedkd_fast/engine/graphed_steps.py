@@ -137,7 +137,10 @@ def _taken(outputs: Any) -> Any:
 
 def _kernel_state(fn: Callable) -> tuple:
     """Host state that decides a loss function's kernels: its code and the modules it closes
-    over (the teacher a replay reads: the live one or the overlap snapshot) in train/eval mode."""
+    over (the teacher a replay reads: the live one or the overlap snapshot, each made once per
+    run, so the key is the same at every interval) in train/eval mode. The key holds the
+    modules themselves, not their ``id``: a graph reads their memory, so they must outlive it,
+    and a new module can never take a dead one's ``id`` and replay its graph."""
     mods = []
     for cell in fn.__closure__ or ():
         try:
@@ -145,7 +148,7 @@ def _kernel_state(fn: Callable) -> tuple:
         except ValueError:  # a cell not filled yet
             continue
         if isinstance(value, nn.Module):
-            mods.append((id(value), unwrap(value).training))
+            mods.append((value, unwrap(value).training))
     return fn.__code__, tuple(mods)
 
 

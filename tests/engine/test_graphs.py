@@ -170,6 +170,59 @@ def test_warm_up_then_one_capture_per_signature():
     assert roles == ["student", "student", "teacher", "teacher"]
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_captures_stay_bounded_over_many_intervals(overlap):
+    """Every replay builds a new loss closure (and with overlap reads the teacher snapshot): the
+    signature must not change per interval, or each interval would warm up and capture again
+    (a private memory pool per graph, growing all run). overlap=True: on CPU the lanes stay
+    inert, so this is the overlap's order on one stream (snapshot published per interval,
+    student steps issued one per teacher step), graphed against eager in that order."""
+    eager, graphed = build("spaced", False), build("spaced", RecordingBackend())
+    for d in (eager, graphed):
+        d.overlap = overlap
+    snapshots, captures = set(), []
+
+    def after(n):
+        if graphed._snapshot is not None:
+            snapshots.add(id(graphed._snapshot))
+        if n % L == 0:
+            captures.append(graphed._graphs.captures)
+
+    assert train(graphed, epochs=8, after=after) == train(eager, epochs=8)
+    assert_same_weights(eager.student, graphed.student)
+    g = graphed._graphs
+    assert graphed.student_steps > 5 * graphed.schedule.interval  # many intervals
+    # teacher and student, full and partial batch, all captured in the first four epochs (the
+    # overlapped student replays an interval late)
+    assert captures[3:] == [4] * 5
+    # with overlap the end-of-run flush replays against the live teacher: its own signatures
+    assert len(g.entries) == (6 if overlap else 4) and g.captures <= len(g.entries)
+    assert len(snapshots) == (1 if overlap else 0)  # one snapshot, copied into in place
+
+
+def test_a_signature_keeps_the_modules_its_step_reads_alive():
+    """A key with id(module) could be matched by a new module at a dead one's address, and its
+    graph would read freed memory: the key holds the module."""
+    import gc
+    import weakref
+
+    from spacedkd_fast.engine.graphed_steps import _kernel_state
+
+    def loss_reading(module):
+        def loss_fn(x, y):
+            return module(x), {}
+        return loss_fn
+
+    m = torch.nn.Linear(2, 2)
+    ref = weakref.ref(m)
+    key = _kernel_state(loss_reading(m))
+    del m
+    gc.collect()
+    assert ref() is not None and key[1][0][0] is ref()
+    assert _kernel_state(loss_reading(ref())) == key  # the same module: the same signature
+    assert _kernel_state(loss_reading(torch.nn.Linear(2, 2))) != key
+
+
 def test_the_recording_backend_replays_static_memory():
     """A replay reads the tensors the capture saw: a tensor rebound afterwards is not seen (as
     in a CUDA graph), one written in place is."""
