@@ -153,8 +153,15 @@ class CudaGraphBackend:
             current.wait_stream(side)
 
     def capture(self, fn: Callable[[], Any], device: torch.device) -> tuple[Any, Any]:
+        """A private memory pool per graph. ``thread_local``: only this thread's unsafe CUDA
+        calls break the capture; in torch's default (``global``) any thread's do, and a
+        capture happens mid-epoch while the data prefetch thread pins and copies the next batch
+        (``pin_memory`` queries events: CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED there, raised by
+        the next batch fetch, and an invalidated capture here). Work of other threads on other
+        streams is not captured either way; the autograd thread's backward kernels on the
+        capture stream are."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.device(device), torch.cuda.graph(graph):  # a private pool per graph
+        with torch.cuda.device(device), torch.cuda.graph(graph, capture_error_mode="thread_local"):
             out = fn()
         return graph, out
 

@@ -8,6 +8,8 @@ engine with the same optimizers and deferred checks (itself checked against naiv
 test_distill.py and test_deferred_checks.py): equal bitwise, over 3 epochs with a partial last
 batch (a second capture) and a rate that changes every 3 steps."""
 
+import contextlib
+
 import pytest
 import torch
 from helpers.toys import (  # noqa: F401 (one_thread is an autouse fixture)
@@ -387,6 +389,29 @@ def test_a_capturable_fused_adam_is_accepted_and_equals_eager():
     assert graphed._graphs.replays > 0
     assert_same_weights(eager.student, graphed.student)
     opt_states_equal(eager.student_opt, graphed.student_opt)
+
+
+def test_the_cuda_backend_captures_in_thread_local_mode(monkeypatch):
+    """torch.cuda.graph's default mode ('global') fails a capture when another thread makes an
+    unsafe CUDA call, and the prefetch thread pins the next batch (events queried) at any time:
+    the backend must ask for 'thread_local' (run for real in test_graphs_cuda.py)."""
+    from spacedkd_fast.engine.graphs import CudaGraphBackend
+
+    seen = []
+
+    class FakeGraph:
+        pass
+
+    @contextlib.contextmanager
+    def fake_graph(graph, pool=None, stream=None, capture_error_mode="global"):
+        seen.append(capture_error_mode)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", fake_graph)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    graph, out = CudaGraphBackend().capture(lambda: 7, torch.device("cpu"))
+    assert isinstance(graph, FakeGraph) and out == 7 and seen == ["thread_local"]
 
 
 def test_the_cuda_backend_needs_a_cuda_device():

@@ -11,7 +11,9 @@ recording backend); these run under gpu_check.sh. What they check:
 - the partial batch gets its own graph (4 captures in a spaced run: teacher and student, full and
   partial batches), and once everything is captured no step syncs with the host between the
   deferred reads (torch.cuda.set_sync_debug_mode('error'));
-- a NaN injected on the device mid-run stops the graphed run with the eager run's error.
+- a NaN injected on the device mid-run stops the graphed run with the eager run's error;
+- captures while another thread pins and copies (the data prefetch thread) succeed, and that
+  thread sees no error (the backend's thread_local capture mode).
 """
 
 import pytest
@@ -127,6 +129,43 @@ def test_graphs_compose_with_overlap():
     graphed, src = build("spaced", True, overlap=True)
     assert graphed.overlap
     train(graphed, src)
+    compare(eager, graphed, 1e-6)
+
+
+def test_captures_survive_a_thread_that_pins_and_copies_meanwhile():
+    """The data prefetch thread pins and copies the next batch while the engine captures a step
+    mid-epoch: with torch's default capture mode ('global') that thread's pin_memory (event
+    queries, cudaHostAlloc) fails with CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED and the capture is
+    invalidated; the backend captures in 'thread_local' mode."""
+    import threading
+
+    errors, stop = [], threading.Event()
+
+    def pin_and_copy():
+        side = torch.cuda.Stream()
+        n = 0
+        try:
+            while not stop.is_set():
+                n = n % 64 + 1
+                host = torch.empty(n * 4096, pin_memory=True)  # pinned blocks: new, or event-queried
+                with torch.cuda.stream(side):
+                    host.to("cuda", non_blocking=True)
+                side.synchronize()
+        except Exception as err:  # noqa: BLE001 - reported by the test
+            errors.append(err)
+
+    eager, src = build("spaced", False)
+    train(eager, src)
+    graphed, src = build("spaced", True)
+    worker = threading.Thread(target=pin_and_copy, daemon=True)
+    worker.start()
+    try:
+        train(graphed, src)
+    finally:
+        stop.set()
+        worker.join()
+    assert not errors, errors
+    assert graphed._graphs.captures == 4
     compare(eager, graphed, 1e-6)
 
 
