@@ -183,6 +183,19 @@ def signature(role: str, tensors: tuple[Tensor, ...], *host: Any) -> tuple:
     return (role, *((tuple(t.shape), t.dtype, t.stride(), t.device) for t in tensors), *host)
 
 
+def _static_like(t: Tensor) -> Tensor:
+    """A copy of ``t`` with ``t``'s strides: the layout the warm-up ran on and the signature
+    names. ``clone()`` keeps the strides of a dense tensor (channels_last included) but makes a
+    non-dense one contiguous; the captured kernels would then differ from the warm-up's (on
+    CUDA, with cudnn.benchmark, an algorithm search inside the capture). A tensor with a zero
+    stride (expanded) still gets a clone (writing into overlapping memory is refused)."""
+    t = t.detach()
+    c = t.clone()
+    if c.stride() == t.stride() or 0 in t.stride():
+        return c
+    return torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device).copy_(t)
+
+
 @dataclass
 class _Entry:
     warm: int = 0
@@ -220,7 +233,7 @@ class StepGraphs:
         call, replayed at every call. Returns the static outputs."""
         e = self.entries[sig]
         if e.graph is None:
-            e.inputs = tuple(t.detach().clone() for t in inputs)  # made outside the capture
+            e.inputs = tuple(_static_like(t) for t in inputs)  # made outside the capture
             e.graph, e.outputs = self.backend.capture(lambda: body(*e.inputs), device)
             self.captures += 1
         else:

@@ -242,6 +242,32 @@ def test_the_recording_backend_replays_static_memory():
     assert out2 is out and out.tolist() == [40.0]
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "every_other_image"])
+def test_static_inputs_keep_the_layout_of_the_warm_up(layout):
+    """The captured step runs on the layout its eager warm-up ran on (cuDNN picks algorithms per
+    layout: a new one would be searched inside the capture): static buffers take the input's
+    strides, also those of a non-dense input, which clone() would make contiguous."""
+    make = {"contiguous": lambda: torch.randn(8, 3, 4, 4),
+            "channels_last": lambda: torch.randn(8, 3, 4, 4).contiguous(
+                memory_format=torch.channels_last),
+            "every_other_image": lambda: torch.randn(16, 3, 4, 4)[::2]}
+    x = make[layout]()
+    seen = []
+    g = StepGraphs(RecordingBackend(warmup=1))
+    sig = ("t", x.stride())
+    with g.warm_up(sig, "t", x.device):
+        pass
+
+    def body(sx):
+        seen.append(sx.stride())
+        return sx * 2
+
+    assert torch.equal(g.replay(sig, x.device, (x,), body), x * 2)
+    assert seen == [x.stride()]
+    x2 = make[layout]()
+    assert torch.equal(g.replay(sig, x.device, (x2,), body), x2 * 2)
+
+
 @pytest.mark.parametrize("read", ["item", "tolist", "bool", "nonzero", "equal", "float"])
 def test_a_host_read_inside_a_captured_step_is_refused(read):
     x = torch.randn(4)
