@@ -6,7 +6,8 @@ recording backend); these run under gpu_check.sh. What they check:
 - fp32 with deterministic cuDNN: graphed == eager within 1e-6 of the weight scale (bitwise is
   expected: the same kernels run; the test prints which), over 3 epochs with a partial last batch
   and a rate that changes every 3 steps, for online and spaced;
-- bf16 autocast + channels_last: within 1e-2 of the weight scale;
+- bf16 autocast + channels_last: within 1e-2 of the weight scale, also with cudnn.benchmark (its
+  algorithm search happens in the eager warm-ups);
 - graphs with overlap on (two lanes) against the sequential eager run, fp32;
 - the partial batch gets its own graph (4 captures in a spaced run: teacher and student, full and
   partial batches), and once everything is captured no step syncs with the host between the
@@ -115,11 +116,17 @@ def test_fp32_graphed_equals_eager(mode):
     assert graphed._graphs.replays > graphed._graphs.warmups
 
 
-def test_bf16_channels_last_graphed_within_bf16_tolerance():
+@pytest.mark.parametrize("benchmark", [False, True])
+def test_bf16_channels_last_graphed_within_bf16_tolerance(benchmark):
+    """benchmark=True: cuDNN's algorithm search (the trainer turns it on) must happen in the
+    eager warm-ups (same shapes and strides), never inside a capture."""
+    torch.backends.cudnn.benchmark = benchmark
+    torch.backends.cudnn.deterministic = not benchmark
     eager, src = build("spaced", False, amp=torch.bfloat16)
     train(eager, src)
     graphed, src = build("spaced", True, amp=torch.bfloat16)
     train(graphed, src)
+    assert graphed._graphs.captures == 4
     compare(eager, graphed, 1e-2)
 
 
