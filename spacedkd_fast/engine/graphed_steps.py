@@ -14,10 +14,19 @@ inside a step (dropout, drop-path) draw from CUDA's graph-safe generator offsets
 distribution as eager, not the same draws.
 
 Preconditions (:func:`check_graphable`, one line each): the finiteness check deferred
-(``check_finite_every > 1``; or off, without a keyed replay to verify), no trace, no grad scaler, one process, fused optimizers with
-a tensor ``lr`` on the parameters' device (Adam / AdamW also ``capturable=True``), modes ``base``,
-``online``, ``spaced``, ``offline`` with keyed or copy replay, no shared optimizer, teacher and
-student on one device of the backend's type.
+(``check_finite_every > 1``; or off, without a keyed replay to verify), no trace, no grad
+scaler, one process, fused optimizers with a tensor ``lr`` on the parameters' device (Adam /
+AdamW also ``capturable=True``), modes ``base``, ``online``, ``spaced``, ``offline`` with keyed
+or copy replay, no shared optimizer, teacher and student on one device of the backend's type.
+
+Graphs in a run (one per signature seen more than ``warmup`` times, each with its own memory
+pool: the step's activations and its own copy of the gradients), times two when the epoch ends
+on a smaller batch: ``spaced``: the teacher's step and the student's replay (with overlap: the
+replay against the snapshot, and the end-of-run flush against the live teacher, one more per
+batch shape); ``offline``: the teacher's step and the student's against the teacher in eval
+mode; ``online``: the online step; ``base``: the student's step. The number does not grow with
+the run: a signature names what is made once per run (the teacher, the snapshot), never what
+each interval makes anew (its loss closure).
 """
 
 from __future__ import annotations
