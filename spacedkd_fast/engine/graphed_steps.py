@@ -51,6 +51,7 @@ def make_step_graphs(d, cuda_graphs: Any) -> StepGraphs | None:
     if backend is None:
         return None
     check_graphable(d, backend)
+    d._graph_rates = {}  # keep_rates: id(optimizer) -> the rate tensor of each param group
     return StepGraphs(backend)
 
 
@@ -117,6 +118,29 @@ def ready_rates(opt: torch.optim.Optimizer) -> None:
     check_graph_optimizer(opt)
 
 
+def keep_rates(d, *opts: torch.optim.Optimizer) -> None:
+    """Every graphed step, before anything else: each param group's rate is the tensor the
+    graphs read. ``load_state_dict`` puts new objects in (deep copies, floats): a reload after
+    a capture would leave the graphs reading a rate nobody writes any more (frozen, or freed
+    memory on CUDA). Its value goes into the kept tensor, which goes back into the group."""
+    for opt in opts:
+        rates = d._graph_rates.setdefault(id(opt), [])
+        for i, g in enumerate(opt.param_groups):
+            lr = g["lr"]
+            if i >= len(rates):  # a new group (groups are only appended: the projector's)
+                device = g["params"][0].device if g["params"] else None
+                if device is not None and not (isinstance(lr, Tensor) and lr.device == device):
+                    lr = g["lr"] = torch.as_tensor(lr, device=device)
+                rates.append(lr)
+            elif lr is not rates[i] and isinstance(rates[i], Tensor):
+                with torch.no_grad():
+                    if isinstance(lr, Tensor):
+                        rates[i].copy_(lr)
+                    else:
+                        rates[i].fill_(lr)
+                g["lr"] = rates[i]
+
+
 # -- what a captured step does on the device, and what follows on the host ---------------------
 def _update_on_device(d, losses: list[Tensor], updates: list[tuple[Tensor, Any]]) -> None:
     """Flag non-finite losses, then backward and optimizer step of each ``(loss, opt)``."""
@@ -166,6 +190,7 @@ def ce_step(d, model: nn.Module, ce_loss: Callable[..., Tensor], key: Any, x: Te
             opt, scheduler, what: str, record: bool, idle) -> None:
     """The teacher's recorded CE step (:meth:`~.base.EngineBase._recorded_ce_step`)."""
     graphs: StepGraphs = d._graphs
+    keep_rates(d, opt)
     sig = signature("teacher", (x, y))
     if not graphs.ready(sig):
         ready_rates(opt)
@@ -198,6 +223,7 @@ def online_step(d, key: Any, x: Tensor, y: Tensor) -> None:
     # on the device before anything: a captured step cannot copy from the host (one device:
     # a precondition)
     x, y = to_device(x, d.teacher_device), to_device(y, d.teacher_device)
+    keep_rates(d, d.teacher_opt, d.student_opt)
     sig = signature("online", (x, y))
     if not graphs.ready(sig):
         ready_rates(d.teacher_opt)
@@ -231,6 +257,7 @@ def student_step(d, key: Any, x: Tensor, y: Tensor, *, loss_fn, guard, teacher_s
                  expected=None, what: str = "", stream: int | None = None) -> None:
     """One student update (:meth:`~.base.EngineBase._student_step`)."""
     graphs: StepGraphs = d._graphs
+    keep_rates(d, d.student_opt)
     sig = signature("student", (x, y), *_kernel_state(loss_fn))
     if not graphs.ready(sig):
         ready_rates(d.student_opt)

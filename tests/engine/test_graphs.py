@@ -157,6 +157,31 @@ def test_a_rate_replaced_by_load_state_dict_becomes_a_tensor_again():
     assert graphed.student_opt.param_groups[0]["lr"].dtype == torch.float32
 
 
+@pytest.mark.parametrize("mode", ["spaced", "online"])
+def test_an_optimizer_reloaded_mid_run_keeps_the_rate_the_graphs_read(mode):
+    """load_state_dict after the captures (a rollback, a reload) puts deep copies of the rate
+    tensors into the param groups; the schedule then writes those. The graphs must still read
+    the rate the schedule writes: the run equals the eager one, the rate tensor is the one the
+    graphs were captured with."""
+    eager, graphed = build(mode, False), build(mode, RecordingBackend())
+    captured = {}
+
+    def reload(d):
+        def after(n):
+            if n == 2 * L:  # everything captured by now
+                captured[id(d)] = d.teacher_opt.param_groups[0]["lr"]
+                for opt in (d.teacher_opt, d.student_opt):
+                    opt.load_state_dict(opt.state_dict())
+        return after
+
+    assert train(graphed, after=reload(graphed)) == train(eager, after=reload(eager))
+    assert graphed._graphs.captures >= 2 and graphed._graphs.replays > graphed._graphs.warmups
+    for a, b in ((eager.student, graphed.student), (eager.teacher, graphed.teacher)):
+        assert_same_weights(a, b)
+    assert graphed.teacher_opt.param_groups[0]["lr"] is captured[id(graphed)]
+    assert eager.teacher_opt.param_groups[0]["lr"] is not captured[id(eager)]  # really replaced
+
+
 def test_warm_up_then_one_capture_per_signature():
     # spaced: teacher steps on full and partial batches, replays (train-mode teacher) on both
     d = build("spaced", RecordingBackend(warmup=2))
