@@ -51,7 +51,8 @@ def make_step_graphs(d, cuda_graphs: Any) -> StepGraphs | None:
     if backend is None:
         return None
     check_graphable(d, backend)
-    d._graph_rates = {}  # keep_rates: id(optimizer) -> the rate tensor of each param group
+    d._graph_rates = {}  # keep_optimizers: id(optimizer) -> the rate tensor of each group
+    d._graph_state = {}  # id(optimizer) -> (its state dict, the state tensors to keep)
     return StepGraphs(backend)
 
 
@@ -118,27 +119,56 @@ def ready_rates(opt: torch.optim.Optimizer) -> None:
     check_graph_optimizer(opt)
 
 
-def keep_rates(d, *opts: torch.optim.Optimizer) -> None:
-    """Every graphed step, before anything else: each param group's rate is the tensor the
-    graphs read. ``load_state_dict`` puts new objects in (deep copies, floats): a reload after
-    a capture would leave the graphs reading a rate nobody writes any more (frozen, or freed
-    memory on CUDA). Its value goes into the kept tensor, which goes back into the group."""
+def keep_optimizers(d, *opts: torch.optim.Optimizer) -> None:
+    """Every graphed step, before anything else: the tensors the graphs read are still the
+    optimizers' own. ``load_state_dict`` puts new objects in (each rate and state tensor a deep
+    copy or a float): a reload after a capture (a rollback) would leave the graphs stepping
+    with a rate nobody writes any more and with the old momentum / moments, on CUDA in memory
+    the optimizer no longer holds. The new values go into the kept tensors, which go back in.
+    Costs two identity checks per optimizer and one per param group when nothing changed."""
     for opt in opts:
-        rates = d._graph_rates.setdefault(id(opt), [])
-        for i, g in enumerate(opt.param_groups):
-            lr = g["lr"]
-            if i >= len(rates):  # a new group (groups are only appended: the projector's)
-                device = g["params"][0].device if g["params"] else None
-                if device is not None and not (isinstance(lr, Tensor) and lr.device == device):
-                    lr = g["lr"] = torch.as_tensor(lr, device=device)
-                rates.append(lr)
-            elif lr is not rates[i] and isinstance(rates[i], Tensor):
-                with torch.no_grad():
-                    if isinstance(lr, Tensor):
-                        rates[i].copy_(lr)
-                    else:
-                        rates[i].fill_(lr)
-                g["lr"] = rates[i]
+        _keep_rates(d._graph_rates.setdefault(id(opt), []), opt)
+        kept = d._graph_state.get(id(opt))
+        if kept is not None and kept[0] is not opt.state:
+            _put_back_state(kept[1], opt)
+            remember_state(d, opt)
+
+
+def remember_state(d, *opts: torch.optim.Optimizer) -> None:
+    """After a warm-up (the optimizer state a later capture reads exists then: warm-ups make it,
+    captures do not): the state tensors to keep."""
+    for opt in opts:
+        d._graph_state[id(opt)] = (opt.state, {
+            p: {k: v for k, v in st.items() if isinstance(v, Tensor)}
+            for p, st in opt.state.items()})
+
+
+def _keep_rates(rates: list[Any], opt: torch.optim.Optimizer) -> None:
+    for i, g in enumerate(opt.param_groups):
+        lr = g["lr"]
+        if i >= len(rates):  # a new group (groups are only appended: the projector's)
+            device = g["params"][0].device if g["params"] else None
+            if device is not None and not (isinstance(lr, Tensor) and lr.device == device):
+                lr = g["lr"] = torch.as_tensor(lr, device=device)
+            rates.append(lr)
+        elif lr is not rates[i] and isinstance(rates[i], Tensor):
+            with torch.no_grad():
+                if isinstance(lr, Tensor):
+                    rates[i].copy_(lr)
+                else:
+                    rates[i].fill_(lr)
+            g["lr"] = rates[i]
+
+
+def _put_back_state(kept: dict[Tensor, dict[str, Tensor]], opt: torch.optim.Optimizer) -> None:
+    with torch.no_grad():
+        for p, st in opt.state.items():
+            for k, v in st.items():
+                old = kept.get(p, {}).get(k)
+                if (old is not None and isinstance(v, Tensor) and v is not old
+                        and v.shape == old.shape):
+                    old.copy_(v)
+                    st[k] = old
 
 
 # -- what a captured step does on the device, and what follows on the host ---------------------
@@ -190,12 +220,13 @@ def ce_step(d, model: nn.Module, ce_loss: Callable[..., Tensor], key: Any, x: Te
             opt, scheduler, what: str, record: bool, idle) -> None:
     """The teacher's recorded CE step (:meth:`~.base.EngineBase._recorded_ce_step`)."""
     graphs: StepGraphs = d._graphs
-    keep_rates(d, opt)
+    keep_optimizers(d, opt)
     sig = signature("teacher", (x, y))
     if not graphs.ready(sig):
         ready_rates(opt)
         with graphs.warm_up(sig, "teacher", d.teacher_device):
             d._eager_ce_step(model, ce_loss, key, x, y, opt, scheduler, what, record, idle)
+        remember_state(d, opt)
         return
     train_mode(model)  # the mode the graph computes in, also on the host
     checksum = batch_checksum(x, y) if d._need_checksum() else None
@@ -223,13 +254,14 @@ def online_step(d, key: Any, x: Tensor, y: Tensor) -> None:
     # on the device before anything: a captured step cannot copy from the host (one device:
     # a precondition)
     x, y = to_device(x, d.teacher_device), to_device(y, d.teacher_device)
-    keep_rates(d, d.teacher_opt, d.student_opt)
+    keep_optimizers(d, d.teacher_opt, d.student_opt)
     sig = signature("online", (x, y))
     if not graphs.ready(sig):
         ready_rates(d.teacher_opt)
         ready_rates(d.student_opt)
         with graphs.warm_up(sig, "online", d.teacher_device):
             d._eager_online_step(key, x, y)
+        remember_state(d, d.teacher_opt, d.student_opt)
         return
     train_mode(d.teacher)
     train_mode(d.student)
@@ -257,7 +289,7 @@ def student_step(d, key: Any, x: Tensor, y: Tensor, *, loss_fn, guard, teacher_s
                  expected=None, what: str = "", stream: int | None = None) -> None:
     """One student update (:meth:`~.base.EngineBase._student_step`)."""
     graphs: StepGraphs = d._graphs
-    keep_rates(d, d.student_opt)
+    keep_optimizers(d, d.student_opt)
     sig = signature("student", (x, y), *_kernel_state(loss_fn))
     if not graphs.ready(sig):
         ready_rates(d.student_opt)
@@ -265,6 +297,7 @@ def student_step(d, key: Any, x: Tensor, y: Tensor, *, loss_fn, guard, teacher_s
             d._eager_student_step(key, x, y, loss_fn=loss_fn, guard=guard,
                                   teacher_step=teacher_step, expected=expected, what=what,
                                   stream=stream)
+        remember_state(d, d.student_opt)
         return
     train_mode(d.student)
     checksum = batch_checksum(x, y) if expected is not None else None

@@ -158,28 +158,41 @@ def test_a_rate_replaced_by_load_state_dict_becomes_a_tensor_again():
 
 
 @pytest.mark.parametrize("mode", ["spaced", "online"])
-def test_an_optimizer_reloaded_mid_run_keeps_the_rate_the_graphs_read(mode):
-    """load_state_dict after the captures (a rollback, a reload) puts deep copies of the rate
-    tensors into the param groups; the schedule then writes those. The graphs must still read
-    the rate the schedule writes: the run equals the eager one, the rate tensor is the one the
-    graphs were captured with."""
-    eager, graphed = build(mode, False), build(mode, RecordingBackend())
-    captured = {}
+def test_an_optimizer_rolled_back_mid_run_is_what_the_graphs_step_with(mode):
+    """load_state_dict after the captures (a rollback to a saved optimizer state) puts new rate
+    and momentum tensors into the optimizer; the schedule then writes those. The graphs must
+    step with the loaded momentum and the rate the schedule writes: the run equals the eager
+    one, and the tensors the graphs were captured with are the optimizer's again."""
+    import copy
 
-    def reload(d):
+    eager, graphed = build(mode, False), build(mode, RecordingBackend())
+    saved, captured = {}, {}
+
+    def roll_back(d):
         def after(n):
             if n == 2 * L:  # everything captured by now
-                captured[id(d)] = d.teacher_opt.param_groups[0]["lr"]
-                for opt in (d.teacher_opt, d.student_opt):
-                    opt.load_state_dict(opt.state_dict())
+                saved[id(d)] = [copy.deepcopy(o.state_dict()) for o in (d.teacher_opt,
+                                                                        d.student_opt)]
+            if n == 2 * L + 4:  # back to the state of 4 steps ago: other momentum values
+                opt = d.student_opt
+                p = opt.param_groups[0]["params"][0]
+                captured[id(d)] = opt.param_groups[0]["lr"], opt.state[p]["momentum_buffer"]
+                for o, state in zip((d.teacher_opt, d.student_opt), saved[id(d)]):
+                    o.load_state_dict(state)
         return after
 
-    assert train(graphed, after=reload(graphed)) == train(eager, after=reload(eager))
+    assert train(graphed, after=roll_back(graphed)) == train(eager, after=roll_back(eager))
     assert graphed._graphs.captures >= 2 and graphed._graphs.replays > graphed._graphs.warmups
     for a, b in ((eager.student, graphed.student), (eager.teacher, graphed.teacher)):
         assert_same_weights(a, b)
-    assert graphed.teacher_opt.param_groups[0]["lr"] is captured[id(graphed)]
-    assert eager.teacher_opt.param_groups[0]["lr"] is not captured[id(eager)]  # really replaced
+    opt_states_equal(eager.student_opt, graphed.student_opt)
+    opt_states_equal(eager.teacher_opt, graphed.teacher_opt)
+    for d, kept in ((graphed, True), (eager, False)):  # eager: really replaced
+        opt = d.student_opt
+        p = opt.param_groups[0]["params"][0]
+        lr, buf = captured[id(d)]
+        assert (opt.param_groups[0]["lr"] is lr) == kept
+        assert (opt.state[p]["momentum_buffer"] is buf) == kept
 
 
 def test_warm_up_then_one_capture_per_signature():
