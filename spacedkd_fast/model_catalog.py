@@ -78,7 +78,7 @@ for _d in (18, 34, 50, 101, 152):
     )
     _info(
         f"byot_resnet{_d}",
-        f"four-exit self-KD ResNet-{_d} (SPEC section 4); kw: downsample_factor",
+        f"four-exit self-KD ResNet-{_d} (Be Your Own Teacher); kw: downsample_factor",
         family="cnn",
         min_size=8,
         multiple=8,

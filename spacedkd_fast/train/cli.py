@@ -34,7 +34,7 @@ DESCRIPTION = """\
 Train with Spaced Knowledge Distillation (Sun et al., ICML 2025).
 
 The default run trains a ResNet-18 teacher and a ResNet-18 student with Spaced online KD and the
-paper's CIFAR-100 recipe (SPEC section 5). When no data set is named and CIFAR-100 is not under
+paper's CIFAR-100 recipe. When no data set is named and CIFAR-100 is not under
 --data-dir, it trains on the embedded digits data set instead (announced in the first lines, with
 shorter digits defaults) so that the whole pipeline can be seen working in about a minute on a CPU.
 
