@@ -246,7 +246,9 @@ class TrainConfig:
     compile: bool = _opt(False, "torch.compile the models", G_SPEED)
     deterministic: bool = _opt(False, "deterministic algorithms only (slower on CUDA)", G_SPEED)
     overlap: str = _opt("auto", "run the student's replay concurrently with the teacher's next "
-                        "interval (auto: when a GPU makes it pay)", G_SPEED, choices=OVERLAP_MODES)
+                        "interval (auto: on CUDA when no loss is read before every step, i.e. with "
+                        "--finite-check-every N > 1; with that read it does not pay)", G_SPEED,
+                        choices=OVERLAP_MODES)
     cuda_graphs: str = _opt("auto", "capture the teacher's and the student's training steps as "
                             "CUDA graphs and replay them (auto: off until capture is verified "
                             "on a GPU)", G_SPEED, choices=GRAPH_MODES)

@@ -128,27 +128,30 @@ GRAPHED_MODES = ("base", "online", "spaced", "offline")  # engine/graphed_steps.
 
 
 def graph_errors(cfg: Any) -> list[str]:
-    """What ``cuda_graphs: on`` cannot run with (captured steps read nothing on the host); the
-    CUDA device itself is checked at run time."""
+    """What ``cuda_graphs: on`` cannot run with (captured steps read nothing on the host). A
+    device named ``cpu`` is the one blocker said alone; ``auto`` is checked at run time."""
     if getattr(cfg, "cuda_graphs", "off") != "on":
         return []
     fix = "or --cuda-graphs off"
+    if str(cfg.device).lower() == "cpu":
+        return ["--cuda-graphs on needs a CUDA device (this run is on --device cpu): use "
+                "--cuda-graphs off"]
     errors = []
     if cfg.finite_check_every <= 1:
-        errors.append("cuda_graphs=on needs --finite-check-every N > 1 (a loss read on the host "
+        errors.append("--cuda-graphs on needs --finite-check-every N > 1 (a loss read on the host "
                       f"every step cannot be captured): e.g. --finite-check-every 16, {fix}")
     if cfg.trace:
-        errors.append(f"cuda_graphs=on cannot write --trace (it reads every step): drop --trace, "
-                      f"{fix}")
+        errors.append(f"--cuda-graphs on cannot write --trace (it reads every step): drop "
+                      f"--trace, {fix}")
     if cfg.amp == "fp16":
-        errors.append("cuda_graphs=on cannot run with --amp fp16 (its GradScaler reads a flag "
+        errors.append("--cuda-graphs on cannot run with --amp fp16 (its GradScaler reads a flag "
                       f"every step): use --amp bf16 or off, {fix}")
     if cfg.mode not in GRAPHED_MODES:
-        errors.append(f"cuda_graphs=on supports modes {', '.join(GRAPHED_MODES)}, not "
+        errors.append(f"--cuda-graphs on supports modes {', '.join(GRAPHED_MODES)}, not "
                       f"{cfg.mode}: use one of them, {fix}")
     if cfg.compat == "official-vit" or cfg.replay == "fresh" or cfg.shared_optimizer:
-        errors.append("cuda_graphs=on does not support replay=fresh or a shared optimiser yet "
-                      f"(compat=official-vit has both): {fix}")
+        errors.append("--cuda-graphs on does not support --replay fresh or a shared optimiser "
+                      f"yet (--compat official-vit has both): {fix}")
     return errors
 
 

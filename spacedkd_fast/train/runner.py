@@ -154,6 +154,9 @@ def _refuse_unusable(cfg: TrainConfig, info: DistInfo) -> None:
     if cfg.cuda_graphs == "on" and info.device.type != "cuda":
         raise UserError(f"--cuda-graphs on needs a CUDA device (this run is on {info.device}); "
                         "use --cuda-graphs off")
+    if cfg.overlap == "on" and info.device.type != "cuda":
+        raise UserError(f"--overlap on needs a CUDA device (this run is on {info.device}); use "
+                        "--overlap auto or off")
 
 
 def execute(cfg: TrainConfig, info: DistInfo, *, state: dict[str, Any] | None, progress: bool,

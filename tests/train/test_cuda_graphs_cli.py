@@ -16,7 +16,7 @@ from spacedkd_fast.train.errors import EXIT_BAD_INPUT
 from spacedkd_fast.train.lr_schedule import EpochSchedule, StepSchedule
 from spacedkd_fast.train.optim import build_optimizer
 
-GOOD = dict(mode="spaced", cuda_graphs="on", finite_check_every=8, amp="bf16", device="cpu")
+GOOD = dict(mode="spaced", cuda_graphs="on", finite_check_every=8, amp="bf16", device="auto")
 
 
 def test_on_without_cuda_is_one_line_and_exit_2(tmp_path, capsys):
@@ -25,9 +25,35 @@ def test_on_without_cuda_is_one_line_and_exit_2(tmp_path, capsys):
                    "--device", "cpu", "--dataset", "digits", "--epochs", "1", "--out", str(out)])
     err = capsys.readouterr().err.strip()
     assert status == EXIT_BAD_INPUT == 2
+    # --device cpu is named before anything else, without loading torch; on a machine without
+    # CUDA, --device auto is refused at run time in the same words
+    assert err.splitlines()[-1].strip() == ("- --cuda-graphs on needs a CUDA device (this run is "
+                                            "on --device cpu): use --cuda-graphs off")
+    assert len(err.splitlines()) == 2  # "invalid configuration:" and the one reason
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the run-time refusal needs a machine "
+                    "without CUDA")
+def test_on_with_device_auto_on_a_machine_without_cuda_is_refused_at_run_time(tmp_path, capsys):
+    out = tmp_path / "run"
+    status = main(["--mode", "spaced", "--cuda-graphs", "on", "--finite-check-every", "4",
+                   "--dataset", "digits", "--epochs", "1", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert status == EXIT_BAD_INPUT
     assert err == ("error: --cuda-graphs on needs a CUDA device (this run is on cpu); use "
                    "--cuda-graphs off")
     assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_overlap_on_without_cuda_is_one_line(tmp_path, capsys):
+    status = main(["--mode", "spaced", "--overlap", "--dataset", "digits", "--epochs", "1",
+                   "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert status == EXIT_BAD_INPUT
+    assert err == ("error: --overlap on needs a CUDA device (this run is on cpu); use --overlap "
+                   "auto or off")
 
 
 def test_a_good_graph_configuration_has_no_errors_and_auto_off_are_never_checked():
@@ -43,7 +69,7 @@ def test_a_good_graph_configuration_has_no_errors_and_auto_off_are_never_checked
     (dict(trace="t.jsonl"), "--trace"),
     (dict(amp="fp16", device="cuda"), "--amp"),
     (dict(mode="self", arch="resnet18"), "supports modes"),
-    (dict(compat="official-vit"), "replay=fresh or a shared optimiser"),
+    (dict(compat="official-vit"), "--replay fresh or a shared optimiser"),
 ])
 def test_each_setting_a_capture_cannot_run_with_is_named(change, flag, capsys):
     values = dict(GOOD) | change
@@ -52,7 +78,7 @@ def test_each_setting_a_capture_cannot_run_with_is_named(change, flag, capsys):
         argv += [f"--{key.replace('_', '-')}", str(value)]
     assert main([*argv, "--print-config"]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if "cuda_graphs=on" in line]
+    lines = [line for line in err.splitlines() if "--cuda-graphs on" in line]
     assert len(lines) == 1 and flag in lines[0] and "--cuda-graphs off" in lines[0]
 
 
@@ -139,7 +165,9 @@ def test_the_trainer_passes_the_setting_and_builds_tensor_rate_optimisers(tmp_pa
         raise _Built
 
     monkeypatch.setattr(build, "SpacedDistiller", spy)
-    cfg = tiny_config(tmp_path, mode="spaced", finite_check_every=4, cuda_graphs=value)
+    # device auto: --device cpu with graphs on is refused by the configuration itself
+    cfg = tiny_config(tmp_path, mode="spaced", finite_check_every=4, cuda_graphs=value,
+                      device="auto")
     with pytest.raises(_Built):
         build.build_run(cfg, init_distributed("cpu"), data=digits_bundle)
     assert seen["cuda_graphs"] is on and seen["check_finite_every"] == 4
@@ -156,6 +184,7 @@ def test_the_engine_refuses_graphs_on_cpu_models_through_build_run(tmp_path, dig
     from spacedkd_fast.train.distributed import init_distributed
     from spacedkd_fast.train.errors import UserError
 
-    cfg = tiny_config(tmp_path, mode="online", finite_check_every=4, cuda_graphs="on")
+    cfg = tiny_config(tmp_path, mode="online", finite_check_every=4, cuda_graphs="on",
+                      device="auto")
     with pytest.raises(UserError, match=r"cuda_graphs need a CUDA device \(the models are on cpu"):
         build_run(cfg, init_distributed("cpu"), data=digits_bundle)
