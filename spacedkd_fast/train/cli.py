@@ -109,7 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "checkpoint, with its saved configuration; flags equal to the saved "
                           "values are accepted, --epochs N extends the run")
     run.add_argument("--print-config", action="store_true",
-                     help="print the resolved configuration as YAML and exit")
+                     help="print the configuration (defaults, recipe, flags) as YAML and exit; "
+                          "what depends on the machine or the data found (the auto values, the "
+                          "digits defaults) is settled when the run starts and saved in "
+                          "OUT/config.yaml")
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bar (epoch lines only)")
 

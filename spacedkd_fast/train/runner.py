@@ -316,6 +316,11 @@ def resume_plan(state: dict[str, Any], out: str | os.PathLike,
                         "done (the student trains against the final teacher)")
     notes.append(f"extending the run from {saved.epochs} to {cfg.epochs} epochs")
     if state.get("finished"):
+        if cfg.mode in ("spaced", "spaced-self"):
+            notes.append("the run had finished: its end of training already replayed (or, with "
+                         "the official switch, dropped) the batches after its last interval, so "
+                         f"the extended run differs from one planned for {cfg.epochs} epochs from "
+                         "the start in those batches")
         state["finished"] = False
         for engine in state["engine"]:  # the engine's end of training becomes a mid-run point
             engine["finished"] = False

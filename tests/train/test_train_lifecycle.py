@@ -57,9 +57,11 @@ def test_resume_plan_replans_schedules_that_depend_on_the_total(tmp_path):
              "engine": [{"finished": True}], "metrics": [{"lr": 0.0123}]}
     new, notes = runner.resume_plan(state, tmp_path / "run", {"epochs": 4})
     assert new.epochs == 4
-    assert notes == ["extending the run from 2 to 4 epochs",
-                     "the cosine learning-rate schedule is re-planned for 4 epochs from epoch 3 "
-                     "on (lr was 0.0123 after epoch 2)"]
+    assert notes[0] == "extending the run from 2 to 4 epochs"
+    # spaced KD: the finished run's end of training handled its tail; the user is told
+    assert "differs from one planned for 4 epochs from the start" in notes[1]
+    assert notes[2:] == ["the cosine learning-rate schedule is re-planned for 4 epochs from "
+                         "epoch 3 on (lr was 0.0123 after epoch 2)"]
     assert state["finished"] is False and state["engine"][0]["finished"] is False
 
 
