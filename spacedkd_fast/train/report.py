@@ -310,8 +310,10 @@ def run_header(cfg: Any, *, models: str, num_classes: int, image_size: int,
             f"{cfg.optimizer} lr {cfg.lr:g} ({cfg.schedule})")
 
 
-def nonfinite_text(err: Any, *, steps_per_epoch: int, last_epoch: int, checkpoint: Path) -> str:
-    """The stop message of a run whose loss became NaN/inf (``err``: a ``NonFiniteLossError``)."""
+def nonfinite_text(err: Any, *, steps_per_epoch: int, last_epoch: int, checkpoint: Path,
+                   amp: str = "off") -> str:
+    """The stop message of a run whose loss became NaN/inf (``err``: a ``NonFiniteLossError``);
+    ``amp``: the run's autocast (``--amp off`` is suggested only when it was on)."""
     kept = (f"the last good checkpoint (after epoch {last_epoch}) is kept in {checkpoint}"
             if last_epoch else "no checkpoint had been written yet")
     where = f"batch key {err.key}"
@@ -320,7 +322,8 @@ def nonfinite_text(err: Any, *, steps_per_epoch: int, last_epoch: int, checkpoin
         where = (f"step n={err.key}: epoch {(err.key - 1) // L + 1}, batch "
                  f"{(err.key - 1) % L + 1} of {L}")
     return (f"stopped: non-finite {err.role} loss at {where} ({err.role} update {err.step} was "
-            f"not applied); {kept}. Lower --lr, try --amp off, or check the data.")
+            f"not applied); {kept}. Lower --lr, {'try --amp off, ' if amp != 'off' else ''}"
+            "or check the data.")
 
 
 def summary_models(cfg: Any, *, has_teacher: bool, last_row: dict[str, Any]

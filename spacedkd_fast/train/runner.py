@@ -174,16 +174,22 @@ def execute(cfg: TrainConfig, info: DistInfo, *, state: dict[str, Any] | None, p
     _refuse_unusable(cfg, info)
     if cfg.out is None:
         cfg.out = default_out(cfg, dataset or cfg.dataset or "auto")
+    new_folder = not Path(cfg.out).exists()
     out = prepare_output(cfg, info, resuming=state is not None)
     loggers = None
-    if info.is_main:  # optional loggers first: a missing package fails before any work
-        try:
-            loggers = ExternalLoggers(out, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
-                                      project=cfg.wandb_project, config=cfg.to_dict(),
-                                      run_name=out.name)
-        except ImportError as err:
-            raise UserError(str(err)) from None
-    parts = build_run(cfg, info, data=data)
+    try:
+        if info.is_main:  # optional loggers first: a missing package fails before any work
+            try:
+                loggers = ExternalLoggers(out, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
+                                          project=cfg.wandb_project, config=cfg.to_dict(),
+                                          run_name=out.name)
+            except ImportError as err:
+                raise UserError(str(err)) from None
+        parts = build_run(cfg, info, data=data)
+    except UserError:
+        if new_folder and info.is_main and not any(out.iterdir()):
+            out.rmdir()  # a run refused before it began leaves no empty folder behind
+        raise
     if cfg.dataset is None and dataset:
         cfg.dataset = dataset  # config.yaml and the checkpoint name what was used
     status, history = EXIT_OK, None
@@ -217,7 +223,7 @@ def execute(cfg: TrainConfig, info: DistInfo, *, state: dict[str, Any] | None, p
     except NonFiniteLossError as err:
         history.say(nonfinite_text(err, steps_per_epoch=parts.steps_per_epoch,
                                    last_epoch=history.rows[-1]["epoch"] if history.rows else 0,
-                                   checkpoint=out / CHECKPOINT_NAME))
+                                   checkpoint=out / CHECKPOINT_NAME, amp=cfg.amp))
         status = EXIT_NONFINITE
     except (WriteError, OSError) as err:
         if not isinstance(err, WriteError) and err.errno not in WRITE_ERRNOS:

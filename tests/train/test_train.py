@@ -149,6 +149,7 @@ def test_a_nan_in_a_batch_stops_the_run_naming_the_step_and_keeps_the_last_check
     assert status == runner.EXIT_NONFINITE
     assert f"step n={bad}: epoch 2, batch 3 of {L}" in out and "non-finite teacher loss" in out
     assert "last good checkpoint (after epoch 1)" in out
+    assert "Lower --lr, or check the data" in out  # no "--amp off" advice to an fp32 run
     state = load_checkpoint(tmp_path / "run")
     assert state["epoch"] == 1 and not state["finished"]
     weights = state["models"]["teacher"]

@@ -176,10 +176,13 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, finished_run, args, 
         if "{out}/" + name in args:
             damaged(finished_run, tmp_path / name, change)
     args = [a.replace("{out}", str(tmp_path)).replace("{run}", str(finished_run)) for a in args]
-    if "--out" not in args and "--resume" not in args:
+    fresh_out = "--out" not in args and "--resume" not in args
+    if fresh_out:
         args += ["--out", str(tmp_path / "o")]
     status, text = cli(capsys, *args)
     assert_one_line_error(status, text, needle)
+    if fresh_out:  # a refused run leaves no (empty) output folder behind
+        assert not (tmp_path / "o").exists()
 
 
 # ---------------------------------------------------------------------------- failed writes
