@@ -76,7 +76,8 @@ def _default_text(name: str, default: Any) -> str:
         text = "on" if default else "off"
     elif default is None:
         text = {"kd_scale": "T*T", "dataset": "auto", "out": "auto", "augment": "the data set's",
-                "image_size": "the data set's (vit: 224)"}.get(name, "none")
+                "image_size": "the data set's (vit: 224)",
+                "drop_last": "the augmentation recipe's choice"}.get(name, "none")
     elif isinstance(default, list):
         text = ",".join(f"{v:g}" for v in default) or "none"
     elif isinstance(default, dict):
@@ -135,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         if meta.get("choices") and {"on", "off"} <= set(meta["choices"]):
             # a three-way auto|on|off switch: the bare flag means on and --no-FLAG off, as the
             # on/off switches spell it (--channels-last was one before auto existed)
-            kwargs.update(choices=meta["choices"], nargs="?", const="on")
+            kwargs.update(choices=meta["choices"], nargs="?", const="on",
+                          help=f"{help_text}; {flag} alone: on, --no-{flag[2:]}: off")
             group.add_argument("--no-" + flag[2:], dest=f.name, action="store_const",
                                const="off", help=argparse.SUPPRESS)
         elif meta.get("choices"):

@@ -74,7 +74,7 @@ G_DATA = "data"
 G_OPT = "optimisation"
 G_KD = "distillation"
 G_COMPAT = "compatibility with the official code (each switch restores one official behaviour)"
-G_SPEED = "speed"
+G_SPEED = "speed, device and reproducibility"
 G_OUT = "output"
 
 
