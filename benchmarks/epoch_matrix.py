@@ -291,20 +291,29 @@ def official_row(args, cap: float) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--images", type=int, default=50_000)
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--classes", type=int, default=100)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--interval-rate", type=float, default=1.5)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=f"rows: {', '.join(repr(n) for n in ORDER)}. A CPU miniature that shows the code "
+               "path (not the speed) in seconds: python benchmarks/epoch_matrix.py --device cpu "
+               "--images 1024 --image-size 8 --classes 10 --model-kwargs downsample_factor=64 "
+               "--official-workers 0 --budget 50")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda (the benchmark) or cpu (a miniature: the default sizes take minutes)")
+    p.add_argument("--images", type=int, default=50_000, help="synthetic training images")
+    p.add_argument("--image-size", type=int, default=32, help="pixels")
+    p.add_argument("--classes", type=int, default=100, help="classes")
+    p.add_argument("--batch", type=int, default=128, help="batch size")
+    p.add_argument("--interval-rate", type=float, default=1.5, help="spacing s")
     p.add_argument("--model-kwargs", default="", help="both networks' options, K=V,... "
                    "(e.g. downsample_factor=64 for the CPU miniature)")
-    p.add_argument("--variants", default=",".join(ORDER), help="comma-separated rows to run")
-    p.add_argument("--profile-steps", type=int, default=30)
-    p.add_argument("--official-batches", type=int, default=60)
-    p.add_argument("--official-interval", type=int, default=10)
-    p.add_argument("--official-workers", type=int, default=4)
+    p.add_argument("--variants", default=",".join(ORDER),
+                   help="comma-separated rows to run (quote names with spaces)")
+    p.add_argument("--profile-steps", type=int, default=30,
+                   help="steps profiled for the GPU-busy fraction")
+    p.add_argument("--official-batches", type=int, default=60, help="official loop: timed batches")
+    p.add_argument("--official-interval", type=int, default=10,
+                   help="official loop: a replay every this many batches")
+    p.add_argument("--official-workers", type=int, default=4, help="official loop: loader workers")
     p.add_argument("--budget", type=float, default=175.0,
                    help="seconds for the whole matrix; rows that no longer fit are skipped")
     p.add_argument("--cap-scale", type=float, default=1.0, help="multiplies each row's cap")

@@ -225,7 +225,8 @@ class SpacedDistiller(SpacedReplays, EngineBase):
         that read, overlap was 0.97x; with the read deferred or off, 1.19x)."""
         if overlap not in ("auto", True, False):
             raise ValueError(f"overlap must be 'auto', True or False, got {overlap!r}")
-        devices = f"{self.teacher_device.type} and {self.student_device.type}"
+        devices = sorted({self.teacher_device.type, self.student_device.type})
+        devices = " and ".join(devices)
         missing = [what for what, ok in (
             ("mode 'spaced'", self.spec.replays == "interval" and self.spec.teacher),
             (f"CUDA teacher and student (they are on {devices})",
