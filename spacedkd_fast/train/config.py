@@ -406,6 +406,7 @@ def print_config(cfg: TrainConfig, stream: Any = None) -> None:
 
 def save_yaml(cfg: TrainConfig, path: str | Path) -> None:
     """Write the resolved configuration (every field) so that the run can be reproduced."""
-    text = "# resolved configuration of this run; reuse with --config\n"
+    text = ("# resolved configuration of this run; reuse with --config FILE --out NEW_FOLDER (this\n"
+            "# run's folder holds its checkpoint; continue it with --resume instead)\n")
     text += yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     Path(path).write_text(text)
