@@ -43,7 +43,7 @@ from .model_io import (
     with_distill_head,
 )
 from .options import REPLAY_KINDS, STUDENT_DATA
-from .overlap import Lanes
+from .overlap import Lanes, overlap_wanted
 from .replay import Record
 from .spaced_replays import SpacedReplays
 from .trace import batch_checksum
@@ -220,27 +220,7 @@ class SpacedDistiller(SpacedReplays, EngineBase):
 
     # -- construction helpers ---------------------------------------------------------------
     def _want_overlap(self, overlap) -> bool:
-        """``True``: on (refused, naming what is missing, when it cannot run); ``auto``: on when
-        it can run and no loss is read on the host before every step (measured on an H200: with
-        that read, overlap was 0.97x; with the read deferred or off, 1.19x)."""
-        if overlap not in ("auto", True, False):
-            raise ValueError(f"overlap must be 'auto', True or False, got {overlap!r}")
-        devices = sorted({self.teacher_device.type, self.student_device.type})
-        devices = " and ".join(devices)
-        missing = [what for what, ok in (
-            ("mode 'spaced'", self.spec.replays == "interval" and self.spec.teacher),
-            (f"CUDA teacher and student (they are on {devices})",
-             self.teacher_device.type == "cuda" and self.student_device.type == "cuda"),
-            ("teacher_bn_update=False", not self.teacher_bn_update),
-            ("no grad_scaler", self.grad_scaler is None),
-            ("replay='keyed'", self.replay == "keyed"),
-            ("no shared optimizer", not self.shared_optimizer)) if not ok]
-        if overlap is True and missing:
-            raise ValueError(f"overlap=True needs {', '.join(missing)}; use overlap='auto' or "
-                             "False")
-        if overlap == "auto":
-            return not missing and (self._deferred is not None or not self.check_finite)
-        return bool(overlap)
+        return overlap_wanted(self, overlap)
 
     def _make_projector(self, s_dims, t_dims) -> None:
         head = build_head(self.feature_kd, (s_dims, t_dims), self.projector_seed)
