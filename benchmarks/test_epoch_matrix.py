@@ -73,7 +73,7 @@ def test_cpu_miniature_runs_every_row(tmp_path, capsys):
     rows = result["rows"]
     assert list(rows) == em.RUN_ORDER  # every row ran, in the run order
     # rows that need a GPU may say why not (overlap: CUDA only; graphs: wiring / a CUDA device)
-    for name in ("bf16+cl+graphs", "bf16+cl+overlap"):
+    for name in ("bf16+cl+graphs", "bf16+cl+graphs+overlap"):
         assert rows[name]["status"] in ("ok", "not available"), rows[name]
         if rows[name]["status"] != "ok":
             assert rows[name]["note"] and "\n" not in rows[name]["note"]
