@@ -12,6 +12,7 @@ from helpers.toys import (  # noqa: F401 (one_thread is an autouse fixture)
     NaNOnCall,
     TinyMultiExit,
     assert_same_weights,
+    first_nonfinite,
     fused_sgd,
     make_pair,
     make_source,
@@ -93,14 +94,7 @@ def run_engine(where, bad, every, make_opt=fused_sgd, mode="spaced", epochs=3, s
     d = SpacedDistiller(wrapped_t, wrapped_s, t_opt, s_opt, mode=mode,
                         interval_rate=INTERVAL_RATE, steps_per_epoch=L, loss=ref_kd_loss,
                         source=src if source else None, check_finite_every=every)
-    err = None
-    try:
-        for key, (x, y) in src.epochs(epochs):
-            d.step(key, x, y)
-        d.finish()
-    except NonFiniteLossError as e:
-        err = e
-    return err, (teacher, student, t_opt, s_opt), d
+    return first_nonfinite(d, src.epochs(epochs)), (teacher, student, t_opt, s_opt), d
 
 
 def assert_same_opt_state(a, b):

@@ -4,11 +4,18 @@ Written without a GPU at hand (see the engine's report): these run under gpu_che
 
 import pytest
 import torch
-from helpers.toys import NaNOnCall, TinyNet, assert_same_weights, fused_sgd, ref_kd_loss
+from helpers.toys import (
+    NaNOnCall,
+    TinyNet,
+    assert_same_weights,
+    first_nonfinite,
+    fused_sgd,
+    ref_kd_loss,
+)
 
 from spacedkd_fast.data.memory import InMemorySource
 from spacedkd_fast.engine import deferred_checks
-from spacedkd_fast.engine.distill import NonFiniteLossError, SpacedDistiller
+from spacedkd_fast.engine.distill import SpacedDistiller
 
 pytestmark = [
     pytest.mark.cuda,
@@ -30,13 +37,7 @@ def run(overlap, every, bad=0, keyed=True, epochs=4):
                         mode="spaced", interval_rate=1.5, steps_per_epoch=src.steps_per_epoch,
                         loss=ref_kd_loss, overlap=overlap, source=src if keyed else None,
                         check_finite_every=every)
-    err = None
-    try:
-        for key, (xb, yb) in src.epochs(epochs):
-            d.step(key, xb, yb)
-        d.finish()
-    except NonFiniteLossError as e:
-        err = e
+    err = first_nonfinite(d, src.epochs(epochs))
     torch.cuda.synchronize()
     return err, teacher, student, d
 

@@ -21,6 +21,7 @@ from helpers.toys import (  # noqa: F401 (one_thread is an autouse fixture)
     make_source,
     one_thread,
     ref_kd_loss,
+    train_epochs,
 )
 
 from spacedkd_fast.data.memory import InMemorySource
@@ -54,18 +55,8 @@ def build(mode, graphs, *, every=4, teacher=None, student=None, source=None, key
 
 
 def train(d, epochs=EPOCHS, after=None):
-    """Runs ``epochs`` epochs; ``after(n)`` is called after each ``step``. Returns the stats of
-    each epoch."""
-    stats = []
-    for e in range(epochs):
-        for key, (x, y) in d.batches.epoch(e):
-            d.step(key, x, y)
-            if after is not None:
-                after(d.n)
-        stats.append(d.pop_stats())
-    d.finish()
-    stats.append(d.pop_stats())
-    return stats
+    """``epochs`` epochs of ``d.batches``; the stats of each epoch and of the end."""
+    return train_epochs(d, d.batches, epochs, after)
 
 
 def opt_states_equal(a, b):

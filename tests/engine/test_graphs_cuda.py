@@ -19,7 +19,7 @@ recording backend); these run under gpu_check.sh. What they check:
 
 import pytest
 import torch
-from helpers.toys import InPlaceDecay, ScaledLogits, fused_sgd_tensor_lr
+from helpers.toys import InPlaceDecay, ScaledLogits, fused_sgd_tensor_lr, train_epochs
 
 from spacedkd_fast.data.memory import InMemorySource
 from spacedkd_fast.engine import deferred_checks
@@ -71,14 +71,7 @@ def build(mode, graphs, *, amp=None, overlap=False, source="keyed", poison=False
 
 
 def train(d, src, epochs=3, after=None):
-    stats = []
-    for e in range(epochs):
-        for key, (x, y) in src.epoch(e):
-            d.step(key, x, y)
-            if after is not None:
-                after(d.n)
-        stats.append(d.pop_stats())
-    d.finish()
+    stats = train_epochs(d, src, epochs, after)
     torch.cuda.synchronize()
     return stats
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spacedkd_fast.data.memory import InMemorySource
+from spacedkd_fast.engine.errors import NonFiniteLossError
 
 DTYPE = torch.float64
 
@@ -278,6 +279,33 @@ def fused_sgd(model: nn.Module) -> torch.optim.Optimizer:
     """SGD as the recipes use it, fused (the deferred finite checks need ``found_inf``)."""
     return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4,
                            fused=True)
+
+
+def train_epochs(d, source, epochs: int, after=None) -> list[dict[str, float]]:
+    """Distiller ``d`` over ``source.epoch(0 .. epochs - 1)``, then ``finish()``; ``after(n)`` is
+    called after each ``step``. Returns ``pop_stats()`` of each epoch and of the end phase."""
+    stats = []
+    for e in range(epochs):
+        for key, (x, y) in source.epoch(e):
+            d.step(key, x, y)
+            if after is not None:
+                after(d.n)
+        stats.append(d.pop_stats())
+    d.finish()
+    stats.append(d.pop_stats())
+    return stats
+
+
+def first_nonfinite(d, batches) -> NonFiniteLossError | None:
+    """Distiller ``d`` over ``(key, (x, y))`` batches, then ``finish()``: the error that stopped
+    it, or ``None`` when it ran to the end."""
+    try:
+        for key, (x, y) in batches:
+            d.step(key, x, y)
+        d.finish()
+    except NonFiniteLossError as err:
+        return err
+    return None
 
 
 class NaNOnCall(nn.Module):
