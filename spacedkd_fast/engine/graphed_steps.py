@@ -108,14 +108,22 @@ def check_graph_optimizer(opt: torch.optim.Optimizer) -> None:
                 "capturable=True), or cuda_graphs=False")
 
 
+def _rate_on_device(group: dict[str, Any]) -> Any:
+    """``group``'s rate as a tensor on its parameters' device (put into the group when it was
+    a float or a tensor elsewhere); a group without parameters keeps its rate."""
+    lr = group["lr"]
+    device = group["params"][0].device if group["params"] else None
+    if device is not None and not (isinstance(lr, Tensor) and lr.device == device):
+        lr = group["lr"] = torch.as_tensor(lr, device=device)
+    return lr
+
+
 def ready_rates(opt: torch.optim.Optimizer) -> None:
     """Before a capture: a rate that ``load_state_dict`` replaced (a resume puts back the saved
     value: a float, or a tensor on the checkpoint's map location) becomes a tensor on the
     parameters' device again, then the optimizer is checked."""
     for g in opt.param_groups:
-        device = g["params"][0].device if g["params"] else None
-        if device is not None and not (isinstance(g["lr"], Tensor) and g["lr"].device == device):
-            g["lr"] = torch.as_tensor(g["lr"], device=device)
+        _rate_on_device(g)
     check_graph_optimizer(opt)
 
 
@@ -147,10 +155,7 @@ def _keep_rates(rates: list[Any], opt: torch.optim.Optimizer) -> None:
     for i, g in enumerate(opt.param_groups):
         lr = g["lr"]
         if i >= len(rates):  # a new group (groups are only appended: the projector's)
-            device = g["params"][0].device if g["params"] else None
-            if device is not None and not (isinstance(lr, Tensor) and lr.device == device):
-                lr = g["lr"] = torch.as_tensor(lr, device=device)
-            rates.append(lr)
+            rates.append(_rate_on_device(g))
         elif lr is not rates[i] and isinstance(rates[i], Tensor):
             with torch.no_grad():
                 if isinstance(lr, Tensor):
@@ -313,11 +318,9 @@ def student_step(d, key: Any, x: Tensor, y: Tensor, *, loss_fn, guard, teacher_s
         return loss, parts
 
     loss, parts = _taken(graphs.replay(sig, d.student_device, (x, y), body))
-    _after_replay(d, [(loss, "student", d.student_steps + 1)], key, what, updates=0)
-    if exp is not None:
+    _after_replay(d, [(loss, "student", d.student_steps + 1)], key, what, updates=1)
+    if exp is not None:  # after the loss's check, as the eager step queues them
         d._deferred.add_checksum_check(checksum, exp, key)
-    if d._deferred is not None:
-        d._deferred.count_update()
     if d.student_scheduler is not None:
         d.student_scheduler.step()
     d._student_done_one(key, teacher_step, None, loss, parts, stream)
