@@ -40,9 +40,8 @@ from torch.utils._pytree import tree_map
 
 from .graphs import StepGraphs, make_backend, signature
 from .model_io import to_device, train_mode, unwrap
+from .options import GRAPHED_MODES
 from .trace import batch_checksum
-
-GRAPH_MODES = ("base", "online", "spaced", "offline")
 
 
 def make_step_graphs(d, cuda_graphs: Any) -> StepGraphs | None:
@@ -73,8 +72,8 @@ def check_graphable(d, backend) -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized() and (
             torch.distributed.get_world_size() > 1):
         refuse("supports one process only for now: use cuda_graphs=False")
-    if d.mode not in GRAPH_MODES:
-        refuse(f"are not supported for mode {d.mode!r} yet (only {', '.join(GRAPH_MODES)}): "
+    if d.mode not in GRAPHED_MODES:
+        refuse(f"are not supported for mode {d.mode!r} yet (only {', '.join(GRAPHED_MODES)}): "
                "use cuda_graphs=False")
     if d.replay == "fresh" or d.shared_optimizer:
         refuse("are not supported with replay='fresh' or a shared optimizer yet: use "

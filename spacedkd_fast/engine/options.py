@@ -29,3 +29,6 @@ FEATURE_KD = ("penultimate", "inter")
 
 PRESET_NAMES = ("official", "official-vit")
 """``compat=`` presets (``engine.compat.PRESETS`` holds what each turns on)."""
+
+GRAPHED_MODES = ("base", "online", "spaced", "offline")
+"""The pair distiller's modes whose steps ``cuda_graphs`` captures (:mod:`.graphed_steps`)."""

@@ -14,6 +14,7 @@ from dataclasses import MISSING, fields
 from typing import Any
 
 from .config import (
+    AUTO_ON_OFF,
     DIGITS_DEFAULTS,
     ConfigError,
     TrainConfig,
@@ -133,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                                help=help_text)
             continue
         kwargs: dict[str, Any] = {"dest": f.name, "help": help_text}
-        if meta.get("choices") and {"on", "off"} <= set(meta["choices"]):
+        if meta.get("choices") == AUTO_ON_OFF:
             # a three-way auto|on|off switch: the bare flag means on and --no-FLAG off, as the
             # on/off switches spell it (--channels-last was one before auto existed)
             kwargs.update(choices=meta["choices"], nargs="?", const="on",

@@ -33,7 +33,7 @@ from ..engine.options import (
 from ..ops.names import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, FEATURE_LOSSES, KD_NORMALIZATIONS
 from . import recipe_files
 from .config_checks import official_setting_errors, pending, value_errors
-from .config_values import ConfigError, coerce
+from .config_values import AUTO_ON_OFF, ConfigError, coerce
 
 # Name lists and defaults of the engine and the ops layer, from their torch-free modules (the CLI
 # answers --help without loading torch or the compiled extension).
@@ -42,9 +42,6 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "multistep", "cosine")
 KD_LOSSES = ("fused", "paper-code")
 AMP_MODES = ("auto", "off", "bf16", "fp16")  # auto: speed_defaults.py decides, once per run
-CHANNELS_LAST_MODES = ("auto", "on", "off")
-OVERLAP_MODES = ("auto", "on", "off")
-GRAPH_MODES = ("auto", "on", "off")
 COMPAT_MODES = ("none", *PRESET_NAMES)  # the engine's presets (engine/compat.py)
 WEIGHT_DECAY_GROUPS = ("all", "official")  # the same names as optim.WEIGHT_DECAY_GROUPS
 WARMUP_PER = ("step", "epoch")
@@ -242,16 +239,16 @@ class TrainConfig:
                     choices=AMP_MODES)
     channels_last: str = _opt("auto", "channels_last memory format for models and batches; auto "
                               "= on when amp resolves to bf16/fp16 for a CNN run on CUDA, else off",
-                              G_SPEED, choices=CHANNELS_LAST_MODES)
+                              G_SPEED, choices=AUTO_ON_OFF)
     compile: bool = _opt(False, "torch.compile the models", G_SPEED)
     deterministic: bool = _opt(False, "deterministic algorithms only (slower on CUDA)", G_SPEED)
     overlap: str = _opt("auto", "run the student's replay concurrently with the teacher's next "
                         "interval (auto: on CUDA when no loss is read before every step, i.e. with "
                         "--finite-check-every N > 1; with that read it does not pay)", G_SPEED,
-                        choices=OVERLAP_MODES)
+                        choices=AUTO_ON_OFF)
     cuda_graphs: str = _opt("auto", "capture the teacher's and the student's training steps as "
                             "CUDA graphs and replay them (auto: off until capture is verified "
-                            "on a GPU)", G_SPEED, choices=GRAPH_MODES)
+                            "on a GPU)", G_SPEED, choices=AUTO_ON_OFF)
     # output
     out: str | None = _opt(None, "output folder (auto: runs/<time>-<mode>-<arch>-<data>)", G_OUT,
                            metavar="DIR")
@@ -343,7 +340,7 @@ def _coerce(name: str, value: Any) -> Any:
             return None
         raise ConfigError(f"{name} cannot be empty")
     try:
-        return coerce(name, value, default, str(f.type))
+        return coerce(name, value, default, str(f.type), f.metadata.get("choices"))
     except (TypeError, ValueError):
         raise ConfigError(f"{name}: cannot use {value!r} (expected {f.type})") from None
 

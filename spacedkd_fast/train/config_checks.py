@@ -14,6 +14,7 @@ from dataclasses import fields
 from typing import Any
 
 from ..engine.modes import OFFLINE_RATE
+from ..engine.options import GRAPHED_MODES
 
 # (what the configuration asks for, the piece of the trainer that is missing). A configuration that
 # matches an entry can still be printed (--print-config) but not run.
@@ -122,9 +123,6 @@ def official_setting_errors(cfg: Any) -> list[str]:
     if cfg.teacher_features == "precomputed" and cfg.feature_kd != "inter":
         errors.append("teacher_features=precomputed is for --feature-kd inter")
     return errors + graph_errors(cfg)
-
-
-GRAPHED_MODES = ("base", "online", "spaced", "offline")  # engine/graphed_steps.GRAPH_MODES
 
 
 def graph_errors(cfg: Any) -> list[str]:

@@ -21,12 +21,13 @@ class ConfigError(ValueError):
 LIST_FIELDS: dict[str, type] = {"milestones": float, "inter_student_blocks": int,
                                 "inter_teacher_blocks": int}
 KD_SCALE_T2 = ("t2", "t*t", "t^2", "hinton")  # spellings of kd_scale = T*T (stored as None)
-# auto|on|off settings; they also take switches: YAML reads ``on`` as true, and configurations
-# saved before channels_last had "auto" hold true / false
-AUTO_SWITCHES = frozenset({"channels_last", "overlap", "cuda_graphs"})
+# the choices of a three-way setting; such a setting also takes a switch's spellings: YAML reads
+# ``on`` as true, and configurations saved before channels_last had "auto" hold true / false
+AUTO_ON_OFF = ("auto", "on", "off")
 
 
-def coerce(name: str, value: Any, default: Any, type_text: str) -> Any:
+def coerce(name: str, value: Any, default: Any, type_text: str,
+           choices: tuple | None = None) -> Any:
     """``value`` (not None) as the type of setting ``name`` whose default is ``default`` and whose
     annotation reads ``type_text``; raises ``ValueError`` / ``TypeError`` when it cannot be."""
     if name == "kd_scale":
@@ -41,7 +42,7 @@ def coerce(name: str, value: Any, default: Any, type_text: str) -> Any:
         if not isinstance(value, (list, tuple)):
             value = [value]
         return [number(LIST_FIELDS[name], v) for v in value]
-    if name in AUTO_SWITCHES:
+    if choices == AUTO_ON_OFF:
         return auto_switch(value)
     if name == "seeds":
         if isinstance(value, (list, tuple)):
