@@ -72,7 +72,7 @@ def test_cpu_miniature_runs_every_row(tmp_path, capsys):
     assert json.loads(out.read_text())["rows"].keys() == result["rows"].keys()
     rows = result["rows"]
     assert list(rows) == em.RUN_ORDER  # every row ran, in the run order
-    # rows that need a GPU may say why not (overlap: CUDA only; graphs: wiring / a CUDA device)
+    # rows that need a GPU may say why not (graphs and overlap: a CUDA device)
     for name in ("bf16+cl+graphs", "bf16+cl+graphs+overlap"):
         assert rows[name]["status"] in ("ok", "not available"), rows[name]
         if rows[name]["status"] != "ok":
