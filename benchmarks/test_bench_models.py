@@ -35,15 +35,19 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def skip_slow_cpu_compile(compiled: bool, device: str) -> None:
+    if compiled and device == "cpu" and not CPU_COMPILE:
+        pytest.skip(
+            "inductor compiles a training step in minutes on CPU; SPACEDKD_BENCH_CPU_COMPILE=1"
+        )
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_resnet18_train_step(bench, device, compiled, channels_last, dtype):
-    if compiled and device == "cpu" and not CPU_COMPILE:
-        pytest.skip(
-            "inductor compiles a training step in minutes on CPU; SPACEDKD_BENCH_CPU_COMPILE=1"
-        )
+    skip_slow_cpu_compile(compiled, device)
     torch.manual_seed(0)
     batch = BATCH[device]
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -86,10 +90,7 @@ OFFICIAL_BATCH = {"cpu": 1 if QUICK else 8, "cuda": 64}
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("name, size", OFFICIAL_MODELS, ids=[n for n, _ in OFFICIAL_MODELS])
 def test_official_vit_models_train_step(bench, name, size, compiled, device):
-    if compiled and device == "cpu" and not CPU_COMPILE:
-        pytest.skip(
-            "inductor compiles a training step in minutes on CPU; SPACEDKD_BENCH_CPU_COMPILE=1"
-        )
+    skip_slow_cpu_compile(compiled, device)
     torch.manual_seed(0)
     batch = OFFICIAL_BATCH[device]
     model = create(name, 100, image_size=size).to(device).train()
