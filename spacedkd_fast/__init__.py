@@ -21,6 +21,7 @@ _LAZY = {
     "SelfDistiller": "spacedkd_fast.engine.distill",
     "CopyReplay": "spacedkd_fast.engine.replay",
     "ReplayableSource": "spacedkd_fast.engine.source_protocol",
+    "KeyedLoader": "spacedkd_fast.data.keyed_loader",
 }
 
 __all__ = ["__version__", *_LAZY]

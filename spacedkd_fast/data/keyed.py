@@ -20,6 +20,7 @@ _MASK64 = (1 << 64) - 1
 STREAM_PERMUTATION = 0x5045524D  # "PERM"
 STREAM_AUGMENT = 0x41554745  # "AUGE"
 STREAM_NOISE = 0x4E4F4953  # "NOIS"
+STREAM_SAMPLE = 0x53414D50  # "SAMP": the per-sample seeds of a user's Dataset (KeyedLoader)
 
 
 def stream_tag(base: int, stream: int) -> int:
@@ -78,6 +79,21 @@ def keyed_seed(seed: int, stream: int, counter: int) -> int:
     h = _splitmix64(h ^ (int(stream) & _MASK64))
     h = _splitmix64(h ^ (int(counter) & _MASK64))
     return h & ((1 << 63) - 1)
+
+
+def sample_seeds(seed: int, stream: int, key: int, position: int) -> tuple[int, int, int]:
+    """Seeds for torch's, numpy's and Python's global generators for the sample at ``position``
+    of the global batch ``key`` on data stream ``stream`` (what
+    :class:`~spacedkd_fast.data.keyed_loader.KeyedLoader` seeds around ``dataset[i]``).
+
+    They depend only on those four numbers (not on the sample index, the worker, the process or
+    the rank), so a replay, a resume or another rank draws the same. The three differ, so that
+    torch's and numpy's Mersenne twisters (the same algorithm) do not draw the same numbers.
+    Returns ``(torch 63-bit, numpy 32-bit, python 63-bit)``.
+    """
+    h = _splitmix64(keyed_seed(seed, stream_tag(STREAM_SAMPLE, stream), key) ^ (int(position) & _MASK64))
+    low63 = (1 << 63) - 1
+    return h & low63, _splitmix64(h ^ 1) & 0xFFFFFFFF, _splitmix64(h ^ 2) & low63
 
 
 def keyed_generator(seed: int, stream: int, counter: int, device: str | torch.device = "cpu") -> torch.Generator:

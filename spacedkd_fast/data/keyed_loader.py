@@ -1,0 +1,340 @@
+"""KeyedLoader: exact, pixel-free spaced replay for any map-style ``Dataset`` and its transforms.
+
+Notes for users of this module (the trainer, examples, README):
+
+- ``KeyedLoader(dataset, batch_size, shuffle, drop_last, num_workers, pin_memory,
+  persistent_workers, prefetch_factor, collate_fn, seed, rank, world_size)`` takes the
+  ``DataLoader`` arguments users know; ``batch_size`` is the GLOBAL batch.
+- It is a replayable source with streams (:mod:`spacedkd_fast.data.protocol`): pass it as
+  ``source=`` to ``SpacedDistiller`` / ``SelfDistiller`` and train with
+  ``for key, (x, y) in loader.epoch(e): d.step(key, x, y)`` (``len(loader)`` is
+  ``steps_per_epoch``; plain ``for key, (x, y) in loader`` walks the next epoch, as
+  ``DataLoader`` does with a ``DistributedSampler``'s ``set_epoch``).
+- Every ``dataset[i]`` runs with torch's (CPU), numpy's and Python's ``random`` global generators
+  seeded from ``(seed, stream, key, position in the global batch)`` (:func:`.keyed.sample_seeds`),
+  in whichever process loads it; ``collate_fn`` runs seeded too (a CutMix in the collate
+  replays). So ``batch(key)`` is bit-identical to what ``epoch`` yielded, with 0, 1 or N workers,
+  after a resume (``epoch(e, start=i)``) and under torchrun (rank ``r`` loads only rows
+  ``r::world_size`` of each global batch, seeded by their global position).
+- With ``num_workers=0`` the caller's generator states are saved before and restored after each
+  batch: loading never moves the training loop's random state (dropout draws stay the user's).
+- What cannot replay: randomness that does not go through those three global generators (a
+  transform's own ``np.random.Generator`` / ``random.Random`` / ``torch.Generator``, CUDA
+  generators, wall-clock or file-order dependence). The engine's checksum stops such a run at its
+  first replay with a ``ReplayMismatchError`` that names the key, this cause and ``CopyReplay``
+  (``source=None``: the engine keeps copies of the batches instead) as the fallback.
+- Replays stream through a worker pool with prefetch (:meth:`KeyedLoader.batches`, asked for the
+  whole run of keys of one replay by the engine), at the speed of a first pass; the engine keeps
+  only a key and a checksum per batch.
+- ``collate_fn`` must return what the engine takes: ``(x, y)`` tensors. A Hugging Face
+  ``datasets.Dataset`` after ``with_transform`` gives dicts: pass a ``collate_fn`` that builds
+  ``(x, y)`` from them.
+
+Two pools of workers can exist (one for epochs, one for replays, since a replay happens in the
+middle of an epoch); ``persistent_workers`` applies to both.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, default_collate, get_worker_info
+
+from .keyed import check_stream, epoch_permutation, sample_seeds, step_key, step_locate
+from .sources import KeyedIndexer
+
+# the collate of a batch is seeded like a sample at this position (past any real one), per rank
+_COLLATE_POSITION = 1 << 40
+
+
+def _seed_globals(seeds: tuple[int, int, int]) -> None:
+    """Seed torch's CPU generator (not CUDA's: a replay in the training process must not move
+    the caller's CUDA state), numpy's legacy global generator and Python's ``random``."""
+    torch.random.default_generator.manual_seed(seeds[0])
+    np.random.seed(seeds[1])
+    random.seed(seeds[2])
+
+
+class _SavedGlobals:
+    """Saves the three global generator states on entry and puts them back on exit."""
+
+    def __enter__(self):
+        self.state = (torch.random.get_rng_state(), np.random.get_state(), random.getstate())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        t, n, p = self.state
+        torch.random.set_rng_state(t)
+        np.random.set_state(n)
+        random.setstate(p)
+
+
+class _BatchMaker:
+    """Turns a key into this rank's collated batch, loading each sample with seeded globals.
+
+    It is what ``DataLoader`` workers run: a "dataset" whose ``__getitems__`` takes one
+    ``(stream, key)`` plan entry (what the batch sampler yields) and returns ``(key, batch)``;
+    it holds no loader state, so it pickles small where workers are spawned.
+    """
+
+    def __init__(self, dataset, indexer: KeyedIndexer, shuffle: bool, seed: int,
+                 collate_fn: Callable[[list], Any]):
+        self.dataset = dataset
+        self.indexer = indexer
+        self.shuffle = shuffle
+        self.seed = seed
+        self.collate_fn = collate_fn
+
+    def __len__(self) -> int:
+        return self.indexer.num_samples
+
+    def rows(self, stream: int, key: int) -> tuple[list[int], list[int]]:
+        """``(positions in the global batch, sample indices)`` of this rank's rows of ``key``."""
+        ix = self.indexer
+        e, i = step_locate(key, ix.steps_per_epoch)
+        lo = i * ix.batch_size
+        hi = min(lo + ix.batch_size, ix.num_samples)
+        positions = list(range(lo, hi))[ix.rank::ix.world_size]
+        if self.shuffle:
+            perm = epoch_permutation(self.seed, e, ix.num_samples, stream)
+            indices = perm[lo:hi][ix.rank::ix.world_size].tolist()
+        else:
+            indices = positions
+        return [p - lo for p in positions], indices
+
+    def make(self, stream: int, key: int):
+        positions, indices = self.rows(stream, key)
+        samples = []
+        for pos, idx in zip(positions, indices):
+            _seed_globals(sample_seeds(self.seed, stream, key, pos))
+            samples.append(self.dataset[idx])
+        _seed_globals(sample_seeds(self.seed, stream, key, _COLLATE_POSITION + self.indexer.rank))
+        return self.collate_fn(samples)
+
+    def __getitems__(self, plan: tuple[int, int]):
+        stream, key = plan
+        if get_worker_info() is None:  # in the caller's process: leave its generators as they were
+            with _SavedGlobals():
+                return key, self.make(stream, key)
+        return key, self.make(stream, key)  # a worker's generators are its own
+
+    def __getitem__(self, plan):  # DataLoader without auto-collation never happens here
+        return self.__getitems__(plan)
+
+
+def _passthrough(item):
+    return item  # the batch maker collates already (seeded); DataLoader must not touch it
+
+
+class _Plan:
+    """A batch sampler whose list of ``(stream, key)`` entries is set before each iteration
+    (read once per ``iter``, so an earlier iterator keeps its own plan)."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[int, int]] = []
+
+    def __iter__(self):
+        return iter(list(self.entries))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+class _Pool:
+    """One ``DataLoader`` (so one set of workers when ``persistent_workers``) for one purpose.
+
+    A second concurrent run (an epoch started inside another of the same stream) gets a one-off
+    loader instead of resetting the first one's persistent workers.
+    """
+
+    def __init__(self, make: Callable[[_Plan, bool], DataLoader]):
+        self._make = make
+        self._plan = _Plan()
+        self._loader: DataLoader | None = None
+        self._busy = False
+
+    def run(self, stream: int, keys: Iterable[int]) -> Iterator[tuple[int, Any]]:
+        entries = [(stream, int(k)) for k in keys]
+        if not entries:
+            return
+        if self._busy:
+            plan = _Plan()
+            plan.entries = entries
+            yield from _checked(self._make(plan, False), entries)
+            return
+        if self._loader is None:
+            self._loader = self._make(self._plan, True)
+        self._plan.entries = entries
+        self._busy = True
+        try:
+            yield from _checked(self._loader, entries)
+        finally:
+            self._busy = False
+
+
+def _checked(loader: DataLoader, entries: list[tuple[int, int]]) -> Iterator[tuple[int, Any]]:
+    for (_, want), (key, batch) in zip(entries, loader):
+        if key != want:  # DataLoader keeps sampler order; a different key would be our bug
+            raise RuntimeError(f"KeyedLoader: batch for key {key} arrived where {want} was due")
+        yield key, batch
+
+
+class KeyedLoader:
+    """A ``DataLoader`` for any map-style ``dataset`` whose batches can be replayed by key.
+
+    See the module docstring for what is seeded, workers, torchrun and what cannot replay.
+    ``rank`` / ``world_size``: default from ``torch.distributed`` when it is initialised, else
+    0 / 1. ``seed``: the run's data seed (epoch orders and every sample's random draws).
+    ``prefetch_factor``: batches each worker loads ahead (``DataLoader``'s default when ``None``).
+    """
+
+    def __init__(self, dataset, batch_size: int = 1, shuffle: bool = True, drop_last: bool = False,
+                 num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False,
+                 prefetch_factor: int | None = None, collate_fn: Callable[[list], Any] | None = None,
+                 seed: int = 0, rank: int | None = None, world_size: int | None = None):
+        if isinstance(num_workers, bool) or int(num_workers) != num_workers or num_workers < 0:
+            raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+        if persistent_workers and num_workers == 0:
+            raise ValueError("persistent_workers needs num_workers > 0 (as DataLoader)")
+        if prefetch_factor is not None and num_workers == 0:
+            raise ValueError("prefetch_factor needs num_workers > 0 (as DataLoader)")
+        if rank is None or world_size is None:
+            dist = torch.distributed
+            on = dist.is_available() and dist.is_initialized()
+            rank = (dist.get_rank() if on else 0) if rank is None else rank
+            world_size = (dist.get_world_size() if on else 1) if world_size is None else world_size
+        try:
+            n = len(dataset)
+        except TypeError:
+            raise TypeError(f"KeyedLoader needs a map-style dataset with __len__ and __getitem__, "
+                            f"got {type(dataset).__name__}") from None
+        self.dataset = dataset
+        self.indexer = KeyedIndexer(n, batch_size, seed=seed, drop_last=drop_last, rank=rank,
+                                    world_size=world_size)
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self.drop_last = bool(drop_last)
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers)
+        self.prefetch_factor = prefetch_factor
+        self.collate_fn = collate_fn if collate_fn is not None else default_collate
+        self._maker = _BatchMaker(dataset, self.indexer, self.shuffle, self.seed, self.collate_fn)
+        self._next_epoch = 0
+        self._new_pools()
+
+    def _new_pools(self) -> None:
+        self._epoch_pool = _Pool(self._data_loader)
+        self._replay_pool = _Pool(self._data_loader)
+
+    def _data_loader(self, plan: _Plan, keep: bool) -> DataLoader:
+        return DataLoader(self._maker, batch_sampler=plan, num_workers=self.num_workers,
+                          collate_fn=_passthrough, pin_memory=self.pin_memory,
+                          persistent_workers=self.persistent_workers and keep,
+                          prefetch_factor=self.prefetch_factor)
+
+    # -- the key scheme -----------------------------------------------------------------------
+    @property
+    def steps_per_epoch(self) -> int:
+        """``L``: batches per epoch (the last partial batch counts unless ``drop_last``)."""
+        return self.indexer.steps_per_epoch
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    @property
+    def num_samples(self) -> int:
+        return self.indexer.num_samples
+
+    @property
+    def seed(self) -> int:
+        return self.indexer.seed
+
+    @property
+    def rank(self) -> int:
+        return self.indexer.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.indexer.world_size
+
+    @property
+    def stream_id(self) -> int:
+        """The data stream this loader draws (0: the training stream)."""
+        return self.indexer.stream
+
+    def key(self, epoch: int, i: int) -> int:
+        """The key of batch ``i`` of ``epoch``."""
+        return step_key(epoch, i, self.steps_per_epoch)
+
+    def locate(self, key: int) -> tuple[int, int]:
+        """``key -> (epoch, i)``; ``InvalidKeyError`` for a key that is not an int >= 1."""
+        return step_locate(key, self.steps_per_epoch)
+
+    def keys(self, epoch: int, start: int = 0) -> range:
+        """The keys of ``epoch`` from batch ``start`` on, in training order."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        L = self.steps_per_epoch
+        if not 0 <= start <= L:
+            raise ValueError(f"start must be in [0, {L}] (batches per epoch), got {start}")
+        return range(self.key(epoch, start), self.key(epoch + 1, 0))
+
+    def stream(self, stream: int) -> KeyedLoader:
+        """The same data as data stream ``stream``: its own epoch orders and sample seeds, the
+        same key scheme; ``stream(0)`` is the training stream. The view has its own workers."""
+        stream = check_stream(stream)
+        if stream == self.stream_id:
+            return self
+        view = copy.copy(self)
+        view.indexer = self.indexer.with_stream(stream)
+        view._maker = _BatchMaker(self.dataset, view.indexer, self.shuffle, self.seed,
+                                  self.collate_fn)
+        view._new_pools()
+        return view
+
+    # -- batches ------------------------------------------------------------------------------
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[int, Any]]:
+        """Yield ``(key, (x, y))`` for batches ``start .. L-1`` of ``epoch`` (0-based), loaded by
+        the workers; ``start > 0`` resumes an epoch with the batches an uninterrupted one yields."""
+        keys = self.keys(epoch, start)
+        yield from self._epoch_pool.run(self.stream_id, keys)
+
+    def batch(self, key: int):
+        """Batch ``key`` again, loaded in this process: bit-identical to what ``epoch`` gave."""
+        self.locate(key)
+        return self._maker.__getitems__((self.stream_id, int(key)))[1]
+
+    def batches(self, keys: Iterable[int]) -> Iterator[Any]:
+        """The batches of ``keys`` in order (each equal to ``batch(key)``), loaded ahead by the
+        workers: the engine asks for one replay's run of keys at once."""
+        keys = list(keys)
+        for k in keys:
+            self.locate(k)
+        for _, b in self._replay_pool.run(self.stream_id, keys):
+            yield b
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next ``iter(loader)`` walks (then the one after, and so on)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self._next_epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        e, self._next_epoch = self._next_epoch, self._next_epoch + 1
+        return self.epoch(e)
+
+    def __getstate__(self):  # workers spawned by a user's own code get no pools
+        state = self.__dict__.copy()
+        state.pop("_epoch_pool", None)
+        state.pop("_replay_pool", None)
+        return state
+
+    def __setstate__(self, state) -> None:
+        self.__dict__.update(state)
+        self._new_pools()
