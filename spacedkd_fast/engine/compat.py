@@ -22,6 +22,7 @@ from ..ops.objective import KDObjective, as_objective
 SELF_SWITCHES: dict[str, tuple[Any, Any]] = {
     "self_kd_first_replay": ("interval", "official"),  # (n - L) % I == 0, Python modulo
     "self_kd_trigger_step": ("ce-and-kd", "kd-only"),  # the trigger batch's only step is its KD step
+    "self_kd_trigger_forward": (False, True),  # ... after a forward that only moves BN statistics
     "self_kd_feature_exits": ("all", "official"),  # no feature loss on the layer-3 exit
     "flush_tail": (True, False),  # unreplayed batches at the end are dropped
 }

@@ -38,7 +38,9 @@ class SelfDistiller(EngineBase):
 
     ``compat="official"`` reproduces the official ``self_KD`` loop (:mod:`.compat`): replays when
     ``(n - L) % I == 0`` (``self_kd_first_replay="official"``), the trigger batch gets no CE-only
-    step (``self_kd_trigger_step="kd-only"``), no feature loss on the exit just before the deepest
+    step (``self_kd_trigger_step="kd-only"``) but still one train-mode forward whose outputs are
+    discarded, which updates BatchNorm's running statistics (``self_kd_trigger_forward=True``),
+    no feature loss on the exit just before the deepest
     (``self_kd_feature_exits="official"``), the tail dropped (``flush_tail=False``) and the
     objective ``KDObjective(temperature, alpha, kd_scale=1)``. Our defaults give every batch the
     same treatment (one CE-only step, one KD step against a network that has seen ``I`` more
@@ -53,7 +55,8 @@ class SelfDistiller(EngineBase):
                  temperature: float | None = None, alpha: float | None = None,
                  kd_scale: float | None = None, beta: float = 0.03, flush_tail: bool | None = None,
                  self_kd_first_replay: str | None = None, self_kd_feature_exits: str | None = None,
-                 self_kd_trigger_step: str | None = None, compat: str | None = None,
+                 self_kd_trigger_step: str | None = None,
+                 self_kd_trigger_forward: bool | None = None, compat: str | None = None,
                  trace: str | os.PathLike | None = None, source: Any = None,
                  scheduler: Any = None, amp_dtype: torch.dtype | None = None,
                  grad_scaler: Any = None, check_finite: bool = True, check_finite_every: int = 1,
@@ -67,7 +70,8 @@ class SelfDistiller(EngineBase):
         sw = resolve_switches(compat, "self", {
             "self_kd_first_replay": self_kd_first_replay, "flush_tail": flush_tail,
             "self_kd_feature_exits": self_kd_feature_exits,
-            "self_kd_trigger_step": self_kd_trigger_step})
+            "self_kd_trigger_step": self_kd_trigger_step,
+            "self_kd_trigger_forward": self_kd_trigger_forward})
         if sw["self_kd_feature_exits"] not in FEATURE_EXITS:
             raise ValueError(f"self_kd_feature_exits must be one of {FEATURE_EXITS}, got "
                              f"{sw['self_kd_feature_exits']!r}")
@@ -77,6 +81,9 @@ class SelfDistiller(EngineBase):
         if sw["self_kd_trigger_step"] not in TRIGGER_STEPS:
             raise ValueError(f"self_kd_trigger_step must be one of {TRIGGER_STEPS}, got "
                              f"{sw['self_kd_trigger_step']!r}")
+        if sw["self_kd_trigger_forward"] and sw["self_kd_trigger_step"] != "kd-only":
+            raise ValueError("self_kd_trigger_forward=True needs self_kd_trigger_step='kd-only' "
+                             "(a trigger batch that gets a CE step is forwarded by it already)")
         if not beta >= 0:
             raise ValueError(f"beta must be >= 0, got {beta!r}")
         self.compat = compat
@@ -96,6 +103,7 @@ class SelfDistiller(EngineBase):
         self.beta = float(beta)
         self.feature_exits = sw["self_kd_feature_exits"]
         self.trigger_step = sw["self_kd_trigger_step"]
+        self.trigger_forward = bool(sw["self_kd_trigger_forward"])
         self.device = self.student_device = self.teacher_device = model_device(model)
 
     def _forward(self, x: Tensor) -> tuple[list[Tensor] | None, list[Tensor]]:
@@ -164,6 +172,8 @@ class SelfDistiller(EngineBase):
         x = to_device(x, self.device)
         y = to_device(y, self.device)
         if self.trigger_step == "kd-only" and self.schedule.replay_due(self.n):
+            if self.trigger_forward:
+                self._discarded_forward(x)
             self._record_only(key, x, y)  # the replay that follows is its only step
             return
 
@@ -173,6 +183,12 @@ class SelfDistiller(EngineBase):
 
         self._recorded_ce_step(self.model, ce_loss, key, x, y, self.opt, self.scheduler,
                                " (deepest-exit CE)")
+
+    def _discarded_forward(self, x: Tensor) -> None:
+        """The official loop's forward of a trigger batch: outputs thrown away, but BatchNorm's
+        running statistics and ``num_batches_tracked`` move (weights do not)."""
+        with torch.no_grad():
+            self._forward(x)
 
     # -- replays (the hooks of EngineBase) --------------------------------------------------
     def _replay_loss(self, teacher: nn.Module | None) -> LossFn:

@@ -206,6 +206,10 @@ class TrainConfig:
     self_kd_trigger_step: str = _opt("ce-and-kd", "spaced self KD: the batch that triggers a "
                                      "replay gets a CE step and its KD step, or only the KD step "
                                      "(official)", G_COMPAT, choices=TRIGGER_STEPS)
+    self_kd_trigger_forward: bool = _opt(False, "spaced self KD with --self-kd-trigger-step "
+                                         "kd-only: the trigger batch still goes through one "
+                                         "train-mode forward, outputs discarded, which moves "
+                                         "BatchNorm's running statistics (official)", G_COMPAT)
     offline_student_data: str = _opt("replay", "offline KD: the student replays the teacher's "
                                      "batches, or trains on fresh passes of the data (official)",
                                      G_COMPAT, choices=STUDENT_DATA)

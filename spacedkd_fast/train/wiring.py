@@ -26,7 +26,7 @@ from .errors import UserError
 PAIR_SWITCHES = ("teacher_bn_update", "flush_tail", "replay", "offline_student_data",
                  "zero_interval", "shared_optimizer", "kd_second_forward", "frozen_teacher_mode")
 SELF_SWITCHES = ("self_kd_first_replay", "flush_tail", "self_kd_feature_exits",
-                 "self_kd_trigger_step")
+                 "self_kd_trigger_step", "self_kd_trigger_forward")
 
 
 def family(cfg: TrainConfig) -> str:
