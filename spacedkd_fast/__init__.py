@@ -22,6 +22,7 @@ _LAZY = {
     "CopyReplay": "spacedkd_fast.engine.replay",
     "ReplayableSource": "spacedkd_fast.engine.source_protocol",
     "KeyedLoader": "spacedkd_fast.data.keyed_loader",
+    "evaluate": "spacedkd_fast.evaluation",
 }
 
 __all__ = ["__version__", *_LAZY]
