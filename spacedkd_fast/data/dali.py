@@ -233,6 +233,13 @@ class DaliSource(_SourceBase):
         x = self._run(self._host_inputs(idx, p))
         return self._finish(x, p), self.labels[idx].to(self.device)
 
+    def batches(self, keys) -> Iterator[Batch]:
+        """The batches of ``keys`` in order, through the random-access pipeline in the calling
+        thread (the pipeline is not to be driven from the base class's look-ahead thread while
+        ``batch(key)`` may use it); the GPU work is queued asynchronously anyway."""
+        for k in keys:
+            yield self.batch(k)
+
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[int, Batch]]:
         """Stream batches ``start .. L-1`` of ``epoch`` through ``DALIGenericIterator`` (DALI
         prefetches the next batches)."""

@@ -136,6 +136,11 @@ class InMemorySource:
         epoch, _ = self.locate(key)
         return self._make(int(key), self._perm(epoch))
 
+    def batches(self, keys) -> Iterator[Batch]:
+        """The batches of ``keys`` in order, each equal to ``batch(key)`` (a replay's run)."""
+        for key in keys:
+            yield self.batch(key)
+
     def epochs(self, count: int) -> Iterator[tuple[int, Batch]]:
         """``(key, batch)`` for epochs ``0 .. count-1`` in order."""
         for e in range(count):

@@ -14,6 +14,9 @@ outside ``data/`` never compute a key, they ask the source:
 - ``key(e, i)`` and ``locate(key) -> (e, i)``: the key scheme, both ways. A key that is not an
   int >= 1 raises ``InvalidKeyError`` (both a ``ValueError`` and a ``KeyError``).
 - ``keys(e, start=0)``: the ``range`` of keys ``epoch(e, start)`` will yield.
+- ``batches(keys)``: the batches of ``keys`` in order, each equal to ``batch(key)``, loaded ahead
+  where the source can (a look-ahead thread, a ``KeyedLoader``'s worker pool): the engine asks
+  for one replay's whole run of keys at once, so a replay streams at the speed of a first pass.
 - ``stream(s)`` and ``stream_id``: **data streams**. ``stream(0)`` is the training stream (the
   source itself). ``stream(s)`` for ``s >= 1`` is a view of the *same data* whose epoch
   permutations and augmentation draws are independent of every other stream's (the tags of
@@ -30,7 +33,7 @@ the engine's bitwise tests keep their values.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Protocol, runtime_checkable
 
 from torch import Tensor
@@ -56,5 +59,7 @@ class StreamedSource(Protocol):
     def locate(self, key: int) -> tuple[int, int]: ...
 
     def keys(self, epoch: int, start: int = 0) -> range: ...
+
+    def batches(self, keys: Iterable[int]) -> Iterator[Batch]: ...
 
     def stream(self, stream: int) -> StreamedSource: ...

@@ -136,6 +136,17 @@ class _SourceBase:
             idx, p = idx[rows], select_rows(p, rows)
         return idx, p
 
+    def batches(self, keys) -> Iterator[Batch]:
+        """The batches of ``keys`` in order, each equal to ``batch(key)``, made ahead by the
+        look-ahead thread as ``epoch`` does (a replay's run of keys)."""
+        keys = list(keys)
+        if self.prefetch <= 0:
+            for k in keys:
+                yield self.batch(k)
+            return
+        for _, item in _prefetched(keys, self._produce, self.prefetch):
+            yield self._ready(item)
+
     def key(self, epoch: int, i: int) -> int:
         """The key of batch ``i`` of ``epoch``."""
         return self.indexer.key(epoch, i)

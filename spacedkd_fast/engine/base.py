@@ -21,11 +21,12 @@ from torch import Tensor, nn
 
 from . import graphed_steps
 from .deferred_checks import DeferredChecks, check_fused
+from .errors import ReplayMismatchError
 from .model_io import BufferGuard, autocast, to_device
 from .modes import MODES, resolve_mode
 from .options import ZERO_INTERVAL
 from .overlap import Lanes
-from .replay import CopyReplay, KeyedReplay, Record
+from .replay import MISMATCH_CAUSE, CopyReplay, KeyedReplay, Record
 from .spacing import SpacedSchedule
 from .stats import LossStats
 from .step_io import StepIO
@@ -233,17 +234,43 @@ class EngineBase(StepIO):
             pass
 
     def _replay_records(self, records: list[Record], reason: str) -> Iterator[int]:
-        """Student steps on ``records``, in order; yields after each one (its student step)."""
+        """Student steps on ``records``, in order; yields after each one (its student step).
+
+        The batches come as one run from the buffer (``fetch_run``): a source that loads ahead
+        (a worker pool) prepares the next ones while the student trains on this one."""
         if not records:
             return
         self._write("replay_start", teacher_step=self.teacher_steps, count=len(records),
                     reason=reason, rule=self._replay_rule(reason))
-        with self._replay_teacher(reason) as teacher:
-            for rec in records:
-                self._replay_one(rec, teacher, self.teacher_steps)
-                yield self.student_steps
+        batches = self.replay_buffer.fetch_run(records)
+        try:
+            with self._replay_teacher(reason) as teacher, self._explained_mismatch():
+                for rec, batch in zip(records, batches):
+                    self._replay_one(rec, teacher, self.teacher_steps, batch)
+                    yield self.student_steps
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:  # a stopped replay ends the source's look-ahead now
+                close()
         self._write("replay_end", teacher_step=self.teacher_steps, count=len(records),
                     reason=reason)
+
+    @contextlib.contextmanager
+    def _explained_mismatch(self) -> Iterator[None]:
+        """A keyed replay's checksum mismatch says its likely cause and the ``CopyReplay``
+        fallback (one line)."""
+        try:
+            yield
+        except ReplayMismatchError as exc:
+            msg = str(exc)
+            if not isinstance(self.replay_buffer, KeyedReplay) or MISMATCH_CAUSE in msg:
+                raise
+            raise ReplayMismatchError(f"{msg}; {MISMATCH_CAUSE}", key=exc.key,
+                                      expected=exc.expected, got=exc.got) from exc
+
+    def _read_deferred(self, force: bool = False) -> None:
+        with self._explained_mismatch():  # a deferred check finds a replay's mismatch here
+            super()._read_deferred(force)
 
     def _replay_rule(self, reason: str) -> str:
         """What fired a replay, for the trace: the schedule's condition, or the end of training
@@ -253,8 +280,10 @@ class EngineBase(StepIO):
         return {"flush": "flush_tail: end of training", "offline": "offline: end of training"
                 }.get(reason, reason)
 
-    def _replay_one(self, rec: Record, teacher: nn.Module | None, teacher_step: int) -> None:
-        x, y = self.replay_buffer.fetch(rec)
+    def _replay_one(self, rec: Record, teacher: nn.Module | None, teacher_step: int,
+                    batch: tuple[Tensor, Tensor] | None = None) -> None:
+        """One student step on a recorded batch (``batch``: already fetched, else fetched now)."""
+        x, y = batch if batch is not None else self.replay_buffer.fetch(rec)
         x = to_device(x, self.student_device)
         y = to_device(y, self.student_device)
         self._student_step(rec.key, x, y, loss_fn=self._replay_loss(teacher),

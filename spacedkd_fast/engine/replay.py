@@ -6,12 +6,17 @@
   picks), for sources that cannot regenerate a batch. This is what the official code does
   (float32 pixels on the host).
 
+A replay asks its buffer for the run of batches of all its records at once (``fetch_run``), so a
+source that loads ahead (``batches(keys)``, e.g. a ``KeyedLoader``'s worker pool) streams the
+replay at the speed of a first pass instead of one ``batch(key)`` at a time.
+
 Byte accounting (``bytes_held`` / ``bytes_per_sample``) counts what a buffer holds for its pending
 batches: 8 bytes per key, the checksum tensor, and for ``CopyReplay`` the stored tensors.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +26,14 @@ from torch import Tensor
 from .source_protocol import Batch, ReplayableSource
 
 KEY_BYTES = 8  # a key is an int; count it as an int64
+
+#: What a keyed replay's checksum mismatch most likely means, and the way out (one line).
+MISMATCH_CAUSE = (
+    "likely cause: randomness the source does not key, e.g. a transform drawing from its own "
+    "np.random.Generator, random.Random, torch.Generator or a CUDA generator instead of "
+    "torch's, numpy's and Python's global generators (which KeyedLoader seeds per sample); "
+    "make the transform draw from those, or fall back to CopyReplay (source=None: the engine "
+    "keeps copies of the batches, at the cost of their bytes)")
 
 
 @dataclass(slots=True)
@@ -63,6 +76,10 @@ class _ReplayBuffer:
 
     def fetch(self, rec: Record) -> Batch:
         raise NotImplementedError
+
+    def fetch_run(self, records: list[Record]) -> Iterator[Batch]:
+        """The batches of ``records``, in order (a replay's whole run at once)."""
+        return (self.fetch(rec) for rec in records)
 
     def take(self, count: int | None = None) -> list[Record]:
         """Remove and return the oldest ``count`` records (all when ``None``)."""
@@ -129,6 +146,15 @@ class KeyedReplay(_ReplayBuffer):
 
     def fetch(self, rec: Record) -> Batch:
         return self.source.batch(rec.key)
+
+    def fetch_run(self, records: list[Record]) -> Iterator[Batch]:
+        """The batches of ``records`` in order: through the source's ``batches(keys)`` when its
+        class defines one (loaded ahead), else one ``batch(key)`` at a time. A wrapper that
+        forwards attributes to an inner source (``__getattr__``) is asked ``batch(key)``: the
+        inner ``batches`` would skip what the wrapper does to a batch."""
+        if getattr(type(self.source), "batches", None) is None:
+            return super().fetch_run(records)
+        return iter(self.source.batches([rec.key for rec in records]))
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

@@ -27,6 +27,12 @@ class ReplayableSource(Protocol):
       (0-based), in training order (``start > 0``: a mid-epoch resume).
     - ``batch(key)``: the identical ``(x, y)`` for a key that ``epoch`` yielded (same samples,
       same augmented views, same order within the batch). Bit-identical on the same device.
+
+    Optional: ``batches(keys)``, the batches of ``keys`` in order (each equal to ``batch(key)``),
+    loaded ahead; a replay asks for its whole run at once and streams it at loader speed. A
+    source without it (or a wrapper that forwards attributes to an inner source, whose own class
+    does not define it) is asked ``batch(key)`` one at a time. Every source of
+    ``spacedkd_fast.data`` has it.
     """
 
     steps_per_epoch: int
