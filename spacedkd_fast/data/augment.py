@@ -245,6 +245,29 @@ class Augmenter:
         r = self.recipe
         return rrc_boxes(p["rrc"], heights, widths, r.rrc_scale, r.rrc_ratio)
 
+    def crop_geometry(self, p: dict, heights: Tensor, widths: Tensor):
+        """``(top, left, h, w, flip)`` of each row of the drawn batch ``p``: the box of its
+        random-resized crop (the whole image when the recipe has none) in pixels of images of
+        the given sizes, and its flip (``None`` when the recipe has none). What precomputed
+        teacher maps follow (``data.feature_cache``); see :meth:`check_crop_geometry`."""
+        self.check_crop_geometry()
+        if self.recipe.random_resized_crop:
+            top, left, h, w = self.boxes(p, heights, widths)
+        else:
+            top = left = torch.zeros_like(heights, dtype=torch.long)
+            h, w = heights.long(), widths.long()
+        return top, left, h, w, p.get("flip")
+
+    def check_crop_geometry(self) -> None:
+        """``ValueError`` for a recipe whose geometry is more than a crop box and a flip."""
+        r = self.recipe
+        extra = [what for what, on in (("a padded crop", r.crop_padding is not None),
+                                       ("a rotation", bool(r.rotate_degrees))) if on]
+        if extra:
+            raise ValueError(f"augmentation recipe {r.name!r} has {' and '.join(extra)}; "
+                             "precomputed teacher maps follow only a random-resized crop and a "
+                             "flip (e.g. --augment vit-official)")
+
     # ----------------------------------------------------------------------------- stages
     def resize(self, x: Tensor, top: Tensor, left: Tensor, h: Tensor, w: Tensor,
                flip: Tensor | None = None, *, test: bool = False) -> Tensor:
