@@ -97,6 +97,12 @@ def test_a_map_that_is_the_image_follows_the_images_own_crop_and_flip():
     spec = _spec(n, (S, S))
     cache = _write(spec, [torch.from_numpy(images).permute(0, 3, 1, 2).double()])
     maps = MapsSource(source, source, cache)
+    i = torch.arange(S, dtype=torch.float64)
+
+    def inside(start, extent):  # [B, S]: the sample lies between the box's pixel centres
+        pos = start.view(-1, 1) + (i + 0.5) * extent.view(-1, 1) / S - 0.5
+        return (pos >= start.view(-1, 1)) & (pos <= (start + extent - 1).view(-1, 1))
+
     inside_total = total = 0
     for key in (1, 2, 3, 4, 5, 6):
         img, p = source.uint8_batch(key)
@@ -105,12 +111,6 @@ def test_a_map_that_is_the_image_follows_the_images_own_crop_and_flip():
         b = img.shape[0]
         top, left, h, w, flip = source.augmenter.crop_geometry(p, torch.full((b,), S),
                                                                torch.full((b,), S))
-        i = torch.arange(S, dtype=torch.float64)
-
-        def inside(start, extent):  # [B, S]: the sample lies between the box's pixel centres
-            pos = start.view(-1, 1) + (i + 0.5) * extent.view(-1, 1) / S - 0.5
-            return (pos >= start.view(-1, 1)) & (pos <= (start + extent - 1).view(-1, 1))
-
         rows, cols = inside(top, h), inside(left, w)
         cols = torch.where(flip.view(-1, 1), cols.flip(1), cols)
         mask = (rows.view(-1, 1, S, 1) & cols.view(-1, 1, 1, S)).expand_as(got)
