@@ -233,10 +233,13 @@ class KeyedLoader:
         self._replay_pool = _Pool(self._data_loader)
 
     def _data_loader(self, plan: _Plan, keep: bool) -> DataLoader:
+        # its own generator: DataLoader draws each iterator's base seed from the global one
+        # otherwise, which would move the caller's torch random state
         return DataLoader(self._maker, batch_sampler=plan, num_workers=self.num_workers,
                           collate_fn=_passthrough, pin_memory=self.pin_memory,
                           persistent_workers=self.persistent_workers and keep,
-                          prefetch_factor=self.prefetch_factor)
+                          prefetch_factor=self.prefetch_factor,
+                          generator=torch.Generator().manual_seed(self.seed))
 
     # -- the key scheme -----------------------------------------------------------------------
     @property
