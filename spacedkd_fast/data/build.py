@@ -36,10 +36,12 @@ from .datasets import (
     scan_image_folder,
 )
 from .sources import FileSource, TensorSource, tensor_eval_batches
+from .user_sets import build_user_data, factory_sets, is_factory
 
 log = logging.getLogger("spacedkd_fast.data")
 
-DATASETS = ("cifar100", "cifar10", "tiny-imagenet", "imagenet", "folder:<path>", "digits")
+DATASETS = ("cifar100", "cifar10", "tiny-imagenet", "imagenet", "folder:<path>", "digits",
+            "torchvision:<Class>", "<module>:<factory>")
 BACKENDS = ("auto", "gpu", "gpu-resident", "cpu", "torch-cpu", "dali")
 _DEFAULT_RECIPE = {"cifar100": "cifar", "cifar10": "cifar", "digits": "cifar", "tiny-imagenet": "tiny",
                    "imagenet": "imagenet", "folder": "imagenet"}
@@ -137,11 +139,21 @@ def build_data(dataset: str | None, *, data_dir: str = "./data", recipe: str | N
     ``batch_size`` is the global batch: rank ``r`` gets rows ``r::world_size`` of each batch.
     ``drop_last``: drop the last partial training batch; ``None`` takes the recipe's default
     (``vit-official``: True, as the official loaders: CIFAR-100 at batch 128 gives 390 steps).
+
+    ``"torchvision:<Class>"`` (any ``torchvision.datasets`` class, with torchvision transforms:
+    :mod:`.torchvision_sets`) and ``"<module>:<factory>"`` (a function returning the user's own
+    ``(train_set, test_set[, num_classes])``) train through a :class:`KeyedLoader`
+    (:func:`.user_sets.build_user_data`); ``recipe`` is then one of
+    ``torchvision_sets.AUGMENTATIONS`` (a factory's sets carry their own transforms).
     """
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} asked for, but torch sees no CUDA device here; use "
                          "device='cpu'")
+    if dataset is not None and (dataset.startswith("torchvision:") or is_factory(dataset)):
+        return _build_user_sets(dataset, data_dir=data_dir, recipe=recipe, batch_size=batch_size,
+                                seed=seed, device=device, rank=rank, world_size=world_size,
+                                download=download, image_size=image_size, drop_last=drop_last)
     fallback_note = ""
     if dataset is None:
         if cifar_present(data_dir, 100):
@@ -198,3 +210,30 @@ def build_data(dataset: str | None, *, data_dir: str = "./data", recipe: str | N
     log.info(announcement)
     return DataBundle(train=train, test=test, num_classes=len(classes), image_size=size, name=kind,
                       backend=backend_name, announcement=announcement, recipe=recipe_name)
+
+
+def _build_user_sets(dataset: str, *, data_dir: str, recipe: str | None, batch_size: int, seed: int,
+                     device: torch.device, rank: int, world_size: int, download: bool,
+                     image_size: int | None, drop_last: bool | None) -> DataBundle:
+    """``torchvision:<Class>`` or ``<module>:<factory>`` through the keyed loader."""
+    if dataset.startswith("torchvision:"):
+        from .torchvision_sets import load_torchvision
+
+        sets = load_torchvision(dataset.partition(":")[2], data_dir, download=download,
+                                image_size=image_size, augment=recipe)
+        train_set, test_set, classes = sets.train, sets.test, sets.num_classes
+        description, size, recipe_name = sets.description, sets.image_size, sets.augment
+    else:
+        if recipe not in (None, "none"):
+            raise ValueError(f"--augment {recipe}: the sets of {dataset} carry their own "
+                             "transforms (leave --augment out)")
+        train_set, test_set, classes = factory_sets(dataset, data_dir=data_dir, download=download,
+                                                    image_size=image_size, seed=seed)
+        description, size, recipe_name = dataset, image_size, "none"
+    bundle = build_user_data(train_set, test_set, num_classes=classes, batch_size=batch_size,
+                             seed=seed, device=device, rank=rank, world_size=world_size,
+                             drop_last=bool(drop_last), name=dataset, description=description,
+                             image_size=size)
+    bundle.recipe = recipe_name
+    log.info(bundle.announcement)
+    return bundle
