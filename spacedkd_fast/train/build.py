@@ -183,7 +183,8 @@ def _build_optimizers(cfg: TrainConfig, teacher, student, shared: bool):
 
 
 def build_run(cfg: TrainConfig, info: DistInfo, *, data: Any = None) -> RunParts:
-    """Seeds, data (``data``: a prebuilt bundle, as tests inject), models, optimisers, LR
+    """Seeds, data (``data``: a prebuilt bundle, as tests inject, or a callable ``(cfg, info) ->
+    bundle``, as :func:`spacedkd_fast.train.run` passes), models, optimisers, LR
     schedules, gradient scaler and the distiller of ``cfg``, on ``info.device``.
 
     ``amp`` / ``channels_last`` auto are resolved for the device first and written back into
@@ -192,6 +193,8 @@ def build_run(cfg: TrainConfig, info: DistInfo, *, data: Any = None) -> RunParts
     seed_everything(cfg, info.device)
     if data is None:
         data = _build_data(cfg, info)
+    elif callable(data):  # user_data.UserSets: built here, where the device and rank are known
+        data = data(cfg, info)
     source = data.train
     if channels_last_on(cfg.channels_last):
         source = ChannelsLastSource(source)

@@ -27,6 +27,7 @@ from .errors import (
     EXIT_INTERRUPTED,
     CheckpointError,
     UserError,
+    is_bad_input,
     resume_folder_error,
 )
 from .recipe_files import list_recipes
@@ -220,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(ns, cli)
     except (ConfigError, UserError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as err:
+        if not is_bad_input(err):  # a bad data-set item a loader met mid-run: one line, exit 2
+            raise
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except ImportError as err:  # e.g. the compiled extension built for another torch

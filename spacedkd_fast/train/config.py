@@ -98,15 +98,19 @@ class TrainConfig:
     student_kwargs: dict[str, Any] = _opt(None, "extra options of the student's constructor",
                                           G_WHAT, metavar="K=V,...", factory=dict)
     # data
-    dataset: str | None = _opt(None, "cifar100, cifar10, tiny-imagenet, imagenet, digits or "
-                               "folder:PATH; auto = cifar100 when it is on disk under --data-dir, "
-                               "else the embedded digits set (announced)", G_DATA, metavar="NAME")
+    dataset: str | None = _opt(None, "cifar100, cifar10, tiny-imagenet, imagenet, digits, "
+                               "folder:PATH, torchvision:CLASS (any torchvision.datasets class, "
+                               "e.g. torchvision:FashionMNIST, from --data-dir; --augment none, "
+                               "cifar or imagenet) or MODULE:FUNCTION (your own Datasets: the "
+                               "function returns (train_set, test_set[, num_classes])); auto = "
+                               "cifar100 when it is on disk under --data-dir, else the embedded "
+                               "digits set (announced)", G_DATA, metavar="NAME")
     data_dir: str = _opt("./data", "folder holding the data sets", G_DATA, metavar="DIR")
     augment: str | None = _opt(None, "augmentation recipe: cifar, cifar-selfkd, tiny, imagenet, vit, "
                                "vit-official (the official ViT code's RandAugment and erasing), none", G_DATA, metavar="NAME")
     image_size: int | None = _opt(None, "train and test at this image size in pixels", G_DATA, metavar="PX")
-    download: bool = _opt(False, "fetch CIFAR-10/100 through torchvision when not under --data-dir",
-                          G_DATA)
+    download: bool = _opt(False, "fetch CIFAR-10/100 or a torchvision:CLASS data set through "
+                          "torchvision when not under --data-dir", G_DATA)
     drop_last: bool | None = _opt(None, "drop the last incomplete training batch of each epoch: on, "
                                   "off, or the augmentation recipe's choice (vit-official: on, "
                                   "as the official ViT code: 390 steps per epoch on CIFAR-100)",
@@ -355,7 +359,7 @@ def normalise(cfg: TrainConfig) -> None:
     cfg.amp = str(cfg.amp).lower()
     if cfg.amp in ("none", "false", "no", "fp32"):
         cfg.amp = "off"
-    if cfg.dataset is not None and not cfg.dataset.startswith("folder:"):
+    if cfg.dataset is not None and ":" not in cfg.dataset:  # folder:, torchvision:, module: keep case
         cfg.dataset = cfg.dataset.strip().lower()
     # The official code selects the mode through the interval rate (0: online / plain self KD,
     # >= 50: offline); the engine's mode table owns that convention (torch-free).

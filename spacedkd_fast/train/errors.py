@@ -21,6 +21,13 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable or not one of ours; the message says which."""
 
 
+def is_bad_input(err: BaseException) -> bool:
+    """An error of the layers below the trainer that reports bad input in one line: marked
+    ``bad_input`` (the data layer's ``BadDataError``, e.g. a bad item a loader worker met
+    mid-run). Read by attribute, so that the CLI answers without importing torch."""
+    return bool(getattr(err, "bad_input", False))
+
+
 def resume_folder_error(folder) -> CheckpointError | None:
     """The error of ``--resume FOLDER`` when FOLDER is not a folder at all (torch-free, so that
     the CLI answers at once), else ``None``."""
