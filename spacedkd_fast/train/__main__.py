@@ -4,8 +4,10 @@ import os
 import sys
 
 from .cli import main
+from .stop import claim_process
 
 if __name__ == "__main__":
+    claim_process()  # this process is the trainer's: its first Ctrl-C asks for a clean stop
     try:
         status = main()
         sys.stdout.flush()

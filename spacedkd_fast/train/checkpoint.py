@@ -12,8 +12,11 @@ Layout of an output folder: ``checkpoint.pt`` (everything needed to resume), ``b
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -177,32 +180,100 @@ def checkpoint_payload(parts, history, position, *, engines: list[Any], rngs: li
 
 def restore_parts(parts, state: dict[str, Any]) -> None:
     """Load a checkpoint's models, optimisers, schedules, engine, scaler and RNGs into ``parts``
-    (built from the same configuration); ``CheckpointError`` when it cannot fit."""
+    (built from the same configuration); ``CheckpointError`` when it cannot fit.
+
+    A checkpoint written by another number of processes is accepted: the engine state of each new
+    rank is rebuilt (:mod:`.reshard`), and a rank that did not exist takes rank 0's RNG states
+    (the keyed data draws none of them)."""
     rank, world = parts.info.rank, parts.info.world_size
-    if state.get("world_size", 1) != world:
-        raise CheckpointError(f"the checkpoint was written by {state.get('world_size', 1)} "
-                              f"process(es); resume it with as many (got {world})")
+    engines = state["engine"]
+    if state.get("world_size", len(engines)) != len(engines):
+        raise CheckpointError(f"cannot resume: the checkpoint says {state['world_size']} "
+                              f"process(es) wrote it but holds the state of {len(engines)} (it "
+                              "is inconsistent); start a new run")
+    if len(engines) != world:
+        from .reshard import engine_state_for
+
+        engine = engine_state_for(engines, parts.source, rank, world)
+    else:
+        engine = engines[rank]
+    steps = [("the student's weights",
+              lambda: unwrap(parts.student).load_state_dict(state["models"]["student"]))]
+    if parts.teacher is not None:
+        steps.append(("the teacher's weights",
+                      lambda: unwrap(parts.teacher).load_state_dict(state["models"]["teacher"])))
+    # the engine first: it recreates the projector's param group in the student optimiser
+    steps += [("the distiller's state", lambda: parts.distiller.load_state_dict(engine)),
+              ("the student's optimiser", lambda: parts.student_opt.load_state_dict(
+                  state["optimizers"]["student"])),
+              ("the student's learning-rate schedule", lambda: parts.student_sched.load_state_dict(
+                  state["schedulers"]["student"]))]
+    if parts.teacher_opt is not None:
+        steps += [("the teacher's optimiser", lambda: parts.teacher_opt.load_state_dict(
+                      state["optimizers"]["teacher"])),
+                  ("the teacher's learning-rate schedule",
+                   lambda: parts.teacher_sched.load_state_dict(state["schedulers"]["teacher"]))]
+    if parts.scaler is not None and state.get("grad_scaler") is not None:
+        steps.append(("the gradient scaler", lambda: parts.scaler.load_state_dict(
+            state["grad_scaler"])))
+    for what, load in steps:
+        try:
+            load()
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as err:
+            raise CheckpointError(
+                f"cannot resume: {what} in the checkpoint (written by spacedkd_fast "
+                f"{state.get('spacedkd_fast', '?')}) do not fit what spacedkd_fast {__version__} "
+                f"builds from its configuration ({_first_line(err)}); resume it with that "
+                "version, or start a new run") from None
+    rngs = state["rng"]
+    set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+
+
+def _first_line(err: BaseException, limit: int = 160) -> str:
+    """An exception's own words, first line only and short (missing keys list every key)."""
+    text = str(err).strip().strip("'\"").splitlines()
+    line = text[0] if text else "no detail"
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def _what_the_file_is(path: Path) -> str:
+    """A file ``torch.load`` could not read, described by its bytes (for the one-line error)."""
     try:
-        unwrap(parts.student).load_state_dict(state["models"]["student"])
-        if parts.teacher is not None:
-            unwrap(parts.teacher).load_state_dict(state["models"]["teacher"])
-        # the engine first: it recreates the projector's param group in the student optimiser
-        parts.distiller.load_state_dict(state["engine"][rank])
-        parts.student_opt.load_state_dict(state["optimizers"]["student"])
-        parts.student_sched.load_state_dict(state["schedulers"]["student"])
-        if parts.teacher_opt is not None:
-            parts.teacher_opt.load_state_dict(state["optimizers"]["teacher"])
-            parts.teacher_sched.load_state_dict(state["schedulers"]["teacher"])
-        if parts.scaler is not None and state.get("grad_scaler") is not None:
-            parts.scaler.load_state_dict(state["grad_scaler"])
-    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
-        raise CheckpointError(
-            f"cannot resume: the checkpoint was written by spacedkd_fast "
-            f"{state.get('spacedkd_fast', '?')} (format version {state.get('version', '?')}) and "
-            f"does not fit what spacedkd_fast {__version__} builds from its configuration "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}); "
-            "resume it with that version, or start a new run") from None
-    set_rng_state(state["rng"][rank])
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(256)
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    ours = "a spacedkd_fast checkpoint is a PyTorch zip file"
+    if size == 0:
+        return f"is empty (0 bytes), not a checkpoint ({ours})"
+    if head.startswith(b"PK\x03\x04"):
+        if not zipfile.is_zipfile(path):
+            return (f"is truncated: a PyTorch file cut short at {size} bytes (its end is "
+                    "missing; checkpoints are written whole and renamed into place, so it was "
+                    "cut after it was written, e.g. by an incomplete copy)")
+        return (f"is damaged: a PyTorch file of {size} bytes whose contents do not read back "
+                "(e.g. flipped bytes after it was written)")
+    if head[:1] == b"\x80":  # a bare pickle: torch.save before PyTorch 1.6, or pickle.dump
+        return f"is a pickle in an old PyTorch format, not a checkpoint of this package ({ours})"
+    text = head.decode("utf-8", errors="replace")
+    if len(head) == 256:  # the read may have cut the last character in two
+        text = text.rstrip("\ufffd")
+    if any(not (c.isprintable() or c in "\t\r\n") or c == "\ufffd" for c in text):
+        return f"is not a checkpoint of this package: not a PyTorch file ({ours})"
+    first = text.strip().splitlines()[0][:40] if text.strip() else ""
+    return f"is a text file (it begins {first!r}), not a checkpoint of this package ({ours})"
+
+
+def _what_the_object_is(payload: Any) -> str:
+    if isinstance(payload, dict) and "state_dict" in payload and "arch" in payload:
+        return ("holds a model's weights only (a best_student.pt), not a training checkpoint of "
+                "this package")
+    if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor)
+                                                     for v in payload.values()):
+        return "holds a model's state_dict, not a training checkpoint of this package"
+    kind = "a dictionary" if isinstance(payload, dict) else f"a {type(payload).__name__}"
+    return f"is a PyTorch file holding {kind}, not a training checkpoint of this package"
 
 
 def load_checkpoint(out_dir: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -216,17 +287,23 @@ def load_checkpoint(out_dir: str | Path, map_location: str | torch.device = "cpu
         raise CheckpointError(f"cannot resume: no checkpoint in {folder} (expected {path}; a run "
                               "writes it at the end of its first epoch)")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: the error says it
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location=map_location, weights_only=True)
     except MemoryError:
         raise
-    except Exception as err:  # noqa: BLE001 - damaged bytes make the unpickler raise anything
-        # (IndexError, KeyError, UnicodeDecodeError, ... besides the usual I/O and zip errors)
-        raise CheckpointError(f"cannot resume: {path} is corrupt or truncated ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else 'no detail'}). "
-                              "Checkpoints are written atomically, so this file was damaged "
-                              "after the run wrote it.") from None
+    except pickle.UnpicklingError as err:
+        if zipfile.is_zipfile(path) and "unsupported global" in str(err).lower():
+            raise CheckpointError(f"cannot resume: {path} holds Python objects that a checkpoint "
+                                  "of this package never contains (not written by "
+                                  "spacedkd_fast)") from None
+        raise CheckpointError(f"cannot resume: {path} {_what_the_file_is(path)}") from None
+    except Exception:  # noqa: BLE001 - damaged bytes make the unpickler raise anything
+        # (IndexError, KeyError, UnicodeDecodeError, ... besides the usual I/O and zip errors):
+        # the bytes say what the file is better than the exception does
+        raise CheckpointError(f"cannot resume: {path} {_what_the_file_is(path)}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"cannot resume: {path} is not a spacedkd_fast training checkpoint")
+        raise CheckpointError(f"cannot resume: {path} {_what_the_object_is(payload)}")
     if payload.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"cannot resume: {path} has format version {payload.get('version')} "
                               f"(written by spacedkd_fast {payload.get('spacedkd_fast', '?')}); "

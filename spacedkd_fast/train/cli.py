@@ -56,6 +56,9 @@ examples:
   python -m spacedkd_fast.train --resume runs/online
   python -m spacedkd_fast.train --resume runs/online --epochs 120
       extend a run (schedules that depend on the total are re-planned; said in the output)
+  python -m spacedkd_fast.train --config cifar100-resnet18-spaced --out runs/s --resume auto \
+      --checkpoint-every 10m
+      a command a scheduler may re-run: continues runs/s if it is there (docs/cluster.md)
   python -m spacedkd_fast.train --config cifar100-resnet18-spaced --seeds 0,1,2 --out runs/spaced
       one run per seed in runs/spaced/seed0, seed1, seed2 (--resume runs/spaced continues them)
   torchrun --nproc_per_node 4 -m spacedkd_fast.train --config cifar100-deit-tiny-spaced1.5
@@ -107,15 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="list the shipped recipes (the paper's experiments) and exit")
     run.add_argument("--list-models", action="store_true",
                      help="list the model architectures and exit")
-    run.add_argument("--resume", metavar="OUT",
+    run.add_argument("--resume", metavar="OUT|auto",
                      help="continue the run (or --seeds group) in folder OUT from its last "
                           "checkpoint, with its saved configuration; flags equal to the saved "
-                          "values are accepted, --epochs N extends the run")
+                          "values are accepted, --epochs N extends the run. auto (with --out): "
+                          "a command that can be re-run (scheduler requeue, torchrun restarts) - "
+                          "continue the run in --out if it holds one of this configuration, "
+                          "start it if not, refuse if the configuration differs (a folder named "
+                          "auto: --resume ./auto)")
     run.add_argument("--print-config", action="store_true",
-                     help="print the configuration (defaults, recipe, flags) as YAML and exit; "
-                          "what depends on the machine or the data found (the auto values, the "
-                          "digits defaults) is settled when the run starts and saved in "
-                          "OUT/config.yaml")
+                     help="print the configuration the run will use as YAML (what OUT/config.yaml "
+                          "will record) and exit: defaults, recipe and flags, with the data set "
+                          "found, the digits defaults, --amp/--channels-last auto on this machine "
+                          "and the --compat preset's switches settled as the run settles them "
+                          "(--out auto stays null: it names the start time)")
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bar (epoch lines only)")
 
@@ -181,8 +189,45 @@ def _print_models() -> None:
         print(f"  {name:<22} {description}")
 
 
+def _run_auto(ns: argparse.Namespace, cli: dict[str, Any], progress: bool) -> int:
+    """``--resume auto``: the command's own configuration, continued if ``--out`` holds it."""
+    cfg = config_from_args(ns, cli)
+    if getattr(ns, "print_config", False):
+        print_config(cfg)
+        return 0
+    if cfg.out is None:
+        raise ConfigError("--resume auto needs --out DIR: the folder in which a re-run of the "
+                          "same command finds its run")
+    if cfg.seeds:
+        from . import seeds
+
+        if seeds.is_group(cfg.out):
+            return seeds.resume_group(cfg.out, overrides=cli, progress=progress)
+        return seeds.train_group(cfg, progress=progress)
+    from . import runner
+
+    return runner.train(cfg, progress=progress, resume="auto")
+
+
+def _print_planned(ns: argparse.Namespace, cli: dict[str, Any]) -> int:
+    """``--print-config``: the configuration as the run will settle it (:mod:`.preview`)."""
+    if getattr(ns, "resume", None) not in (None, "auto"):
+        raise ConfigError(f"--print-config with --resume: the run's configuration is "
+                          f"{ns.resume}/config.yaml")
+    file_values = load_yaml(ns.config) if getattr(ns, "config", None) else {}
+    cfg = build_config(file_values, cli, runnable=False)  # shown even when it cannot run yet
+    from .preview import planned
+
+    print_config(planned(cfg))
+    return 0
+
+
 def _run(ns: argparse.Namespace, cli: dict[str, Any]) -> int:
     progress = not getattr(ns, "no_progress", False)
+    if getattr(ns, "print_config", False):
+        return _print_planned(ns, cli)
+    if getattr(ns, "resume", None) == "auto":
+        return _run_auto(ns, cli, progress)
     if getattr(ns, "resume", None):
         if getattr(ns, "config", None):
             raise ConfigError("--resume uses the run's saved configuration; drop --config")
@@ -197,9 +242,6 @@ def _run(ns: argparse.Namespace, cli: dict[str, Any]) -> int:
 
         return runner.resume(ns.resume, overrides=cli, progress=progress)
     cfg = config_from_args(ns, cli)  # before torch is imported: bad values answer at once
-    if getattr(ns, "print_config", False):
-        print_config(cfg)
-        return 0
     if cfg.seeds:
         from . import seeds
 
@@ -233,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot load spacedkd_fast: {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:  # a second Ctrl-C / SIGTERM while the first one was being handled
+        from .stop import owns_sigint
+
+        if not owns_sigint():  # Ctrl-C belongs to the code that called main in-process
+            raise
         print("aborted: the last checkpoint written is kept", file=sys.stderr)
         return EXIT_INTERRUPTED
 

@@ -34,6 +34,7 @@ from ..ops.names import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, FEATURE_LOSSES, KD_N
 from . import recipe_files
 from .config_checks import official_setting_errors, pending, value_errors
 from .config_values import AUTO_ON_OFF, ConfigError, coerce
+from .resume_policy import checkpoint_every_errors
 
 # Name lists and defaults of the engine and the ops layer, from their torch-free modules (the CLI
 # answers --help without loading torch or the compiled extension).
@@ -264,6 +265,10 @@ class TrainConfig:
                              "checksums) to FILE", G_OUT, metavar="FILE")
     log_every: int = _opt(50, "read the loss accumulators from the device every N steps",
                           G_OUT, metavar="N")
+    checkpoint_every: str = _opt("epoch", "also write OUT/checkpoint.pt within an epoch: every N "
+                                 "global steps (500) or every so much time (10m, 90s, 1h; taken "
+                                 "at the next --log-every point); epoch: at epoch ends only "
+                                 "(always written there)", G_OUT, metavar="N|10m")
     tensorboard: bool = _opt(False, "also log to TensorBoard under OUT/tensorboard", G_OUT)
     wandb: bool = _opt(False, "also log to Weights & Biases (needs wandb installed and a login)",
                        G_OUT)
@@ -371,7 +376,7 @@ def normalise(cfg: TrainConfig) -> None:
 
 def validate(cfg: TrainConfig) -> None:
     """Raise ``ConfigError`` naming every value that makes no sense (all of them at once)."""
-    errors = value_errors(cfg) + official_setting_errors(cfg)
+    errors = value_errors(cfg) + official_setting_errors(cfg) + checkpoint_every_errors(cfg)
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
 

@@ -1,5 +1,7 @@
 """The training loop: epochs of keyed batches into the distiller, an evaluation row per epoch, a
-checkpoint at each epoch end (and mid-epoch on a stop request), then offline KD's student phase.
+checkpoint at each epoch end (and mid-epoch on a stop request or as ``--checkpoint-every`` asks),
+then offline KD's student phase (which takes no mid-phase checkpoints: a resume restarts it from
+the teacher's last epoch).
 
 Exactness of resume: checkpoints hold models, optimisers, schedules, the engine's state (pending
 replay keys), the gradient scaler, every RNG state, the epoch's loss sums and the metric rows.
@@ -18,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..engine.model_io import unwrap
+from . import faults
 from .build import RunParts
 from .checkpoint import checkpoint_payload, rng_state, save_checkpoint
 from .errors import Interrupted
@@ -26,6 +29,7 @@ from .history import RunHistory
 from .lr_schedule import EpochSchedule
 from .metric_names import test_key, with_aliases
 from .report import ProgressBar
+from .resume_policy import CheckpointEvery, parse_checkpoint_every
 from .stop import StopRequest
 
 # the values of the earlier "phase" field (kept as an alias for one version)
@@ -76,9 +80,30 @@ def _gather(obj: Any, parts: RunParts) -> list[Any]:
     return out
 
 
-def save(parts: RunParts, history: RunHistory, position: Position) -> None:
+class Checkpoints:
+    """Where the run's checkpoints fall within epochs (``--checkpoint-every``), and when the last
+    one was written."""
+
+    def __init__(self, every: CheckpointEvery) -> None:
+        self.every = every
+        self.last = time.monotonic()
+
+    def step_due(self, key: int) -> bool:
+        return self.every.steps is not None and key % self.every.steps == 0
+
+    def time_due(self) -> bool:
+        return (self.every.seconds is not None
+                and time.monotonic() - self.last >= self.every.seconds)
+
+
+def save(parts: RunParts, history: RunHistory, position: Position,
+         checkpoints: Checkpoints | None = None) -> None:
+    """Every rank's engine and RNG state gathered, rank 0 writes ``checkpoint.pt`` (atomically)."""
     engines = _gather(parts.distiller.state_dict(), parts)
     rngs = _gather(rng_state(), parts)
+    faults.point("save", position.epoch * parts.steps_per_epoch + position.step_in_epoch)
+    if checkpoints is not None:
+        checkpoints.last = time.monotonic()
     if parts.info.is_main:
         save_checkpoint(history.out, checkpoint_payload(parts, history, position, engines=engines,
                                                         rngs=rngs))
@@ -137,13 +162,22 @@ def epoch_row(parts: RunParts, history: RunHistory, epoch: int, trained: str, su
 
 # ------------------------------------------------------------------------------ the loop
 def _stop_requested(parts: RunParts, stop: StopRequest, at_log_point: bool) -> bool:
+    return _agree(parts, stop, at_log_point, False)[0]
+
+
+def _agree(parts: RunParts, stop: StopRequest, at_log_point: bool, save_due: bool
+           ) -> tuple[bool, bool]:
+    """``(stop, save now)`` as every rank decides them: a rank that received the signal, or whose
+    clock says a checkpoint is due, decides for all, at a log point (the steps every rank shares),
+    so that every rank stops or saves after the same step."""
     if not parts.info.enabled:
-        return stop.requested
+        return stop.requested, save_due
     if not at_log_point:  # ranks agree only at the shared log points
-        return False
-    flag = torch.tensor([1 if stop.requested else 0], device=parts.device)
+        return False, False
+    flag = torch.tensor([int(stop.requested), int(save_due)], device=parts.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    halt, due = flag.tolist()
+    return bool(halt), bool(due)
 
 
 def _trained(parts: RunParts, teacher_steps: int, student_steps: int) -> str:
@@ -157,7 +191,7 @@ def _trained(parts: RunParts, teacher_steps: int, student_steps: int) -> str:
 
 
 def _train_epoch(parts: RunParts, history: RunHistory, stop: StopRequest, epoch: int,
-                 at: Position, *, progress: bool) -> None:
+                 at: Position, checkpoints: Checkpoints, *, progress: bool) -> None:
     """One epoch from step ``at.step_in_epoch``; saves and raises ``Interrupted`` on a stop."""
     cfg, d, L = parts.cfg, parts.distiller, parts.steps_per_epoch
     sums, images0, wall0 = at.sums, at.images, at.wall
@@ -173,22 +207,30 @@ def _train_epoch(parts: RunParts, history: RunHistory, stop: StopRequest, epoch:
     # a mid-epoch resume starts at the next batch; the source names the keys
     for key, (x, y) in parts.source.epoch(epoch, start=at.step_in_epoch):
         d.step(key, x, y)
+        faults.point("step", key)
         done += 1
         images += x.shape[0] * parts.info.world_size
-        log_point = key % cfg.log_every == 0 or done == L
+        step_due = checkpoints.step_due(key)  # a log point too: the saved sums are complete
+        log_point = key % cfg.log_every == 0 or done == L or step_due
         stats = None
         if log_point:
             stats = d.pop_stats()
             sums.add(stats, d.teacher_steps - last_t, d.student_steps - last_s)
             last_t, last_s = d.teacher_steps, d.student_steps
         bar.update(done, images - images0, stats=stats, lr=parts.lr())
-        if done < L and _stop_requested(parts, stop, log_point):
+        if done == L:
+            continue  # the epoch's end saves below
+        halt, time_due = _agree(parts, stop, log_point, log_point and checkpoints.time_due())
+        if halt:
             if not log_point:
                 sums.add(d.pop_stats(), d.teacher_steps - last_t, d.student_steps - last_s)
             bar.close()
             save(parts, history, Position(epoch, done, sums, images,
-                                          wall0 + time.monotonic() - t0))
+                                          wall0 + time.monotonic() - t0), checkpoints)
             raise Interrupted
+        if step_due or time_due:
+            save(parts, history, Position(epoch, done, sums, images,
+                                          wall0 + time.monotonic() - t0), checkpoints)
     bar.close()
     last = epoch == cfg.epochs - 1
     if last and cfg.mode != "offline":
@@ -197,7 +239,8 @@ def _train_epoch(parts: RunParts, history: RunHistory, stop: StopRequest, epoch:
     wall = wall0 + time.monotonic() - t0
     trained = _trained(parts, d.teacher_steps - first_t, d.student_steps - first_s)
     history.record(epoch_row(parts, history, epoch + 1, trained, sums, images, wall))
-    save(parts, history, Position(epoch + 1, finished=last and cfg.mode != "offline"))
+    save(parts, history, Position(epoch + 1, finished=last and cfg.mode != "offline"),
+         checkpoints)
     if not last and _stop_requested(parts, stop, True):
         raise Interrupted
 
@@ -243,8 +286,9 @@ def run_loop(parts: RunParts, history: RunHistory, stop: StopRequest,
         at.sums = EpochSums(state.get("epoch_sums"))
         at.images = int(state.get("epoch_images", 0))
         at.wall = float(state.get("epoch_wall", 0.0))
+    checkpoints = Checkpoints(parse_checkpoint_every(parts.cfg.checkpoint_every))
     for epoch in range(start_epoch, parts.cfg.epochs):
-        _train_epoch(parts, history, stop, epoch, at, progress=progress)
+        _train_epoch(parts, history, stop, epoch, at, checkpoints, progress=progress)
         at = Position(epoch + 1)
     if parts.cfg.mode == "offline" and not state.get("finished", False):
         _offline_student_phase(parts, history, stop)

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from .. import __version__
 from ..engine.errors import NonFiniteLossError
+from . import resume_policy
 from .build import RunParts, build_run, n_params, resolve_dataset
 from .checkpoint import (
     CHECKPOINT_NAME,
@@ -28,7 +29,14 @@ from .checkpoint import (
     load_checkpoint,
     restore_parts,
 )
-from .config import TrainConfig, apply_dataset_defaults, check_runnable, from_dict, save_yaml
+from .config import (
+    ConfigError,
+    TrainConfig,
+    apply_dataset_defaults,
+    check_runnable,
+    from_dict,
+    save_yaml,
+)
 from .curves import plot_curves
 from .distributed import DistInfo, barrier, cleanup, init_distributed
 from .errors import (  # noqa: F401 - re-exported: callers read the statuses here
@@ -51,11 +59,13 @@ from .report import (
     summary_models,
     summary_table,
 )
-from .speed_defaults import AUTO, SPEED_AUTO_KEYS, apply_speed_defaults
+from .speed_defaults import AUTO as SPEED_AUTO
+from .speed_defaults import SPEED_AUTO_KEYS, apply_speed_defaults
 from .stop import StopRequest
 
 # Flags given together with --resume that do not change what is computed.
-RESUME_SAFE = {"tensorboard", "wandb", "wandb_project", "log_every", "compare"}
+RESUME_SAFE = set(resume_policy.RESUME_SAFE)
+AUTO = "auto"  # --resume auto: continue the run in --out if there is one, else start it
 
 
 def default_out(cfg: TrainConfig, dataset: str, suffix: str = "") -> str:
@@ -81,7 +91,8 @@ def prepare_output(cfg: TrainConfig, info: DistInfo, *, resuming: bool) -> Path:
             error = f"--out {out}: cannot write there ({err.strerror or err})"
         if error is None and not resuming and (out / CHECKPOINT_NAME).exists():
             error = (f"{out} already holds a run (checkpoint.pt); continue it with --resume "
-                     f"{out} or choose another --out")
+                     f"{out} (or --resume auto, which continues it if it is there) or choose "
+                     "another --out")
     if info.enabled:
         box = [error, cfg.out]
         dist.broadcast_object_list(box, src=0)
@@ -267,23 +278,105 @@ def _threads_for_cpu(info: DistInfo) -> None:
 
 
 def train(cfg: TrainConfig, *, progress: bool = True, data: Any = None,
-          stream: TextIO | None = None) -> int:
+          stream: TextIO | None = None, resume: str | None = None) -> int:
     """Run ``cfg`` from scratch; returns the exit status (0 ok, 3 non-finite loss, 4 a file could
     not be written, 130/143 stopped by SIGINT/SIGTERM with the state saved).
 
+    ``resume="auto"``: a command that can be run again (by a scheduler's requeue, by torchrun
+    restarting its workers): when ``cfg.out`` holds a checkpoint of the same configuration the run
+    continues from it, when it holds none the run starts, and a differing configuration or an
+    unreadable checkpoint is refused (``UserError``, one line). Every rank takes the same decision.
     ``data``: a prebuilt ``DataBundle`` (tests inject tiny or poisoned data this way).
     """
     check_runnable(cfg)
+    if resume not in (None, AUTO):
+        raise UserError(f"resume={resume!r}: train() continues a run with resume='auto' only; "
+                        "use runner.resume(OUT) for a named folder")
+    if resume == AUTO and cfg.out is None:
+        raise UserError("--resume auto needs --out DIR: the folder in which a re-run of the same "
+                        "command finds its run")
     info = init_distributed(cfg.device)
     try:
         _threads_for_cpu(info)
         dataset = resolve_dataset(cfg) if data is None else (cfg.dataset or data.name)
         # injected data (tests) is already built: its batch size is the caller's business
         changes = apply_dataset_defaults(cfg, dataset) if data is None else []
+        state = _agreed_checkpoint(cfg.out, info) if resume == AUTO else None
+        if state is not None:
+            if cfg.dataset is None:
+                cfg.dataset = dataset  # as the run recorded it
+            given = {k: v for k, v in cfg.to_dict().items() if k != "out"}
+            resumed, notes = resume_plan(state, cfg.out, given, auto=True)
+            return execute(resumed, info, state=state, progress=progress, data=data,
+                           stream=stream, notes=_resume_notes(state, info) + notes)
         return execute(cfg, info, state=None, progress=progress, data=data, stream=stream,
                        digits_changes=changes, dataset=dataset)
     finally:
         cleanup(info)
+
+
+def _position(state: dict[str, Any]) -> tuple:
+    """What identifies one checkpoint of a run (every rank must find the same one)."""
+    return (int(state["epoch"]), int(state["step_in_epoch"]), bool(state.get("finished")),
+            float(state.get("wall_s", 0.0)))
+
+
+def _agreed_checkpoint(out: str | os.PathLike, info: DistInfo) -> dict[str, Any] | None:
+    """The checkpoint in ``out`` that every rank continues from (rank 0 decides whether there is
+    one; each rank reads it and all check that they read the same), or ``None`` for a new run."""
+    path = Path(out) / CHECKPOINT_NAME
+    decision: list[Any] = [False, None]  # [found, error]
+    state = None
+    if info.is_main and path.exists():
+        try:
+            state = load_checkpoint(out)
+            decision = [True, None]
+        except CheckpointError as err:
+            decision = [False, str(err)]
+    if info.enabled:
+        dist.broadcast_object_list(decision, src=0)
+    found, error = decision
+    if error:
+        raise UserError(f"{error} (--resume auto does not start over a run it cannot read; move "
+                        "the folder away to start a new one)")
+    if not found:
+        return None
+    if not info.enabled:
+        return state
+    mine: Any = None
+    if state is None:
+        try:
+            state = load_checkpoint(out)
+        except CheckpointError as err:
+            mine = str(err)
+    if mine is None and state is not None:
+        mine = _position(state)
+    seen: list[Any] = [None] * info.world_size
+    dist.all_gather_object(seen, mine)
+    for rank, other in enumerate(seen):
+        if other != seen[0]:
+            raise UserError(f"--resume auto: process {rank} reads another checkpoint in {out} "
+                            f"than process 0 ({other} vs {seen[0]}); --out must be a folder that "
+                            "every node sees (a shared filesystem)")
+    return state
+
+
+def _resume_notes(state: dict[str, Any], info: DistInfo) -> list[str]:
+    """What a resume says about a checkpoint written under other circumstances."""
+    notes = []
+    written = len(state["engine"])
+    if written != info.world_size:
+        notes.append(
+            f"the checkpoint was written by {written} process(es), this run has "
+            f"{info.world_size}: the global batch, the keys and the replay records carry over; "
+            "BatchNorm statistics are now computed over each process's share of a batch and "
+            "gradients are reduced in another order, so the run differs from here on from one "
+            f"that keeps {written} (README: 'Changing the number of processes')")
+    if state.get("spacedkd_fast") != __version__:
+        notes.append(f"the checkpoint was written by spacedkd_fast "
+                     f"{state.get('spacedkd_fast', '?')}; continuing with {__version__} (the "
+                     "same checkpoint format)")
+    return notes
 
 
 def _flag(name: str) -> str:
@@ -291,23 +384,35 @@ def _flag(name: str) -> str:
 
 
 def resume_plan(state: dict[str, Any], out: str | os.PathLike,
-                overrides: dict[str, Any] | None) -> tuple[TrainConfig, list[str]]:
+                overrides: dict[str, Any] | None, *, auto: bool = False
+                ) -> tuple[TrainConfig, list[str]]:
     """The configuration a resume continues with, and what it says about it.
 
     Flags equal to the saved values are accepted; ``epochs`` may grow (the run is extended: the
     LR schedule is rebuilt for the new total and continues from the current step); anything else
-    that would change the computation is refused.
+    that would change the computation is refused. ``auto``: the overrides are a whole command's
+    configuration (``--resume auto``), and the refusal says so.
     """
-    saved = from_dict(dict(state["config"]))
+    try:
+        saved = from_dict(dict(state["config"]))
+    except ConfigError as err:
+        raise UserError(f"cannot resume: the configuration in {Path(out) / CHECKPOINT_NAME} "
+                        f"(written by spacedkd_fast {state.get('spacedkd_fast', '?')}) does not "
+                        f"read in spacedkd_fast {__version__}: "
+                        f"{' '.join(str(err).split())}") from None
     cfg = from_dict({**state["config"], **(overrides or {}), "out": str(out)})
     for k in SPEED_AUTO_KEYS:  # the saved value is what auto resolved to when the run started
-        if getattr(cfg, k) == AUTO:
+        if getattr(cfg, k) == SPEED_AUTO:
             setattr(cfg, k, getattr(saved, k))
     changed = [k for k in (overrides or {}) if k not in RESUME_SAFE | {"epochs"}
                and getattr(cfg, k) != getattr(saved, k)]
     if changed:
         what = ", ".join(f"{_flag(k)} (saved {getattr(saved, k)!r}, given {getattr(cfg, k)!r})"
                          for k in changed)
+        if auto:
+            raise UserError(f"--resume auto: {out} holds a run of another configuration: {what}; "
+                            "give the same settings to continue it, or another --out for a new "
+                            "run")
         raise UserError(f"--resume continues with the saved configuration; {what} cannot change "
                         "on resume (start a new run with --out instead)")
     notes: list[str] = []
@@ -351,7 +456,7 @@ def resume(out: str | os.PathLike, *, overrides: dict[str, Any] | None = None,
     try:
         _threads_for_cpu(info)
         status = execute(cfg, info, state=state, progress=progress, data=data, stream=stream,
-                         notes=notes)
+                         notes=_resume_notes(state, info) + notes)
         return status
     finally:
         cleanup(info)

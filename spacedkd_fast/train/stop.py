@@ -1,9 +1,18 @@
-"""Stopping a run cleanly: the first Ctrl-C (SIGINT) or SIGTERM (what cluster schedulers send
-before preempting a job) asks the loop to save and stop after the current step.
+"""Stopping a run cleanly: SIGTERM (what cluster schedulers and torchrun's agent send before
+stopping a job) and, in the trainer's own process, the first Ctrl-C (SIGINT) ask the loop to save
+and stop after the current step.
 
 The signal handler only sets a flag; the loop reads it at points where the state is consistent
 (between steps), saves a checkpoint and stops; the process then exits with 128 + the signal number
 (130 for SIGINT, 143 for SIGTERM). A second signal aborts at once.
+
+Whose signals these are: the handlers live only for the run (installed on entering the
+``StopRequest``, the previous ones put back on leaving it, whatever happens), and only in the main
+thread (Python delivers signals there alone). SIGINT is taken only when the process is the
+trainer's command (``python -m spacedkd_fast.train``, which calls :func:`claim_process`) and
+nobody else has claimed Ctrl-C (the handler is still Python's ``default_int_handler``). A run
+started in-process by other code (a test runner, a notebook, an application) leaves Ctrl-C to that
+code: the ``KeyboardInterrupt`` goes to it, as it would without the trainer.
 """
 
 from __future__ import annotations
@@ -12,11 +21,24 @@ import signal
 import sys
 import threading
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_PROCESS_IS_OURS = False
+
+
+def claim_process() -> None:
+    """Declare this process the trainer's command (called by ``spacedkd_fast.train.__main__``)."""
+    global _PROCESS_IS_OURS
+    _PROCESS_IS_OURS = True
+
+
+def owns_sigint() -> bool:
+    """Whether a run in this process turns Ctrl-C into a clean stop (see the module text)."""
+    return (_PROCESS_IS_OURS and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
 
 
 class StopRequest:
-    """Context manager that turns SIGINT/SIGTERM into a request the loop polls (``.requested``)."""
+    """Context manager that turns SIGTERM (and SIGINT when :func:`owns_sigint`) into a request
+    the loop polls (``.requested``)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -34,10 +56,19 @@ class StopRequest:
     def exit_status(self) -> int:
         return 128 + (self.signum or signal.SIGINT)
 
+    def signals(self) -> tuple[int, ...]:
+        """The signals this run takes (none outside the main thread)."""
+        if threading.current_thread() is not threading.main_thread():
+            return ()
+        return (signal.SIGINT, signal.SIGTERM) if owns_sigint() else (signal.SIGTERM,)
+
     def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for sig in SIGNALS:
+        try:
+            for sig in self.signals():
                 self._previous[sig] = signal.signal(sig, self._handle)
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -48,5 +79,6 @@ class StopRequest:
               "(send it again to abort)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
+        previous, self._previous = self._previous, {}
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fractions
 import os
+import pickle
 import random
+import re
 
 import numpy as np
 import pytest
@@ -69,21 +72,65 @@ def test_missing_folder_and_missing_checkpoint(tmp_path):
         load_checkpoint(tmp_path)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
-def test_corrupt_checkpoint_is_a_clear_error(tmp_path, damage):
+# no internal exception names in what the user reads (KeyError: 101, BadZipFile, ...)
+EXCEPTION_NAME = re.compile(r"\b\w*(Error|Exception|BadZipFile)\b")
+
+
+def _refusal(folder) -> str:
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(folder)
+    text = str(info.value)
+    assert str(folder / CHECKPOINT_NAME) in text  # names the file
+    assert "\n" not in text and not EXCEPTION_NAME.search(text), text
+    return text
+
+
+def _damaged_zip(tmp_path) -> bytes:
     save_checkpoint(tmp_path, _payload(models={"student": {"w": torch.randn(100, 100)}}))
-    path = tmp_path / CHECKPOINT_NAME
-    data = path.read_bytes()
-    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": os.urandom(2000),
-                      "empty": b""}[damage])
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
-        load_checkpoint(tmp_path)
+    return (tmp_path / CHECKPOINT_NAME).read_bytes()
 
 
-def test_foreign_file_is_refused(tmp_path):
-    torch.save({"state_dict": {}}, tmp_path / CHECKPOINT_NAME)
-    with pytest.raises(CheckpointError, match="not a spacedkd_fast training checkpoint"):
-        load_checkpoint(tmp_path)
+def test_a_truncated_checkpoint_says_truncated(tmp_path):
+    data = _damaged_zip(tmp_path)
+    (tmp_path / CHECKPOINT_NAME).write_bytes(data[: len(data) // 2])
+    assert f"is truncated: a PyTorch file cut short at {len(data) // 2} bytes" in _refusal(tmp_path)
+
+
+def test_flipped_bytes_inside_a_complete_checkpoint_say_damaged(tmp_path):
+    data = bytearray(_damaged_zip(tmp_path))
+    at = data.index(b"format")  # inside the pickled payload, the zip's directory intact
+    data[at:at + 6] = b"\xff\x00\x13\x99\x01\x02"
+    (tmp_path / CHECKPOINT_NAME).write_bytes(bytes(data))
+    assert "is damaged: a PyTorch file" in _refusal(tmp_path)
+
+
+def test_a_text_file_is_named_as_one(tmp_path):
+    (tmp_path / CHECKPOINT_NAME).write_text("epoch: 3\nnot really a checkpoint\n")
+    text = _refusal(tmp_path)
+    assert "is a text file (it begins 'epoch: 3'), not a checkpoint of this package" in text
+    assert "corrupt" not in text and "after the run wrote it" not in text
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"", "is empty (0 bytes), not a checkpoint"),
+    (bytes(range(256)) * 8, "is not a checkpoint of this package: not a PyTorch file"),
+    (pickle.dumps({"epoch": 1}, protocol=4), "is a pickle in an old PyTorch format"),
+])
+def test_files_that_are_no_pytorch_checkpoint_say_what_they_are(tmp_path, content, says):
+    (tmp_path / CHECKPOINT_NAME).write_bytes(content)
+    assert says in _refusal(tmp_path)
+
+
+def test_foreign_pytorch_files_are_refused_naming_what_they_hold(tmp_path):
+    torch.save({"state_dict": {}, "arch": "resnet18"}, tmp_path / CHECKPOINT_NAME)
+    assert "holds a model's weights only (a best_student.pt)" in _refusal(tmp_path)
+    torch.save({"w": torch.zeros(2)}, tmp_path / CHECKPOINT_NAME)
+    assert "holds a model's state_dict, not a training checkpoint" in _refusal(tmp_path)
+    torch.save([1, 2], tmp_path / CHECKPOINT_NAME)
+    assert "is a PyTorch file holding a list, not a training checkpoint" in _refusal(tmp_path)
+    torch.save({"a": fractions.Fraction(1, 3)}, tmp_path / CHECKPOINT_NAME)
+    assert "holds Python objects that a checkpoint of this package never contains" in \
+        _refusal(tmp_path)
 
 
 def test_rng_state_round_trip_through_a_file(tmp_path):

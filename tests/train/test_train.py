@@ -258,7 +258,7 @@ def test_resume_of_missing_or_corrupt_checkpoint(tmp_path, capsys):
     assert status == 2 and "no checkpoint in" in text
     (tmp_path / CHECKPOINT_NAME).write_bytes(b"\x00garbage" * 100)
     status, text = cli(capsys, "--resume", str(tmp_path))
-    assert status == 2 and "corrupt or truncated" in text
+    assert status == 2 and "not a checkpoint of this package" in text
 
 
 
