@@ -85,6 +85,8 @@ def record_resolved(cfg: TrainConfig, switches: dict[str, Any], objective: Any) 
     if isinstance(objective, KDObjective):
         cfg.kd_loss = "paper-code" if objective.kind == "paper-code" else "fused"
         cfg.kd_normalization = objective.normalization
+        if objective.kind == "kl" and objective.kd_scale is not None:
+            cfg.kd_scale = float(objective.kd_scale)  # the preset's form (self official: 1)
 
 
 # ------------------------------------------------------------------ the frozen teacher
