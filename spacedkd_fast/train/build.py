@@ -34,8 +34,10 @@ from .wiring import (
     ResizedInput,
     compat_of,
     given_switches,
+    inter_teacher,
     load_teacher,
     objective_args,
+    precomputed_source,
     record_resolved,
     resolved_switches,
 )
@@ -135,7 +137,7 @@ def _build_model(cfg: TrainConfig, data: Any, name: str, extra: dict[str, Any],
 
 def _build_distiller(cfg: TrainConfig, info: DistInfo, common: dict[str, Any], teacher, student,
                      teacher_opt, student_opt, teacher_sched, student_sched,
-                     switches: dict[str, Any]):
+                     switches: dict[str, Any], num_classes: int):
     """The engine's distiller: the switches the user set (the preset decides the others)."""
     given = given_switches(cfg)
     try:
@@ -150,7 +152,7 @@ def _build_distiller(cfg: TrainConfig, info: DistInfo, common: dict[str, Any], t
         if cfg.mode == "base":
             objective, given = {}, {}
         if cfg.feature_kd == "inter":  # the engine reads (list of paired maps, logits)
-            teacher = InterFeatures(teacher, cfg.inter_teacher_blocks, "teacher")
+            teacher = inter_teacher(cfg, teacher, common["source"], num_classes)
             student = InterFeatures(student, cfg.inter_student_blocks, "student")
         distiller = SpacedDistiller(
             teacher, student, teacher_opt, student_opt, mode=cfg.mode,
@@ -211,6 +213,8 @@ def build_run(cfg: TrainConfig, info: DistInfo, *, data: Any = None) -> RunParts
         student = _build_model(cfg, data, cfg.student, cfg.student_kwargs, info.device)
     if cfg.mode == "frozen":
         load_teacher(teacher, cfg)
+    if cfg.teacher_features == "precomputed":  # cached maps instead of a teacher forward
+        source = precomputed_source(cfg, data, source, teacher, world_size=info.world_size)
     for m in (teacher, student):
         if m is not None and cfg.bn_groups != 1:
             apply_bn_groups(m, cfg.bn_groups)
@@ -241,7 +245,7 @@ def build_run(cfg: TrainConfig, info: DistInfo, *, data: Any = None) -> RunParts
                   amp_dtype=amp_dtype, grad_scaler=scaler, check_finite=True,
                   check_finite_every=cfg.finite_check_every)
     distiller = _build_distiller(cfg, info, common, teacher, student, teacher_opt, student_opt,
-                                 teacher_sched, student_sched, switches)
+                                 teacher_sched, student_sched, switches, data.num_classes)
     projector = getattr(distiller, "projector", None)
     if projector is not None:
         average_gradients_of(projector, info)

@@ -18,11 +18,8 @@ from ..engine.options import GRAPHED_MODES
 
 # (what the configuration asks for, the piece of the trainer that is missing). A configuration that
 # matches an entry can still be printed (--print-config) but not run.
-PENDING: tuple[tuple[Callable[[Any], bool], str, str], ...] = (
-    (lambda c: c.teacher_features == "precomputed", "teacher_features=precomputed",
-     "precomputed teacher feature maps (official deit-ti_c100_ours_offline); use "
-     "--teacher-features live"),
-)
+# Empty since the precomputed teacher maps landed: every official recipe runs.
+PENDING: tuple[tuple[Callable[[Any], bool], str, str], ...] = ()
 
 
 def pending(cfg: Any) -> list[str]:
@@ -120,9 +117,24 @@ def official_setting_errors(cfg: Any) -> list[str]:
                           f"--inter-teacher-blocks of the same, non-zero length, got {s} and {t}")
         if any(i < 0 for i in (*s, *t)):
             errors.append(f"block indices must be 0 or more, got {s} and {t}")
-    if cfg.teacher_features == "precomputed" and cfg.feature_kd != "inter":
-        errors.append("teacher_features=precomputed is for --feature-kd inter")
+    if cfg.teacher_features == "precomputed":
+        errors += _precomputed_errors(cfg)
     return errors + graph_errors(cfg)
+
+
+def _precomputed_errors(cfg: Any) -> list[str]:
+    """Precomputed teacher maps are a frozen, pretrained teacher's block outputs, and nothing
+    else: no teacher logits (the official code asserts OFFLINE and logit KD are not both on)."""
+    errors = []
+    if cfg.feature_kd != "inter":
+        errors.append("teacher_features=precomputed is for --feature-kd inter")
+    if cfg.mode != "frozen":
+        errors.append(f"teacher_features=precomputed reads a pretrained teacher's maps: use "
+                      f"--mode frozen with --teacher-checkpoint FILE (got mode {cfg.mode})")
+    if cfg.alpha != 0:
+        errors.append(f"teacher_features=precomputed has no teacher logits: use --alpha 0 (got "
+                      f"{cfg.alpha})")
+    return errors
 
 
 def graph_errors(cfg: Any) -> list[str]:
@@ -147,6 +159,9 @@ def graph_errors(cfg: Any) -> list[str]:
     if cfg.mode not in GRAPHED_MODES:
         errors.append(f"--cuda-graphs on supports modes {', '.join(GRAPHED_MODES)}, not "
                       f"{cfg.mode}: use one of them, {fix}")
+    if cfg.teacher_features == "precomputed":
+        errors.append("--cuda-graphs on cannot read precomputed teacher maps (each batch's are "
+                      f"found on the host): {fix}")
     if cfg.compat == "official-vit" or cfg.replay == "fresh" or cfg.shared_optimizer:
         errors.append("--cuda-graphs on does not support --replay fresh or a shared optimiser "
                       f"yet (--compat official-vit has both): {fix}")

@@ -1,5 +1,6 @@
 """What the configuration passes to the engine: its official switches, the objective, the
-frozen teacher's weights and the model wrappers of the official ViT recipes.
+frozen teacher's weights, the model wrappers of the official ViT recipes and the precomputed
+teacher maps (``--teacher-features precomputed``).
 
 The engine's presets (``compat=``) decide every switch the user left open: a switch is passed only
 when the configuration sets it explicitly (``TrainConfig.explicit``), else ``None``. The values the
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.feature_cache import MapsSource
 from ..engine.compat import OBJECTIVE_FORMS, resolve_switches
 from ..engine.model_io import unwrap
 from ..models import BlockFeatures
@@ -178,3 +180,46 @@ class InterFeatures(nn.Module):
     @property
     def distill_logits(self):
         return getattr(self.model, "distill_logits", None)
+
+
+# ------------------------------------------------------------------ precomputed teacher maps
+def precomputed_source(cfg: TrainConfig, data: Any, source: Any, teacher: nn.Module, *,
+                       world_size: int = 1) -> MapsSource:
+    """``source`` with the frozen teacher's cached maps of each batch, cropped and flipped like
+    its images (the cache is built first when missing: ``cache_features``)."""
+    from .cache_features import keyed_source, open_cache
+
+    keyed = keyed_source(data)
+    cache = open_cache(cfg, data, teacher, world_size=world_size)
+    return MapsSource(source, keyed, cache)
+
+
+class PrecomputedTeacher(nn.Module):
+    """What the engine calls the teacher under ``--teacher-features precomputed``: it returns
+    ``(maps, logits)`` like :class:`InterFeatures`, with ``maps`` the batch's cached teacher
+    maps (``MapsSource.maps_for``) and no teacher forward at all. The loaded teacher is kept
+    (never run: the official OFFLINE code builds and loads it too) so that the engine finds the
+    teacher's device and mode where it looks. There are no teacher logits: ``logits`` are zeros
+    that the objective weighs with ``alpha = 0`` (config_checks requires it)."""
+
+    def __init__(self, teacher: nn.Module, source: MapsSource, num_classes: int) -> None:
+        super().__init__()
+        self.model, self.num_classes = teacher, int(num_classes)
+        self.source = source  # not a module: no state of its own
+
+    def forward(self, x: Tensor):
+        maps = self.source.maps_for(x)
+        return maps, x.new_zeros(x.shape[0], self.num_classes, dtype=torch.float32)
+
+    @property
+    def distill_logits(self):
+        return None
+
+
+def inter_teacher(cfg: TrainConfig, teacher: nn.Module, source: Any, num_classes: int
+                  ) -> nn.Module:
+    """The teacher the engine reads under ``--feature-kd inter``: the cached maps of each batch
+    (a :class:`MapsSource`), else the teacher's own block outputs."""
+    if isinstance(source, MapsSource):
+        return PrecomputedTeacher(teacher, source, num_classes)
+    return InterFeatures(teacher, cfg.inter_teacher_blocks, "teacher")
