@@ -238,13 +238,19 @@ def test_official_settings_that_make_no_sense_are_errors(values, message):
         build_config(values, runnable=False)
 
 
-def test_settings_the_trainer_cannot_run_yet_are_refused_by_name():
+def test_settings_the_trainer_cannot_run_yet_are_refused_by_name(monkeypatch):
+    from spacedkd_fast.train import config_checks
+
     values = {"mode": "frozen", "compat": "official-vit", "teacher_checkpoint": "t.pt",
               "feature_kd": "inter", "inter_student_blocks": [0], "inter_teacher_blocks": [0],
-              "teacher_features": "precomputed"}
+              "teacher_features": "precomputed", "alpha": 0.0}
+    assert build_config(values).teacher_features == "precomputed"  # nothing is pending today
+    monkeypatch.setattr(config_checks, "PENDING", (
+        (lambda c: c.teacher_features == "precomputed", "teacher_features=precomputed",
+         "a piece not written yet"),))
     with pytest.raises(ConfigError) as err:
         build_config(values)
-    assert "teacher_features=precomputed: not supported yet, needs" in str(err.value)
+    assert "teacher_features=precomputed: not supported yet, needs a piece" in str(err.value)
     assert build_config(values, runnable=False).compat == "official-vit"  # printable
     values["teacher_features"] = "live"
     assert build_config(values).mode == "frozen"  # every other official setting runs

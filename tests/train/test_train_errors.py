@@ -139,7 +139,7 @@ RUNNER_CASES = [
     pytest.param(["--mode", "frozen", "--teacher-checkpoint", "t.pt", "--feature-kd", "inter",
                   "--inter-student-blocks", "0", "--inter-teacher-blocks", "0",
                   "--teacher-features", "precomputed", "--dataset", "digits", "--device", "cpu"],
-                 "cannot run yet", id="config-not-runnable"),
+                 "has no teacher logits: use --alpha 0", id="config-precomputed-logits"),
     pytest.param(["--mode", "frozen", "--teacher-checkpoint", "missing.pt", "--dataset", "digits",
                   "--device", "cpu"], "teacher-checkpoint missing.pt: no such file",
                  id="teacher-checkpoint-missing"),
