@@ -148,3 +148,12 @@ def test_augment_is_refused_for_sets_with_their_own_transforms(tmp_path, user_mo
         run({**TINY, "augment": "cifar", "out": str(tmp_path / "a")},
             train_set=user_module.Bright(64, 0), test_set=user_module.Bright(8, 1),
             num_workers=0, progress=False)
+
+
+def test_cli_torchvision_set_not_on_disk_names_the_class_and_folder(tmp_path, capsys):
+    status = cli.main(["--dataset", "torchvision:FashionMNIST", "--data-dir", str(tmp_path),
+                       "--out", str(tmp_path / "o"), *TINY_FLAGS])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1
+    assert f"torchvision FashionMNIST: its files are not under {tmp_path}" in err[0]
+    assert "--download" in err[0]
