@@ -186,8 +186,11 @@ class TrainConfig:
                                           "this size (official: ResNet-56 teacher at 32 px)",
                                           G_KD, metavar="PX")
     teacher_features: str = _opt("live", "feature_kd inter: teacher maps computed on each batch "
-                                 "(live), or once per image and cropped like it (precomputed: "
-                                 "official deit-ti_c100_ours_offline)", G_KD,
+                                 "(live), or once per image and cropped/flipped like it "
+                                 "(precomputed: official deit-ti_c100_ours_offline; mode frozen, "
+                                 "alpha 0; cached beside --teacher-checkpoint, built when "
+                                 "missing or by python -m spacedkd_fast.train.cache_features)",
+                                 G_KD,
                                  choices=TEACHER_FEATURES)
     # compatibility switches
     compat: str = _opt("none", "turn on every official behaviour of a code base: official (the "
