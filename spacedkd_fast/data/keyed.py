@@ -91,9 +91,18 @@ def sample_seeds(seed: int, stream: int, key: int, position: int) -> tuple[int, 
     torch's and numpy's Mersenne twisters (the same algorithm) do not draw the same numbers.
     Returns ``(torch 63-bit, numpy 32-bit, python 63-bit)``.
     """
-    h = _splitmix64(keyed_seed(seed, stream_tag(STREAM_SAMPLE, stream), key) ^ (int(position) & _MASK64))
+    return batch_sample_seeds(seed, stream, key, [position])[0]
+
+
+def batch_sample_seeds(seed: int, stream: int, key: int, positions) -> list[tuple[int, int, int]]:
+    """:func:`sample_seeds` of every position in ``positions`` (the batch's hash made once)."""
+    base = keyed_seed(seed, stream_tag(STREAM_SAMPLE, stream), key)
     low63 = (1 << 63) - 1
-    return h & low63, _splitmix64(h ^ 1) & 0xFFFFFFFF, _splitmix64(h ^ 2) & low63
+    out = []
+    for position in positions:
+        h = _splitmix64(base ^ (int(position) & _MASK64))
+        out.append((h & low63, _splitmix64(h ^ 1) & 0xFFFFFFFF, _splitmix64(h ^ 2) & low63))
+    return out
 
 
 def keyed_generator(seed: int, stream: int, counter: int, device: str | torch.device = "cpu") -> torch.Generator:

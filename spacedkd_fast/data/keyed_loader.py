@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, default_collate, get_worker_info
 
-from .keyed import check_stream, epoch_permutation, sample_seeds, step_key, step_locate
+from .keyed import batch_sample_seeds, check_stream, epoch_permutation, step_key, step_locate
 from .sources import KeyedIndexer
 
 # the collate of a batch is seeded like a sample at this position (past any real one), per rank
@@ -109,11 +109,13 @@ class _BatchMaker:
 
     def make(self, stream: int, key: int):
         positions, indices = self.rows(stream, key)
+        seeds = batch_sample_seeds(self.seed, stream, key,
+                                   [*positions, _COLLATE_POSITION + self.indexer.rank])
         samples = []
-        for pos, idx in zip(positions, indices):
-            _seed_globals(sample_seeds(self.seed, stream, key, pos))
+        for s, idx in zip(seeds, indices):
+            _seed_globals(s)
             samples.append(self.dataset[idx])
-        _seed_globals(sample_seeds(self.seed, stream, key, _COLLATE_POSITION + self.indexer.rank))
+        _seed_globals(seeds[-1])
         return self.collate_fn(samples)
 
     def __getitems__(self, plan: tuple[int, int]):
