@@ -70,9 +70,26 @@ def init_distributed(device_name: str) -> DistInfo:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
-                                device_id=device if device.type == "cuda" else None)
+        try:
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                    device_id=device if device.type == "cuda" else None)
+        except RuntimeError as err:
+            if not _restarted_on_a_shared_store():
+                raise
+            raise UserError(
+                f"torchrun restarted the workers and they could not connect ({backend}: "
+                f"{str(err).strip().splitlines()[0][:120]}): the agent shares its rendezvous store "
+                "with them, which still holds the previous attempt's addresses; launch with "
+                "python -m spacedkd_fast.train.torchrun, or set "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun (docs/cluster.md)") from None
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def _restarted_on_a_shared_store() -> bool:
+    """A torchrun restart (attempt > 0) whose workers use the agent's own store (PyTorch issue
+    135712: the restarted workers may read the previous attempt's addresses from it)."""
+    return (os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
 
 
 def cleanup(info: DistInfo) -> None:

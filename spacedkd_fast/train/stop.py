@@ -4,7 +4,9 @@ and stop after the current step.
 
 The signal handler only sets a flag; the loop reads it at points where the state is consistent
 (between steps), saves a checkpoint and stops; the process then exits with 128 + the signal number
-(130 for SIGINT, 143 for SIGTERM). A second signal aborts at once.
+(130 for SIGINT, 143 for SIGTERM). A second Ctrl-C aborts at once. A repeated SIGTERM does not:
+under a scheduler it often comes twice (SLURM signals every process of the job step, torchrun's
+agent then passes it on to its workers), and the run must still save.
 
 Whose signals these are: the handlers live only for the run (installed on entering the
 ``StopRequest``, the previous ones put back on leaving it, whatever happens), and only in the main
@@ -73,10 +75,13 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:  # the user insists
+                raise KeyboardInterrupt
+            return  # the same stop, asked again by someone else
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after the current step "
-              "(send it again to abort)", file=sys.stderr, flush=True)
+        again = " (Ctrl-C again aborts)" if signum == signal.SIGINT else ""
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after the current step"
+              f"{again}", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc) -> None:
         previous, self._previous = self._previous, {}

@@ -124,3 +124,17 @@ def test_outside_the_main_thread_no_handler_is_installed(monkeypatch):
     t.join(10)
     assert seen == [()]
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_repeated_sigterm_still_saves_and_a_second_ctrl_c_aborts(monkeypatch, default_ctrl_c):
+    """SLURM signals every process of a job step and torchrun's agent passes SIGTERM on: a worker
+    receives it twice and must still save; a user's second Ctrl-C means stop now."""
+    monkeypatch.setattr(stop, "_PROCESS_IS_OURS", True)
+    with StopRequest() as request:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert request.requested and request.exit_status == 143
+    with StopRequest() as request, pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        assert request.requested
+        os.kill(os.getpid(), signal.SIGINT)
