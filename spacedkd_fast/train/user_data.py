@@ -80,7 +80,8 @@ def run(config: TrainConfig | Mapping[str, Any] | str | None = None, *, train_se
 
     Bad input (an empty set, an item that is not an (image, label) pair, a label outside
     ``[0, classes)``, images of unequal sizes without ``collate_fn``, a bad setting) raises
-    ``UserError`` / ``ConfigError`` with one line naming the problem.
+    ``UserError`` / ``ConfigError`` with one line naming the problem; a bad item that only a
+    loader worker meets mid-run raises the data layer's ``BadDataError`` (one line too).
     """
     from . import runner
 

@@ -116,6 +116,10 @@ def test_cli_module_factory_trains(tmp_path, user_module, capsys):
     assert status == 0, capsys.readouterr().err
     assert "data set my_user_sets:sets: 64 train / 32 test images, 3 classes" in capsys.readouterr().out
     assert rows(out)[-1]["student_steps"] > 0
+    # --resume rebuilds the sets from the saved MODULE:FUNCTION by itself
+    assert cli.main(["--resume", str(out), "--epochs", "2", "--no-progress"]) == 0
+    got = rows(out)
+    assert len(got) == 2 and got[-1]["teacher_steps"] == 8
 
 
 @pytest.mark.parametrize("factory, message", [
