@@ -30,6 +30,15 @@ Notes for users of this module (the trainer, examples, README):
   ``datasets.Dataset`` after ``with_transform`` gives dicts: pass a ``collate_fn`` that builds
   ``(x, y)`` from them.
 
+- A source that wraps a KeyedLoader and forwards attributes (``__getattr__``, e.g. the
+  trainer's ``ChannelsLastSource``) must define ``batches(keys)`` itself (its transform applied
+  to each of ``inner.batches(keys)``): without it the engine asks ``batch(key)`` one at a time in
+  the training process (correct, but without the worker pool's prefetch).
+- Use ``persistent_workers=True`` for a spaced run: a replay's run starts its pool's workers
+  otherwise (as every epoch of a ``DataLoader`` does).
+- ``epoch`` / ``batch`` with ``num_workers=0`` load in the calling thread and seed the
+  process-wide generators: call them from the training thread, not a background one.
+
 Two pools of workers can exist (one for epochs, one for replays, since a replay happens in the
 middle of an epoch); ``persistent_workers`` applies to both.
 """
