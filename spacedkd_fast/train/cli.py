@@ -56,9 +56,9 @@ examples:
   python -m spacedkd_fast.train --resume runs/online
   python -m spacedkd_fast.train --resume runs/online --epochs 120
       extend a run (schedules that depend on the total are re-planned; said in the output)
-  python -m spacedkd_fast.train --config cifar100-resnet18-spaced --out runs/s --resume auto \
-      --checkpoint-every 10m
-      a command a scheduler may re-run: continues runs/s if it is there (docs/cluster.md)
+  python -m spacedkd_fast.train --config cifar100-resnet18-spaced --out runs/s --resume auto
+      a command a scheduler may re-run: continues runs/s if it is there; with
+      --checkpoint-every 10m it loses at most 10 minutes (docs/cluster.md)
   python -m spacedkd_fast.train --config cifar100-resnet18-spaced --seeds 0,1,2 --out runs/spaced
       one run per seed in runs/spaced/seed0, seed1, seed2 (--resume runs/spaced continues them)
   torchrun --nproc_per_node 4 -m spacedkd_fast.train --config cifar100-deit-tiny-spaced1.5
