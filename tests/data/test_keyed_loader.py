@@ -329,3 +329,47 @@ def test_timm_create_transform_replays_with_workers():
     first = epoch_list(loader, 0)
     assert_same([(k, ref.batch(k)) for k, _ in first], first, "timm")
     assert_same(list(zip(ref.keys(0), loader.batches(ref.keys(0)))), first, "timm batches")
+
+
+def test_torchvision_image_folder_replays_with_workers(tmp_path):
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    rng = np.random.RandomState(0)
+    for c in ("cat", "dog"):
+        (tmp_path / c).mkdir()
+        for j in range(5):
+            Image.fromarray(rng.randint(0, 256, (10 + j, 12, 3), dtype=np.uint8)).save(
+                tmp_path / c / f"{j}.png")
+    tf = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(8, antialias=True),
+                     v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True)])
+    data = ImageFolder(str(tmp_path), transform=tf)
+    ref = KeyedLoader(data, batch_size=4, seed=2)
+    loader = KeyedLoader(data, batch_size=4, seed=2, num_workers=2)
+    first = epoch_list(loader, 1)
+    assert sorted(torch.cat([y for _, (_, y) in first]).tolist()) == [0] * 5 + [1] * 5
+    assert_same([(k, ref.batch(k)) for k, _ in first], first, "ImageFolder")
+
+
+class DictItems(Dataset):
+    """Items as a Hugging Face ``datasets.Dataset`` gives them after ``with_transform``."""
+
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, i):
+        return {"pixel_values": torch.rand(3, 4, 4), "label": i % 3}
+
+
+def dict_collate(items):
+    return (torch.stack([it["pixel_values"] for it in items]),
+            torch.tensor([it["label"] for it in items]))
+
+
+def test_dict_items_with_a_collate_fn_replay():
+    ref = KeyedLoader(DictItems(), batch_size=B, seed=1, collate_fn=dict_collate)
+    loader = KeyedLoader(DictItems(), batch_size=B, seed=1, collate_fn=dict_collate,
+                         num_workers=2)
+    first = epoch_list(loader, 0)
+    assert first[0][1][0].shape == (B, 3, 4, 4)
+    assert_same([(k, ref.batch(k)) for k, _ in first], first, "dict items")
