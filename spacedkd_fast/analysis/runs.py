@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..train.metric_names import ALIASES
+from ..train.metric_names import ALIASES, from_csv_row
 
 METRICS_FILES = ("metrics.jsonl", "metrics.csv")
 FLATNESS_FILE = "flatness.json"
@@ -88,7 +88,9 @@ def read_rows(folder: Path) -> list[dict[str, Any]]:
             source = jsonl
         else:
             with open(csv_path, newline="") as f:
-                rows = [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(f)]
+                # this version's accuracies are percent columns (``_pct``); earlier ones fractions
+                rows = [from_csv_row({k: _number(v) for k, v in r.items()})
+                        for r in csv.DictReader(f)]
             source = csv_path
     except OSError as err:
         raise RunError(f"cannot read the metrics of {folder}: {err.strerror or err}") from None

@@ -28,7 +28,7 @@ from .evaluate import evaluate
 from .history import RunHistory
 from .lr_schedule import EpochSchedule
 from .metric_names import test_key, with_aliases
-from .report import ProgressBar
+from .report import ProgressBar, loss_labels
 from .resume_policy import CheckpointEvery, parse_checkpoint_every
 from .stop import StopRequest
 
@@ -200,7 +200,7 @@ def _train_epoch(parts: RunParts, history: RunHistory, stop: StopRequest, epoch:
             sched.set_epoch(epoch)
     t0 = time.monotonic()
     bar = ProgressBar(L, f"epoch {epoch + 1}/{cfg.epochs}", stream=history.stream,
-                      enabled=progress and parts.info.is_main)
+                      enabled=progress and parts.info.is_main, labels=loss_labels(cfg))
     images, done = images0, at.step_in_epoch
     last_t, last_s = d.teacher_steps, d.student_steps
     first_t, first_s = last_t, last_s

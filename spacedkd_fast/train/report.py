@@ -4,7 +4,8 @@ Nothing here reads a tensor: the trainer hands over plain floats it has already 
 (once per ``log_every`` steps), so reporting never adds a device synchronisation.
 
 Files in the output folder: ``metrics.jsonl`` (one JSON object per epoch), ``metrics.csv`` (the
-same rows), ``summary.txt`` (the final table); ``curves.png`` is drawn by :mod:`.curves`.
+same rows without the old names, accuracies in percent: :func:`.metric_names.csv_row`),
+``summary.txt`` (the final table); ``curves.png`` is drawn by :mod:`.curves`.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from .metric_names import test_key, upgrade
+from .metric_names import csv_name, csv_row, test_key, upgrade
 
-# Columns that lead metrics.csv; any further keys follow in first-seen order.
+# Fields whose columns lead metrics.csv (named by csv_name); any further keys follow in
+# first-seen order.
 LEADING_COLUMNS = ("epoch", "trained", "test_teacher_top1", "test_teacher_top5",
                    "test_student_top1", "test_student_top5", "train_teacher_loss",
                    "train_student_loss", "train_ce", "train_kl", "train_feat", "lr",
@@ -47,7 +49,8 @@ class ProgressBar:
     """
 
     def __init__(self, total: int, title: str, *, stream: TextIO | None = None,
-                 enabled: bool = True, width: int = 24) -> None:
+                 enabled: bool = True, width: int = 24,
+                 labels: dict[str, str] | None = None) -> None:
         self.total = max(int(total), 1)
         self.title = title
         self.stream = stream if stream is not None else sys.stderr
@@ -60,6 +63,7 @@ class ProgressBar:
         self.images = 0
         self.stats: dict[str, float] = {}
         self.lr: float | None = None
+        self.labels = dict(labels or {})  # stats key -> the word shown (loss_labels)
 
     def rate(self) -> float:
         elapsed = time.monotonic() - self.start
@@ -76,7 +80,7 @@ class ProgressBar:
         parts.append(f"{self.rate():7.1f} img/s")
         for key, value in self.stats.items():
             if value is not None and math.isfinite(value):
-                parts.append(f"{key} {value:.4f}")
+                parts.append(f"{self.labels.get(key, key)} {value:.4f}")
         if self.lr is not None:
             parts.append(f"lr {self.lr:.3g}")
         parts.append(f"eta {_fmt_duration(eta)}")
@@ -134,13 +138,15 @@ class MetricsLog:
         self._write_csv()
 
     def _write_csv(self) -> None:
-        columns = [c for c in LEADING_COLUMNS if any(c in r for r in self.rows)]
-        for row in self.rows:
+        rows = [csv_row(r) for r in self.rows]
+        leading = [csv_name(c) for c in LEADING_COLUMNS]
+        columns = [c for c in leading if any(c in r for r in rows)]
+        for row in rows:
             columns += [k for k in row if k not in columns]
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=columns, restval="")
         writer.writeheader()
-        for row in self.rows:
+        for row in rows:
             writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
         tmp = self.csv.with_suffix(".csv.tmp")
         tmp.write_text(buf.getvalue())
@@ -198,6 +204,9 @@ def summary_table(rows: list[dict[str, Any]], *, wall_s: float, images_per_s: fl
         if ours is not None and theirs is not None:
             lines.append(f"student best top-1 vs {compare_name}: {_pct(theirs).strip()} -> "
                          f"{_pct(ours).strip()} (gain {100 * (ours - theirs):+.2f} points)")
+    note = untrained_text(rows)
+    if note:
+        lines.append(f"note: {note}")
     lines.append(f"wall time {_fmt_duration(wall_s)} ({wall_s:.1f} s), "
                  f"{images_per_s:.1f} training images/s")
     return "\n".join(head + ([""] if head else []) + lines)
@@ -258,9 +267,65 @@ def _pct_cell(value: float | None) -> str:
     return "   -  " if value is None else f"{100 * value:5.2f}%"
 
 
+def untrained_epochs(rows: list[dict[str, Any]]) -> list[int]:
+    """Epochs after which the student had taken no training step yet: spaced KD before its
+    first replay, offline KD's teacher epochs, spaced self KD before its first self-KD replay
+    (the shallow exits then have their initial weights). Its accuracy there is its initial one."""
+    return [r["epoch"] for r in rows if r.get("student_steps") == 0]
+
+
+def _is_self(rows: list[dict[str, Any]]) -> bool:
+    return any(r.get(test_key("exit1")) is not None for r in rows)
+
+
+def untrained_text(rows: list[dict[str, Any]]) -> str | None:
+    """The sentence that says which epochs show the student's initial accuracy (``None``: none)."""
+    epochs = untrained_epochs(rows)
+    if not epochs:
+        return None
+    span = f"epoch {epochs[0]}" if len(epochs) == 1 else f"epochs {epochs[0]}-{epochs[-1]}"
+    if _is_self(rows):
+        return (f"at {span} the shallow exits had their initial weights (no self-KD replay yet; "
+                "the deepest exit trained on CE alone), so their accuracy there is their "
+                "initial one")
+    if any(r.get("trained") == "student" for r in rows):
+        why = "it trains after the teacher"
+    elif len(epochs) == len(rows):
+        why = "no replay in this run"
+    else:
+        why = "its first replay came later"
+    return (f"at {span} the student had taken no training step ({why}), so its accuracy there "
+            "is that of its initial weights")
+
+
+def _pct_cell(value: float | None) -> str:
+    return "   -  " if value is None else f"{100 * value:5.2f}%"
+
+
+def _parts_text(row: dict[str, Any], beta: float) -> str:
+    """``[CE 1.23, KD 0.45, feature 0.03 x 167.10]``: the student loss's parts (epoch means);
+    the feature term is shown with its weight, as it often dominates the total."""
+    parts = [f"{label} {row[key]:.4f}" for label, key in (("CE", "train_ce"), ("KD", "train_kl"))
+             if row.get(key) is not None]
+    if row.get("train_feat") is not None:
+        parts.append(f"feature {beta:g} x {row['train_feat']:.2f}")
+    return f" [{', '.join(parts)}]" if parts else ""
+
+
+def loss_labels(cfg: Any) -> dict[str, str]:
+    """Words for the engine's loss means (progress bar, epoch line): in self KD the "teacher"
+    loss is the deepest exit's CE-only steps and the "student" loss the self-KD steps."""
+    if cfg.is_self:
+        return {"teacher_loss": "deepest-exit CE", "student_loss": "self-KD", "ce": "CE",
+                "kl": "KD", "feat": "feature"}
+    return {"teacher_loss": "teacher", "student_loss": "student", "ce": "CE", "kl": "KD",
+            "feat": "feature"}
+
+
 def row_text(row: dict[str, Any], cfg: Any, *, has_teacher: bool) -> str:
     """The one line printed per epoch row (``cfg``: the run's ``TrainConfig``)."""
     total = cfg.epochs * (2 if cfg.mode == "offline" else 1)
+    untrained = row.get("student_steps") == 0 and (has_teacher or cfg.is_self)
     parts = [f"epoch {row['epoch']:>3}/{total}"]
     if cfg.mode == "offline":
         parts.append(f"[{row['trained']}]")
@@ -269,16 +334,21 @@ def row_text(row: dict[str, Any], cfg: Any, *, has_teacher: bool) -> str:
                          for i in range(1, 9) if row.get(test_key(f"exit{i}")) is not None)
         parts.append(f"exits top-1 {exits}  ensemble top-1 "
                      f"{_pct_cell(row[test_key('student')])} "
-                     f"top-5 {_pct_cell(row[test_key('student', 'top5')])}")
+                     f"top-5 {_pct_cell(row[test_key('student', 'top5')])}"
+                     + (" (shallow exits: initial weights, no replay yet)" if untrained else ""))
     else:
         if has_teacher:
             parts.append(f"teacher top-1 {_pct_cell(row[test_key('teacher')])} top-5 "
                          f"{_pct_cell(row[test_key('teacher', 'top5')])}")
         parts.append(f"student top-1 {_pct_cell(row[test_key('student')])} top-5 "
-                     f"{_pct_cell(row[test_key('student', 'top5')])}")
-    losses = [f"{who} {row[k]:.4f}" for who, k in (("teacher", "train_teacher_loss"),
-                                                   ("student", "train_student_loss"))
-              if row.get(k) is not None]
+                     f"{_pct_cell(row[test_key('student', 'top5')])}"
+                     + (" (initial weights: not trained yet)" if untrained else ""))
+    words = loss_labels(cfg)
+    losses = [f"{words['teacher_loss']} {row['train_teacher_loss']:.4f}"
+              ] if row.get("train_teacher_loss") is not None else []
+    if row.get("train_student_loss") is not None:
+        losses.append(f"{words['student_loss']} {row['train_student_loss']:.4f}"
+                      + _parts_text(row, cfg.beta))
     if losses:
         parts.append("loss " + " ".join(losses))
     parts.append(f"lr {row['lr']:.3g}")
@@ -286,6 +356,24 @@ def row_text(row: dict[str, Any], cfg: Any, *, has_teacher: bool) -> str:
         parts.append(f"{row['images_per_s']:.0f} img/s")
     parts.append(f"{row['epoch_s']:.1f} s")
     return "  ".join(parts)
+
+
+def spacing_warning(cfg: Any, schedule: Any, *, steps_per_epoch: int,
+                    flush_tail: bool) -> str | None:
+    """A warning for the start of a spaced run whose first replay (``schedule.first_replay_at``)
+    falls after its last step: the student would learn only from the end-of-run replay, or not
+    at all without ``flush_tail``. ``None`` otherwise (or without a schedule)."""
+    first = getattr(schedule, "first_replay_at", None)
+    total = cfg.epochs * steps_per_epoch
+    if first is None or first <= total:
+        return None
+    who, verb = ("the shallow exits", "learn") if cfg.is_self else ("the student", "trains")
+    what = (f"{who} {verb} only in the end-of-run replay of all {total} batches" if flush_tail
+            else f"the tail is dropped (--no-flush-tail), so {who} never {verb}")
+    return (f"warning: the spacing interval (s={cfg.interval_rate:g}, first replay after step "
+            f"{first}) is longer than this run ({cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}"
+            f" of {steps_per_epoch} steps = {total} steps): {what}. Use a smaller "
+            "--interval-rate or more --epochs.")
 
 
 def models_text(cfg: Any, names_and_sizes: list[tuple[str, str]]) -> str:
@@ -306,7 +394,8 @@ def run_header(cfg: Any, *, models: str, num_classes: int, image_size: int,
         spacing = (f", s={cfg.interval_rate:g} (replay every "
                    f"{int(steps_per_epoch * cfg.interval_rate)} steps)")
     return (f"mode {cfg.mode}{spacing}; {models}; {num_classes} classes, {image_size} px; "
-            f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs, batch {cfg.batch_size}, "
+            f"{steps_per_epoch} steps/epoch x {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}, "
+            f"batch {cfg.batch_size}, "
             f"{cfg.optimizer} lr {cfg.lr:g} ({cfg.schedule})")
 
 

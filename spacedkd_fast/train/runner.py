@@ -56,6 +56,7 @@ from .report import (
     nonfinite_text,
     read_metrics,
     run_header,
+    spacing_warning,
     summary_models,
     summary_table,
 )
@@ -118,6 +119,11 @@ def _announce(parts: RunParts, history: RunHistory, digits_changes: list[str],
         models.insert(0, (cfg.teacher, n_params(parts.teacher)))
     history.say(run_header(cfg, models=models_text(cfg, models), num_classes=data.num_classes,
                            image_size=data.image_size, steps_per_epoch=parts.steps_per_epoch))
+    warning = spacing_warning(cfg, getattr(parts.distiller, "schedule", None),
+                              steps_per_epoch=parts.steps_per_epoch,
+                              flush_tail=getattr(parts.distiller, "flush_tail", True))
+    if warning:
+        history.say(warning)
     history.say(f"output: {history.out}")
 
 
@@ -126,7 +132,7 @@ def _final_report(parts: RunParts, history: RunHistory) -> None:
         return
     cfg, rows, out = parts.cfg, history.rows, history.out
     plot_curves(rows, out / "curves.png",
-                title=f"{cfg.mode} KD, {cfg.student} on {parts.data.name}")
+                title=f"{cfg.mode} KD, {parts.student_arch} on {parts.data.name}")
     rates = [r["images_per_s"] for r in rows if r.get("images_per_s")]
     compare = None
     if cfg.compare:

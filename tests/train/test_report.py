@@ -6,12 +6,21 @@ import csv
 import io
 import json
 
-from spacedkd_fast.train.curves import panels_of, plot_curves
-from spacedkd_fast.train.metric_names import with_aliases
+import pytest
+
+from spacedkd_fast.train.curves import (
+    UNTRAINED_LABEL,
+    UNTRAINED_LABEL_SELF,
+    draw_curves,
+    panels_of,
+    plot_curves,
+)
+from spacedkd_fast.train.metric_names import ALIASES, with_aliases
 from spacedkd_fast.train.report import (
     MetricsLog,
     ProgressBar,
     read_metrics,
+    row_text,
     summary_table,
 )
 
@@ -65,8 +74,10 @@ def test_metrics_files_and_nan_as_null(tmp_path):
     with open(tmp_path / "metrics.csv") as f:
         table = list(csv.DictReader(f))
     assert [r["epoch"] for r in table] == ["1", "2"]
-    assert list(table[0])[:3] == ["epoch", "test_teacher_top1", "test_student_top1"]
-    assert table[0]["exit1_top1"] == "" and float(table[1]["exit1_top1"]) == 0.3
+    # accuracies in percent, as the console prints them; old names stay out of the CSV
+    assert list(table[0])[:3] == ["epoch", "test_teacher_top1_pct", "test_student_top1_pct"]
+    assert float(table[1]["test_teacher_top1_pct"]) == 75.0 and table[0]["x"] == ""
+    assert "exit1_top1" not in table[0]
     # a resumed run rewrites both files from the checkpoint's rows
     MetricsLog(tmp_path, rows[:1])
     assert len(read_metrics(tmp_path)) == 1
@@ -75,6 +86,46 @@ def test_metrics_files_and_nan_as_null(tmp_path):
                                                         "ce": 1.5}) + "\n")
     old = read_metrics(tmp_path)[0]
     assert old["test_student_top1"] == 0.4 and old["train_ce"] == 1.5
+
+
+def _trainer_row(epoch: int, **extra) -> dict:
+    """A row as loop.epoch_row builds it: current names, the old ones as aliases, ``phase``."""
+    return with_aliases({"epoch": epoch, "trained": "teacher+student", "phase": "train",
+                         "test_teacher_top1": 0.6 + 0.01 * epoch, "test_teacher_top5": 0.9,
+                         "test_student_top1": 1 / 3, "test_student_top5": 0.8,
+                         "train_teacher_loss": 1.0 / epoch, "train_student_loss": 6.89,
+                         "train_ce": 1.2, "train_kl": 0.4, "train_feat": 167.0, "lr": 0.01,
+                         "student_steps": 5 * epoch, **extra})
+
+
+def test_the_csv_has_no_old_names_and_analysis_reads_it_as_the_jsonl(tmp_path):
+    from spacedkd_fast.analysis.runs import read_rows
+
+    rows = [_trainer_row(1), _trainer_row(2)]
+    (tmp_path / "run").mkdir()
+    MetricsLog(tmp_path / "run", rows)
+    header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
+    # no column holds an old name, every accuracy column is in percent
+    assert not set(header) & (set(ALIASES) | {"phase"})
+    assert [c for c in header if "top" in c] == [
+        "test_teacher_top1_pct", "test_teacher_top5_pct", "test_student_top1_pct",
+        "test_student_top5_pct"]
+    from_jsonl = read_rows(tmp_path / "run")
+    (tmp_path / "run" / "metrics.jsonl").unlink()
+    from_csv = read_rows(tmp_path / "run")
+    for a, b in zip(from_csv, from_jsonl):
+        assert a["student_top1"] == pytest.approx(1 / 3, abs=1e-6)  # 4 decimals of a percent
+        assert a.keys() <= b.keys()
+        for key, value in a.items():
+            assert value == pytest.approx(b[key], abs=1e-6), key
+
+
+def test_a_self_kd_csv_names_its_exits_not_a_teacher(tmp_path):
+    row = _trainer_row(1, test_exit1_top1=0.2, test_exit2_top1=0.5, test_ensemble_top1=1 / 3)
+    MetricsLog(tmp_path, [row])
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "test_exit1_top1_pct" in header and "test_ensemble_top1_pct" in header
+    assert not [c for c in header if "teacher_top" in c]  # the deepest exit's own column has it
 
 
 def test_rows_carry_the_earlier_names_as_aliases():
@@ -126,3 +177,76 @@ def test_summary_table_best_final_gain():
     worse = summary_table(rows, wall_s=3725.0, images_per_s=1.0, models=[("student", "student")],
                           compare=[{"epoch": 1, "student_top1": 0.455}], compare_name="x")
     assert "gain -5.50 points" in worse and "1:02:05" in worse
+
+
+def _visible_ticks(ax) -> list[str]:
+    lo, hi = ax.get_xlim()
+    return [t.get_text() for t in ax.get_xticklabels() if lo <= t.get_position()[0] <= hi]
+
+
+def test_epoch_ticks_are_integers_even_for_one_epoch():
+    import matplotlib.pyplot as plt
+
+    for epochs in ([1], [2], [1, 2, 3]):
+        rows = [_trainer_row(e) for e in epochs]
+        fig = draw_curves(rows)
+        fig.canvas.draw()
+        for ax in fig.axes:
+            ticks = _visible_ticks(ax)
+            assert ticks and all(t.lstrip("\N{MINUS SIGN}-").isdigit() for t in ticks), (epochs, ticks)
+        if len(epochs) == 1:
+            assert _visible_ticks(fig.axes[0]) == [str(epochs[0])]
+        plt.close(fig)
+
+
+def _cfg(**kw):
+    from types import SimpleNamespace
+
+    values = dict(epochs=2, mode="spaced", is_self=False, beta=0.03, interval_rate=1.5)
+    return SimpleNamespace(**{**values, **kw})
+
+
+def test_epochs_before_the_first_replay_are_said_and_shaded():
+    import matplotlib.pyplot as plt
+
+    rows = [_trainer_row(1, student_steps=0, epoch_s=1.0), _trainer_row(2, epoch_s=1.0)]
+    assert "(initial weights: not trained yet)" in row_text(rows[0], _cfg(), has_teacher=True)
+    assert "initial weights" not in row_text(rows[1], _cfg(), has_teacher=True)
+    text = summary_table(rows, wall_s=1.0, images_per_s=1.0,
+                         models=[("teacher", "teacher"), ("student", "student")])
+    assert ("note: at epoch 1 the student had taken no training step (its first replay came "
+            "later), so its accuracy there is that of its initial weights") in text
+    fig = draw_curves(rows)
+    spans = [p for p in fig.axes[0].patches if p.get_label() == UNTRAINED_LABEL]
+    assert len(spans) == 1
+    span = spans[0]  # a Rectangle in data x, axes y
+    assert (span.get_x(), span.get_x() + span.get_width()) == (0.5, 1.5)  # epoch 1 only
+    assert not any(p.get_label() == UNTRAINED_LABEL for ax in fig.axes[1:] for p in ax.patches)
+    plt.close(fig)
+    fig = draw_curves(rows[1:])  # trained throughout: nothing shaded
+    assert not fig.axes[0].patches
+    plt.close(fig)
+
+
+def test_the_student_loss_line_shows_its_parts():
+    line = row_text(_trainer_row(2, epoch_s=1.0), _cfg(), has_teacher=True)
+    assert "loss teacher 0.5000 student 6.8900 [CE 1.2000, KD 0.4000, feature 0.03 x 167.00]" in line
+
+
+def test_self_kd_curves_and_lines_name_exits():
+    import matplotlib.pyplot as plt
+
+    rows = [{"epoch": 1, "test_teacher_top1": 0.5, "test_student_top1": 0.55, "test_exit1_top1": 0.1,
+             "test_exit2_top1": 0.5, "test_ensemble_top1": 0.55, "train_teacher_loss": 1.5,
+             "train_student_loss": 40.0, "train_ce": 0.1, "train_kl": 0.8, "train_feat": 700.0,
+             "student_steps": 0, "lr": 0.05, "epoch_s": 1.0, "test_student_top5": 0.9}]
+    labels = [label for _, lines in panels_of(rows) for label, _, _ in lines]
+    titles = [title for title, _ in panels_of(rows)]
+    assert labels[:3] == ["exit 1", "exit 2", "ensemble"]
+    assert not [w for w in labels + titles if "teacher" in w or "student" in w]
+    line = row_text(rows[0], _cfg(mode="spaced-self", is_self=True), has_teacher=False)
+    assert "teacher" not in line and "deepest-exit CE 1.5000 self-KD 40.0000" in line
+    assert "(shallow exits: initial weights, no replay yet)" in line
+    fig = draw_curves(rows)
+    assert [p.get_label() for p in fig.axes[0].patches] == [UNTRAINED_LABEL_SELF]
+    plt.close(fig)
