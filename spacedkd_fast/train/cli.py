@@ -64,7 +64,7 @@ examples:
   torchrun --nproc_per_node 4 -m spacedkd_fast.train --config cifar100-deit-tiny-spaced1.5
 
 outputs (in OUT): metrics.jsonl and metrics.csv (one row per epoch: test_* test accuracies,
-train_* training-loss means), config.yaml, curves.png, summary.txt, checkpoint.pt (resume),
+in percent in the CSV's *_pct columns, train_* training-loss means), config.yaml, curves.png, summary.txt, checkpoint.pt (resume),
 best_student.pt (student weights at its best top-1).
 exit status: 0 done, 2 bad input, 3 stopped by a non-finite loss, 4 an output file could not be
 written (disk full, permission), 130 / 143 stopped by Ctrl-C / SIGTERM (state saved)."""
