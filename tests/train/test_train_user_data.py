@@ -161,3 +161,16 @@ def test_cli_torchvision_set_not_on_disk_names_the_class_and_folder(tmp_path, ca
     assert status == 2 and len(err) == 1
     assert f"torchvision FashionMNIST: its files are not under {tmp_path}" in err[0]
     assert "--download" in err[0]
+
+
+@pytest.mark.parametrize("extra", [{"mode": "spaced-self", "interval_rate": 0.5},
+                                   {"mode": "offline"}], ids=["spaced-self", "offline"])
+def test_run_from_python_replays_in_the_other_modes(tmp_path, user_module, extra):
+    from spacedkd_fast.train import run
+
+    out = tmp_path / "m"
+    status = run({**TINY, **extra, "out": str(out)}, train_set=user_module.Bright(64, 0),
+                 test_set=user_module.Bright(16, 1), num_workers=1, progress=False)
+    assert status == 0
+    last = rows(out)[-1]
+    assert last["student_steps"] >= 8  # every batch replayed (checked against its checksum)
