@@ -29,7 +29,8 @@ def _trained_state(seed: int) -> tuple[dict, dict]:
     torch.manual_seed(seed)
     model = create("resnet18", 100, image_size=32)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    out = model(torch.randn(2, 3, 32, 32))
+    (out[-1] if isinstance(out, tuple) else out).sum().backward()  # (features, logits)
     opt.step()
     return model.state_dict(), opt.state_dict()
 
