@@ -24,8 +24,15 @@ class CheckpointError(RuntimeError):
 def is_bad_input(err: BaseException) -> bool:
     """An error of the layers below the trainer that reports bad input in one line: marked
     ``bad_input`` (the data layer's ``BadDataError``, e.g. a bad item a loader worker met
-    mid-run). Read by attribute, so that the CLI answers without importing torch."""
-    return bool(getattr(err, "bad_input", False))
+    mid-run), or the engine's ``ReplayMismatchError`` (a data set whose transforms draw from
+    randomness the keyed loader does not seed: it names the key, the cause and the fallback).
+    Torch-free: the engine is looked up only if it was loaded."""
+    if getattr(err, "bad_input", False):
+        return True
+    import sys
+
+    engine_errors = sys.modules.get("spacedkd_fast.engine.errors")
+    return engine_errors is not None and isinstance(err, engine_errors.ReplayMismatchError)
 
 
 def resume_folder_error(folder) -> CheckpointError | None:

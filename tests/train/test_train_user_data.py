@@ -61,6 +61,17 @@ USER_MODULE = textwrap.dedent('''
 
     def mixed_sizes():
         return Bright(64, 0, bad={8: (torch.zeros(3, 9, 9), 0)}), Bright(32, 1)
+
+    class Unkeyed(Bright):
+        """A transform drawing from the OS's entropy: no seeding can replay it."""
+
+        def __getitem__(self, i):
+            import os
+            x, y = super().__getitem__(i)
+            return x + os.urandom(1)[0] / 255, y
+
+    def unkeyed():
+        return Unkeyed(64, 0), Bright(32, 1)
 ''')
 
 
@@ -128,6 +139,8 @@ def test_cli_module_factory_trains(tmp_path, user_module, capsys):
     ("bad_label", "training set item 0: label 3 is outside [0, 3)"),
     ("late_bad_label", "label 7 is outside [0, 3)"),
     ("mixed_sizes", "training set item 8: image of size 3x9x9, but training set item 0 is 3x8x8"),
+    # caught by the engine's checksum at the first replay, never trained on silently
+    ("unkeyed", "the source gave back a different batch for key 1"),
 ])
 def test_cli_bad_data_is_one_line_and_exit_2(tmp_path, user_module, capsys, factory, message):
     status = cli.main(["--dataset", f"my_user_sets:{factory}", "--out", str(tmp_path / "o"),
@@ -137,6 +150,8 @@ def test_cli_bad_data_is_one_line_and_exit_2(tmp_path, user_module, capsys, fact
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert message in lines[0]
+    if factory == "unkeyed":
+        assert "CopyReplay" in lines[0]
 
 
 def test_config_keeps_the_case_of_module_and_class_names():
