@@ -198,3 +198,34 @@ def test_other_format_version_names_both_versions(tmp_path):
     with pytest.raises(CheckpointError, match=r"format version 0 \(written by spacedkd_fast "
                                               r"0\.0\.1\); spacedkd_fast .* reads version 1"):
         load_checkpoint(tmp_path)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork to kill a writer mid-write")
+def test_a_writer_killed_in_the_middle_of_a_write_leaves_the_previous_checkpoint(tmp_path):
+    """SIGKILL to a process that writes checkpoints back to back (16 MB each: nearly all its
+    time is spent inside a write): a torn temporary file may stay, checkpoint.pt always loads
+    and is one complete version."""
+    import signal
+    import time
+
+    weights = torch.arange(4_000_000, dtype=torch.float32)
+    save_checkpoint(tmp_path, _payload(epoch=0, models={"student": {"w": weights}}))
+    torn = []
+    for attempt in range(5):
+        pid = os.fork()
+        if pid == 0:  # the writer, until it is killed
+            try:
+                for epoch in range(1, 10_000):
+                    save_checkpoint(tmp_path, _payload(epoch=epoch,
+                                                       models={"student": {"w": weights + epoch}}))
+            finally:
+                os._exit(1)  # never run pytest's own exit code in the child
+        time.sleep(0.2 + 0.1 * attempt)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        state = load_checkpoint(tmp_path)
+        assert torch.equal(state["models"]["student"]["w"], weights + state["epoch"])
+        torn = list(tmp_path.glob(f".{CHECKPOINT_NAME}.tmp-*"))
+        if torn:  # this kill landed inside a write, and the previous version loaded
+            break
+    assert torn, "no kill landed inside a write in 5 tries"
