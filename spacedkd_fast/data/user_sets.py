@@ -17,7 +17,9 @@ whichever worker collates it.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -172,6 +174,18 @@ def class_count(dataset: Any, num_classes: int | None, what: str) -> int:
                        "and lists no labels): pass num_classes=")
 
 
+@contextmanager
+def _global_generators_kept():
+    """Torch's (CPU), numpy's and Python's global generator states, put back on exit."""
+    states = (torch.random.get_rng_state(), np.random.get_state(), random.getstate())
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(states[0])
+        np.random.set_state(states[1])
+        random.setstate(states[2])
+
+
 def check_dataset(dataset: Any, num_classes: int, what: str,
                   collate_fn: Callable | None = None) -> tuple[int, ...]:
     """The checks of the module docstring on ``dataset`` before training: its size, every listed
@@ -195,7 +209,8 @@ def check_dataset(dataset: Any, num_classes: int, what: str,
             raise BadDataError(f"the {what}'s item {i} has label {int(labels[i])}, outside "
                                f"[0, {num_classes}) ({len(bad)} such labels)")
     indices = sorted({i * n // min(n, PROBE_ITEMS) for i in range(min(n, PROBE_ITEMS))})
-    items = [dataset[i] for i in indices]
+    with _global_generators_kept():  # the probe's random transforms leave the caller's draws be
+        items = [dataset[i] for i in indices]
     if collate_fn is None:
         check_items(items, num_classes, what=f"{what} item", indices=indices)
         shape = tuple(items[0][0].shape)

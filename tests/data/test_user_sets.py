@@ -179,3 +179,26 @@ def test_torchvision_names_resolve_case_insensitively_and_missing_files_name_the
         load_torchvision("SVHN", str(tmp_path))  # a split= class
     with pytest.raises(ValueError, match="FakeData has no train/test split"):
         load_torchvision("FakeData", str(tmp_path))
+
+
+def test_the_probe_leaves_the_callers_random_state_alone():
+    import random
+
+    import numpy as np
+
+    class Draws(Squares):
+        def __getitem__(self, i):  # a transform drawing from all three global generators
+            x, y = super().__getitem__(i)
+            return x + torch.rand(()) + float(np.random.rand()) + random.random(), y
+
+    torch.manual_seed(7)
+    np.random.seed(7)
+    random.seed(7)
+    bundle(Draws(40), Draws(16), num_classes=4)
+    after = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    torch.manual_seed(7)
+    np.random.seed(7)
+    random.seed(7)
+    assert torch.equal(after[0], torch.rand(3))
+    assert np.array_equal(after[1], np.random.rand(3))
+    assert after[2] == [random.random() for _ in range(3)]
