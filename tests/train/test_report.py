@@ -19,6 +19,7 @@ from spacedkd_fast.train.metric_names import ALIASES, with_aliases
 from spacedkd_fast.train.report import (
     MetricsLog,
     ProgressBar,
+    loss_labels,
     read_metrics,
     row_text,
     summary_table,
@@ -42,6 +43,16 @@ def test_progress_bar_plain_lines_when_not_a_terminal():
     assert "epoch 1/2" in lines[0] and " 5/10" in lines[0]
     assert "teacher_loss 1.2500" in lines[0] and "lr 0.01" in lines[0]
     assert "img/s" in lines[0] and "eta" in lines[0]
+
+
+def test_progress_bar_of_a_self_run_names_its_losses():
+    stream = io.StringIO()
+    bar = ProgressBar(2, "epoch 1/1", stream=stream,
+                      labels=loss_labels(_cfg(mode="spaced-self", is_self=True)))
+    bar.update(1, 64, stats={"teacher_loss": 1.25, "student_loss": 40.0, "feat": 700.0})
+    line = stream.getvalue()
+    assert "deepest-exit CE 1.2500" in line and "self-KD 40.0000" in line
+    assert "feature 700.0000" in line and "teacher" not in line
 
 
 def test_progress_bar_redraws_in_place_on_a_terminal():
