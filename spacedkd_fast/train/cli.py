@@ -191,10 +191,7 @@ def _print_models() -> None:
 
 def _run_auto(ns: argparse.Namespace, cli: dict[str, Any], progress: bool) -> int:
     """``--resume auto``: the command's own configuration, continued if ``--out`` holds it."""
-    cfg = config_from_args(ns, cli)
-    if getattr(ns, "print_config", False):
-        print_config(cfg)
-        return 0
+    cfg = config_from_args(ns, cli)  # (--print-config was answered by _run)
     if cfg.out is None:
         raise ConfigError("--resume auto needs --out DIR: the folder in which a re-run of the "
                           "same command finds its run")
