@@ -198,8 +198,9 @@ def _run_auto(ns: argparse.Namespace, cli: dict[str, Any], progress: bool) -> in
     if cfg.seeds:
         from . import seeds
 
-        if seeds.is_group(cfg.out):
-            return seeds.resume_group(cfg.out, overrides=cli, progress=progress)
+        if seeds.is_group(cfg.out):  # each member continues with its own seed and folder
+            same = {k: v for k, v in cli.items() if k not in ("seeds", "out")}
+            return seeds.resume_group(cfg.out, overrides=same, progress=progress)
         return seeds.train_group(cfg, progress=progress)
     from . import runner
 
