@@ -134,7 +134,7 @@ class _BatchMaker:
                 return key, self.make(stream, key)
         return key, self.make(stream, key)  # a worker's generators are its own
 
-    def __getitem__(self, plan):  # DataLoader without auto-collation never happens here
+    def __getitem__(self, plan):  # DataLoader calls __getitems__ (a batch sampler is given)
         return self.__getitems__(plan)
 
 
@@ -227,6 +227,11 @@ class KeyedLoader:
         self.dataset = dataset
         self.indexer = KeyedIndexer(n, batch_size, seed=seed, drop_last=drop_last, rank=rank,
                                     world_size=world_size)
+        tail = n % self.indexer.batch_size
+        if not drop_last and 0 < tail < self.indexer.world_size:
+            raise ValueError(f"the last batch of each epoch holds {tail} sample(s), fewer than "
+                             f"world_size {self.indexer.world_size}: a rank would get an empty "
+                             "batch; use drop_last=True or another batch_size")
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)

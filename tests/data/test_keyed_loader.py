@@ -310,6 +310,10 @@ def test_bad_arguments_are_clear():
         KeyedLoader(iter(range(3)))
     with pytest.raises(ValueError, match="empty"):
         KeyedLoader(Images(n=0))
+    with pytest.raises(ValueError, match="last batch .* 1 sample.*world_size 2.*drop_last"):
+        KeyedLoader(Images(n=13), batch_size=4, rank=1, world_size=2)
+    assert KeyedLoader(Images(n=13), batch_size=4, rank=1, world_size=2,
+                       drop_last=True).steps_per_epoch == 3
 
 
 @pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm is not installed")
