@@ -294,7 +294,9 @@ class MapsSource:
         # fail at build time, not at the first step, for a recipe with no crop-box geometry
         keyed.augmenter.check_crop_geometry()
 
-    def __getattr__(self, name: str) -> Any:
+    def __getattr__(self, name: str) -> Any:  # what the inner source has (num_samples, ...)
+        if name == "inner":  # not set yet (a copy being made): no recursion
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     def _hold(self, key: int, batch) -> None:
