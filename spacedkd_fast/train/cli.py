@@ -263,14 +263,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UserError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except Exception as err:
-        if not is_bad_input(err):  # a bad data-set item a loader met mid-run: one line, exit 2
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except ImportError as err:  # e.g. the compiled extension built for another torch
         line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"error: cannot load spacedkd_fast: {line}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as err:  # after ImportError: that one has its own wording above
+        if not is_bad_input(err):  # a bad data-set item a loader met mid-run: one line, exit 2
+            raise
+        print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:  # a second Ctrl-C / SIGTERM while the first one was being handled
         from .stop import owns_sigint
