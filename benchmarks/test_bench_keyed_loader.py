@@ -11,6 +11,8 @@ round-robin (A B C A B C ...) in one loop and prints the ratio of medians; with
 ``SPACEDKD_BENCH_FULL=1`` at 224 px it adds the package's own batched CPU pipeline
 (``TensorSource``, ``torch-cpu batched``) for the ``vit`` and ``vit-official`` recipes, each
 against the torchvision ``DataLoader`` of the same recipe (``test_bench_data.py`` times it too).
+It also times the replay as the engine ran it before ``batches(keys)``: ``batch(key)`` one at a
+time in the training process (what a source without ``batches`` still gets).
 The quick grid (the default) times the 224 px cases only interleaved, on 128 images.
 
 Data and transforms are those of ``test_bench_data.py`` (digits upscaled through PIL; the
@@ -59,14 +61,14 @@ def _skip_in_quick(size: int) -> None:
         pytest.skip("quick run: 224 px is timed by the interleaved test only")
 
 
-def _providers(dataset, recipe, size, with_own: bool):
+def _providers(dataset, recipe, size, with_own: bool, interleaved: bool = False):
     """name -> a function that runs one epoch (each keeps its own epoch counter)."""
     batch = _batch(size)
     plain = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=WORKERS,
                        persistent_workers=True)
     keyed = KeyedLoader(dataset, batch_size=batch, shuffle=True, num_workers=WORKERS,
                         persistent_workers=True, seed=0)
-    state = {"first": 0, "replay": 0, "own": 0}
+    state = {"first": 0, "replay": 0, "own": 0, "single": 0}
 
     def run_plain():
         for _ in plain:
@@ -85,6 +87,13 @@ def _providers(dataset, recipe, size, with_own: bool):
 
     out = {f"plain DataLoader ({WORKERS} workers)": run_plain,
            "KeyedLoader first pass": run_first, "KeyedLoader replay pass": run_replay}
+    if interleaved:
+        def run_one_by_one():  # what the engine's replay did before batches(keys)
+            for k in list(keyed.keys(state["single"]))[::-1]:
+                keyed.batch(k)
+            state["single"] += 1
+
+        out["replay by batch(key), in this process"] = run_one_by_one
     if with_own:
         data = dataset.data
         src = TensorSource(data, Augmenter(recipe, size, seed=0), batch_size=batch, seed=0)
@@ -112,7 +121,7 @@ def test_keyed_loader(bench, digits, recipe, size, n, provider):
 @pytest.mark.parametrize("recipe,size,n", CASES)
 def test_keyed_loader_interleaved(digits, recipe, size, n, capsys):
     dataset = _dataset(digits, recipe, size, n)
-    runs = _providers(dataset, recipe, size, with_own=size == 224 and not QUICK)
+    runs = _providers(dataset, recipe, size, with_own=size == 224 and not QUICK, interleaved=True)
     rounds = 3 if QUICK else 7
     times: dict[str, list[float]] = {name: [] for name in runs}
     for fn in runs.values():  # warm-up: worker start, first-epoch caches
