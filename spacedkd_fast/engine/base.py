@@ -21,12 +21,11 @@ from torch import Tensor, nn
 
 from . import graphed_steps
 from .deferred_checks import DeferredChecks, check_fused
-from .errors import ReplayMismatchError
 from .model_io import BufferGuard, autocast, to_device
 from .modes import MODES, resolve_mode
 from .options import ZERO_INTERVAL
 from .overlap import Lanes
-from .replay import MISMATCH_CAUSE, CopyReplay, KeyedReplay, Record
+from .replay import CopyReplay, KeyedReplay, Record, mismatch_explained
 from .spacing import SpacedSchedule
 from .stats import LossStats
 from .step_io import StepIO
@@ -244,7 +243,7 @@ class EngineBase(StepIO):
                     reason=reason, rule=self._replay_rule(reason))
         batches = self.replay_buffer.fetch_run(records)
         try:
-            with self._replay_teacher(reason) as teacher, self._explained_mismatch():
+            with self._replay_teacher(reason) as teacher, mismatch_explained(self.replay_buffer):
                 for rec, batch in zip(records, batches):
                     self._replay_one(rec, teacher, self.teacher_steps, batch)
                     yield self.student_steps
@@ -255,21 +254,8 @@ class EngineBase(StepIO):
         self._write("replay_end", teacher_step=self.teacher_steps, count=len(records),
                     reason=reason)
 
-    @contextlib.contextmanager
-    def _explained_mismatch(self) -> Iterator[None]:
-        """A keyed replay's checksum mismatch says its likely cause and the ``CopyReplay``
-        fallback (one line)."""
-        try:
-            yield
-        except ReplayMismatchError as exc:
-            msg = str(exc)
-            if not isinstance(self.replay_buffer, KeyedReplay) or MISMATCH_CAUSE in msg:
-                raise
-            raise ReplayMismatchError(f"{msg}; {MISMATCH_CAUSE}", key=exc.key,
-                                      expected=exc.expected, got=exc.got) from exc
-
     def _read_deferred(self, force: bool = False) -> None:
-        with self._explained_mismatch():  # a deferred check finds a replay's mismatch here
+        with mismatch_explained(self.replay_buffer):  # a deferred check finds a mismatch here
             super()._read_deferred(force)
 
     def _replay_rule(self, reason: str) -> str:

@@ -16,6 +16,7 @@ batches: 8 bytes per key, the checksum tensor, and for ``CopyReplay`` the stored
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .errors import ReplayMismatchError
 from .source_protocol import Batch, ReplayableSource
 
 KEY_BYTES = 8  # a key is an int; count it as an int64
@@ -189,3 +191,17 @@ class CopyReplay(_ReplayBuffer):
 
     def _store_device(self, t: Tensor, default):
         return self.device or default or t.device
+
+
+@contextlib.contextmanager
+def mismatch_explained(buffer: _ReplayBuffer) -> Iterator[None]:
+    """A keyed replay's :class:`ReplayMismatchError` raised inside gets :data:`MISMATCH_CAUSE`
+    appended (its likely cause and the ``CopyReplay`` fallback; still one line)."""
+    try:
+        yield
+    except ReplayMismatchError as exc:
+        msg = str(exc)
+        if not isinstance(buffer, KeyedReplay) or MISMATCH_CAUSE in msg:
+            raise
+        raise ReplayMismatchError(f"{msg}; {MISMATCH_CAUSE}", key=exc.key, expected=exc.expected,
+                                  got=exc.got) from exc
