@@ -1,5 +1,6 @@
 """Each script of examples/ runs at its tiny size (``--tiny``) in a fresh process, as a user
-would start it, and prints what it promises."""
+would start it, and prints what it promises. The four processes start together (most of each
+one's time is importing torch), and each test waits for its own."""
 
 from __future__ import annotations
 
@@ -14,15 +15,38 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-def run_example(name: str) -> str:
+SCRIPTS = ("own_dataset_spaced_kd.py", "timm_model.py", "self_kd.py",
+           "plain_loader_copy_replay.py")
+
+
+@pytest.fixture(scope="module")
+def started():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, str(EXAMPLES / name), "--tiny"], capture_output=True,
-                         text=True, timeout=300, env=env)
-    assert out.returncode == 0, f"{name} failed:\n{out.stderr[-3000:]}"
-    return out.stdout
+    procs = {name: subprocess.Popen([sys.executable, str(EXAMPLES / name), "--tiny"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env=env)
+             for name in SCRIPTS}
+    yield procs
+    for p in procs.values():
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
 
 
-def test_own_dataset_spaced_kd():
+@pytest.fixture
+def run_example(started):
+    def wait(name: str) -> str:
+        try:
+            out, err = started[name].communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            started[name].kill()
+            raise AssertionError(f"{name} ran past 300 s") from None
+        assert started[name].returncode == 0, f"{name} failed:\n{err[-3000:]}"
+        return out
+    return wait
+
+
+def test_own_dataset_spaced_kd(run_example):
     text = run_example("own_dataset_spaced_kd.py")
     assert re.search(r"student after spaced KD: top-1 \d+\.\d%, top-5 \d+\.\d%", text)
     steps = int(re.search(r"(\d+) student steps", text).group(1))
@@ -31,20 +55,20 @@ def test_own_dataset_spaced_kd():
     assert 0 < per_sample <= 16  # keys and checksums, not images
 
 
-def test_timm_model_with_timm_transform():
+def test_timm_model_with_timm_transform(run_example):
     pytest.importorskip("timm")
     text = run_example("timm_model.py")
     assert "student (timm mobilenetv3): top-1" in text
     assert int(re.search(r"(\d+) student steps on replayed batches", text).group(1)) > 0
 
 
-def test_self_kd():
+def test_self_kd(run_example):
     text = run_example("self_kd.py")
     assert re.search(r"exit 1 \d+\.\d%, exit 2 \d+\.\d%, exit 3 \d+\.\d%, exit 4 \d+\.\d%, "
                      r"ensemble \d+\.\d%", text)
 
 
-def test_plain_loader_shows_what_copy_replay_costs():
+def test_plain_loader_shows_what_copy_replay_costs(run_example):
     text = run_example("plain_loader_copy_replay.py")
     copy = re.search(r"plain DataLoader: CopyReplay, .* \(([\d,.]+) B per sample\)", text)
     keyed = re.search(r"KeyedLoader: KeyedReplay, .* \(([\d,.]+) B per sample\)", text)
