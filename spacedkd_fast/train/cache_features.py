@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--teacher-checkpoint, --teacher-image-size and --inter-teacher-blocks are computed once "
         "by the frozen teacher (eval mode, un-augmented images at the teacher's size) and stored "
         "memory-mapped beside the checkpoint, in teacher_maps/<checkpoint>-<data set>-blocks<J_J>"
-        "-<px>px/, where that run reads them. The other flags are accepted and unused. The "
+        "-<px>px/, where that run reads them (--no-progress hides the bar; the other flags are "
+        "accepted and unused). The "
         "trainer builds a missing cache itself; this command builds it ahead (e.g. before a "
         "multi-process run) or replaces a stale one (--rebuild).")
     parser.epilog = (f"example:\n  {COMMAND} --config deit-ti_c100_ours_offline "
@@ -221,7 +222,7 @@ def _build_from_args(ns: argparse.Namespace, cfg: TrainConfig) -> int:
                            image_size=cfg.teacher_image_size)
     load_teacher(teacher, cfg)
     cache = build_cache(folder, spec, teacher, data, batch_size=ns.cache_batch_size,
-                        dtype=ns.cache_dtype)
+                        dtype=ns.cache_dtype, progress=not getattr(ns, "no_progress", False))
     gib = sum(a.nbytes for a in cache.arrays) / 2**30
     print(f"built: {folder} ({spec.num_samples} samples, blocks {list(spec.blocks)}, "
           f"shapes {cache.shapes}, {cache.dtype}, {gib:.2f} GiB)")
