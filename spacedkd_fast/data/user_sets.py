@@ -294,6 +294,10 @@ def build_user_data(train_set: Any, test_set: Any, *, num_classes: int | None = 
         return test_loader(test_set, test_collate, batch_size=batch_size, num_workers=workers,
                            rank=rank, world_size=world_size, pin_memory=pin)
 
+    if image_size is not None and image_size != shape[-1]:
+        raise BadDataError(f"the training images are {'x'.join(map(str, shape[1:]))} px but the "
+                           f"image size asked for is {image_size}: resize them in the transform "
+                           "(a MODULE:FUNCTION factory is given image_size= when it names it)")
     size = image_size or int(shape[-1])
     announcement = (f"data set {description or name}: {len(train_set)} train / {len(test_set)} "
                     f"test images, {classes} classes, {'x'.join(map(str, shape[1:]))} px, keyed "

@@ -202,3 +202,9 @@ def test_the_probe_leaves_the_callers_random_state_alone():
     assert torch.equal(after[0], torch.rand(3))
     assert np.array_equal(after[1], np.random.rand(3))
     assert after[2] == [random.random() for _ in range(3)]
+
+
+def test_an_image_size_the_images_do_not_have_is_named():
+    with pytest.raises(BadDataError, match=r"images are 8x8 px but the image size asked for is 16"):
+        bundle(Squares(40), num_classes=4, image_size=16)
+    assert bundle(Squares(40), num_classes=4, image_size=8).image_size == 8
