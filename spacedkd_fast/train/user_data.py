@@ -34,7 +34,7 @@ class UserSets:
         self.name = name or f"from-python:{type(train_set).__name__}"
 
     def __call__(self, cfg: TrainConfig, info: Any):
-        from ..data.user_sets import BadDataError, build_user_data
+        from ..data.user_sets import build_user_data
 
         if cfg.augment not in (None, "none"):
             raise UserError(f"augment {cfg.augment!r}: your sets carry their own transforms "
@@ -46,7 +46,7 @@ class UserSets:
                 world_size=info.world_size, drop_last=bool(cfg.drop_last),
                 num_workers=self.num_workers, collate_fn=self.collate_fn, name=self.name,
                 image_size=cfg.image_size)
-        except BadDataError as err:
+        except ValueError as err:  # BadDataError, or a loader setting that cannot work
             raise UserError(f"data: {err}") from None
 
 
