@@ -283,6 +283,13 @@ class ChannelsLastSource:
     def batch(self, key: int):
         return self._cl(self.inner.batch(key))
 
+    def batches(self, keys) -> Iterator[Any]:
+        """A replay's run of batches, loaded ahead by the inner source when it can (a
+        KeyedLoader's workers), channels_last."""
+        if getattr(type(self.inner), "batches", None) is None:
+            return (self.batch(k) for k in keys)
+        return (self._cl(b) for b in self.inner.batches(keys))
+
     def stream(self, s: int) -> ChannelsLastSource:
         """The inner source's stream ``s`` (the second stream of ``replay=fresh``), channels_last."""
         return ChannelsLastSource(self.inner.stream(s))

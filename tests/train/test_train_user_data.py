@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from spacedkd_fast.train import cli
 from spacedkd_fast.train.config import build_config
@@ -189,3 +190,25 @@ def test_run_from_python_replays_in_the_other_modes(tmp_path, user_module, extra
     assert status == 0
     last = rows(out)[-1]
     assert last["student_steps"] >= 8  # every batch replayed (checked against its checksum)
+
+
+def test_channels_last_replays_run_through_the_loaders_workers(user_module):
+    from spacedkd_fast.data.keyed_loader import KeyedLoader
+    from spacedkd_fast.train.build import ChannelsLastSource
+
+    class Counting(KeyedLoader):
+        asked: list = []
+
+        def batches(self, keys):
+            keys = list(keys)
+            self.asked.append(keys)
+            return super().batches(keys)
+
+    src = ChannelsLastSource(Counting(user_module.Bright(64, 0), batch_size=16, num_workers=1,
+                                      seed=2))
+    first = dict(src.epoch(0))
+    got = list(src.batches([3, 1, 2]))
+    assert Counting.asked == [[3, 1, 2]]  # one run of keys, loaded ahead by the workers
+    for key, (x, y) in zip([3, 1, 2], got):
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(x, first[key][0]) and torch.equal(y, first[key][1])
