@@ -149,6 +149,25 @@ def test_checkpoints_within_epochs_do_not_change_the_weights(tmp_path, digits_bu
             assert torch.equal(v, b["models"][role][k]), f"{role}.{k}"
 
 
+def test_time_based_checkpoints_fall_on_log_points(tmp_path, digits_bundle, reference,
+                                                  monkeypatch):
+    """--checkpoint-every with a (tiny) duration: a checkpoint at every log point (--log-every 3:
+    global steps 3, 6, 9) within the epochs, none elsewhere, and the same weights."""
+    import spacedkd_fast.train.loop as loop
+
+    saved = []
+    real_save = ckpt.save_checkpoint
+    monkeypatch.setattr(loop, "save_checkpoint", lambda out, payload: (
+        saved.append((payload["epoch"], payload["step_in_epoch"])), real_save(out, payload))[1])
+    status, text = auto(config(tmp_path, checkpoint_every="0.001s", trace=None), digits_bundle)
+    assert status == 0, text
+    assert saved == [(0, 3), (1, 0), (1, 1), (1, 4), (2, 0)]
+    a, b = ckpt.load_checkpoint(reference / "run"), ckpt.load_checkpoint(tmp_path / "run")
+    for role in ("teacher", "student"):
+        for k, v in a["models"][role].items():
+            assert torch.equal(v, b["models"][role][k]), f"{role}.{k}"
+
+
 def test_the_rerun_of_a_finished_command_changes_nothing(tmp_path, digits_bundle, reference):
     cfg = copied(reference, tmp_path)
     before = (tmp_path / "run" / ckpt.CHECKPOINT_NAME).read_bytes()
