@@ -222,3 +222,57 @@ def test_resume_auto_needs_an_out_folder(tmp_path, digits_bundle):
     cfg.out = None
     with pytest.raises(runner.UserError, match="--resume auto needs --out DIR"):
         runner.train(cfg, progress=False, data=digits_bundle, resume="auto")
+
+
+# ---------------------------------------------------------------- another number of processes
+def _engine_states(source, keys, world):
+    """Every rank's replay records of ``keys`` as a run with ``world`` processes keeps them."""
+    from spacedkd_fast.engine.trace import batch_checksum
+    from spacedkd_fast.train.reshard import rank_view
+
+    states = []
+    for rank in range(world):
+        view = rank_view(source, rank, world)
+        shares = [view.batch(k) for k in keys]
+        states.append({"n": 9, "trace_lines": 40 + rank, "replay": {
+            "keys": list(keys), "sizes": [x.shape[0] for x, _ in shares],
+            "checksums": [tuple(batch_checksum(x, y).tolist()) for x, y in shares],
+            "batches": [None] * len(keys)}})
+    return states
+
+
+def test_replay_records_are_rebuilt_for_another_number_of_processes(digits_bundle):
+    from spacedkd_fast.engine.trace import batch_checksum
+    from spacedkd_fast.train.reshard import engine_state_for, rank_view
+
+    source = digits_bundle.train  # one process: its batches are the global batches
+    x, y = source.batch(4)
+    for rank in (0, 1):  # a rank's view takes rows rank::2 of the global batch
+        xr, yr = rank_view(source, rank, 2).batch(4)
+        assert torch.equal(xr, x[rank::2]) and torch.equal(yr, y[rank::2])
+    states = _engine_states(source, [3, 4, 7], world=2)
+    one = engine_state_for(states, source, 0, 1)
+    assert one["replay"]["keys"] == [3, 4, 7] and one["replay"]["sizes"] == [64, 64, 64]
+    assert one["replay"]["checksums"] == [tuple(batch_checksum(*source.batch(k)).tolist())
+                                          for k in (3, 4, 7)]
+    assert one["trace_lines"] == 40 and one["n"] == 9
+    back = engine_state_for(_engine_states(source, [3, 4, 7], world=1), source, 1, 2)
+    assert back["replay"]["checksums"] == states[1]["replay"]["checksums"]  # rank 1's own rows
+    assert back["trace_lines"] is None  # a new rank starts its own trace
+
+
+def test_another_number_of_processes_is_refused_when_it_cannot_be_rebuilt(digits_bundle):
+    from spacedkd_fast.train.errors import CheckpointError
+    from spacedkd_fast.train.reshard import engine_state_for
+
+    source = digits_bundle.train
+    changed = _engine_states(source, [3, 4], world=2)
+    changed[1]["replay"]["checksums"][1] = (1.0, 2.0, 3.0, 4.0)  # the data set changed since
+    with pytest.raises(CheckpointError, match=r"cannot resume with 1 process\(es\) a run written "
+                                              r"by 2: the data gives back another batch 4 than "
+                                              r"process 1 recorded"):
+        engine_state_for(changed, source, 0, 1)
+    copies = _engine_states(source, [3], world=2)
+    copies[0]["replay"]["batches"] = [source.batch(3)]
+    with pytest.raises(CheckpointError, match="holds the batches themselves .* resume it with 2"):
+        engine_state_for(copies, source, 0, 1)
