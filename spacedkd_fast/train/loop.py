@@ -6,8 +6,9 @@ the teacher's last epoch).
 Exactness of resume: checkpoints hold models, optimisers, schedules, the engine's state (pending
 replay keys), the gradient scaler, every RNG state, the epoch's loss sums and the metric rows.
 Batches come from the keyed source, so the epoch after a resume sees exactly the batches it would
-have seen. Loss accumulators are read at steps ``n`` with ``n % log_every == 0`` (never at
-clock-dependent moments), so the per-epoch means are computed in the same order too.
+have seen. Loss accumulators are read at steps ``n`` with ``n % log_every == 0`` and at the steps
+of ``--checkpoint-every N`` (never at clock-dependent moments: time-based checkpoints wait for a
+log point), so the per-epoch means are computed in the same order too.
 """
 
 from __future__ import annotations
