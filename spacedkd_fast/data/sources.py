@@ -92,7 +92,7 @@ class _SourceBase:
 
     indexer: KeyedIndexer
     augmenter: Augmenter
-    prefetch: int = 1
+    prefetch: int | None = 1  # batches made ahead in a thread; None: auto (see _lookahead)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -140,11 +140,12 @@ class _SourceBase:
         """The batches of ``keys`` in order, each equal to ``batch(key)``, made ahead by the
         look-ahead thread as ``epoch`` does (a replay's run of keys)."""
         keys = list(keys)
-        if self.prefetch <= 0:
+        depth = self._lookahead()
+        if depth <= 0:
             for k in keys:
                 yield self.batch(k)
             return
-        for _, item in _prefetched(keys, self._produce, self.prefetch):
+        for _, item in _prefetched(keys, self._produce, depth):
             yield self._ready(item)
 
     def key(self, epoch: int, i: int) -> int:
@@ -182,16 +183,34 @@ class _SourceBase:
         """Yield ``(key, (x, y))`` for batches ``start .. L-1`` of ``epoch`` (0-based) in training
         order; ``start > 0`` resumes an epoch with the batches an uninterrupted epoch yields.
 
-        With ``prefetch > 0`` a worker thread prepares the next batches while the caller trains
-        (torch ops release the GIL); the values are those of ``batch(key)`` either way.
+        With a look-ahead (``prefetch > 0``, or auto: :meth:`_lookahead`) a worker thread
+        prepares the next batches while the caller trains (torch ops release the GIL); the values
+        are those of ``batch(key)`` either way.
         """
         keys = self.keys(epoch, start)
-        if self.prefetch <= 0:
+        depth = self._lookahead()
+        if depth <= 0:
             for k in keys:
                 yield k, self.batch(k)
             return
-        for k, item in _prefetched(keys, self._produce, self.prefetch):
+        for k, item in _prefetched(keys, self._produce, depth):
             yield k, self._ready(item)
+
+    def _lookahead(self) -> int:
+        """How many batches the look-ahead thread makes ahead for this epoch (0: no thread).
+
+        ``prefetch=None`` (auto) looks ahead only while torch runs one intra-op thread. With
+        libgomp (torch's OpenMP), every thread that runs a parallel op gets a pool of its own;
+        once a process has more pooled threads than cores, libgomp stops spinning between
+        parallel regions in every pool, so each of the hundreds of small regions of a CPU
+        training step waits for a sleeping worker to be woken (measured on 2 cores: the main
+        thread's futex calls doubled and an online-KD epoch took 1.6x longer). Making a batch
+        costs little next to a step (~2 ms of ~70 ms at 8 px), so with several intra-op
+        threads the caller's thread makes it, with the caller's pool.
+        """
+        if self.prefetch is not None:
+            return self.prefetch
+        return 1 if torch.get_num_threads() == 1 else 0
 
 
 class _DeviceCopier:
@@ -280,8 +299,9 @@ class TensorSource(_SourceBase):
                                     world_size=world_size)
         self.images = torch.from_numpy(data.images).permute(0, 3, 1, 2).contiguous().to(self.device)
         self.labels = torch.from_numpy(data.labels).to(self.device)
-        # On a GPU the augmentation is queued asynchronously: no look-ahead thread is needed.
-        self.prefetch = (0 if self.device.type == "cuda" else 1) if prefetch is None else prefetch
+        # On a GPU the augmentation is queued asynchronously: no look-ahead thread is needed. On
+        # a CPU, None (auto) decides at each epoch (_lookahead).
+        self.prefetch = 0 if self.device.type == "cuda" and prefetch is None else prefetch
         self.backend = "gpu-resident" if self.device.type == "cuda" else "torch-cpu"
         if self.out_device != self.device:  # CPU augmentation for a GPU consumer
             self._copier = _copier_for(self.out_device)

@@ -246,6 +246,11 @@ class TrainConfig:
                       G_SPEED, metavar="N,N,...")
     device: str = _opt("auto", "cpu, cuda, cuda:N; auto = cuda when available", G_SPEED,
                        metavar="DEV")
+    threads: int = _opt(0, "CPU threads of torch's intra-op work; 0 = auto: OMP_NUM_THREADS when "
+                        "set, else torch's default (the physical cores) capped at the cores this "
+                        "process may use and shared among the processes of a CPU torchrun job; "
+                        "the run header prints the number and config.yaml records it", G_SPEED,
+                        metavar="N")
     amp: str = _opt("auto", "autocast dtype (fp16 adds a GradScaler); auto = bf16 on CUDA when "
                     "every model is a CNN and --compat is none, else off (fp32)", G_SPEED,
                     choices=AMP_MODES)

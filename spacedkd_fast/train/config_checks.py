@@ -51,7 +51,7 @@ def value_errors(cfg: Any) -> list[str]:
                  "bn_groups", "finite_check_every"):
         positive(name)
     for name in ("momentum", "weight_decay", "beta", "warmup_epochs", "min_lr", "interval_rate",
-                 "gamma", "seed"):
+                 "gamma", "seed", "threads"):
         positive(name, allow_zero=True)
     if cfg.kd_scale is not None:
         positive("kd_scale", allow_zero=True)

@@ -111,7 +111,7 @@ def _announce(parts: RunParts, history: RunHistory, digits_changes: list[str],
         history.say(f"digits defaults: {', '.join(digits_changes)} (the recipe's values are for "
                     "CIFAR-100; set these flags to override)")
     where = (f"{parts.device}" + (f" x {info.world_size} processes" if info.enabled else "")
-             + (f", {torch.get_num_threads()} CPU threads" if parts.device.type == "cpu" else ""))
+             + (f", {_threads_text()}" if parts.device.type == "cpu" else ""))
     history.say(f"spacedkd_fast {__version__}, torch {torch.__version__}, device {where}, "
                 f"{speed_note}, data backend {getattr(data, 'backend', '?')}")
     models = [(parts.student_arch, n_params(parts.student))]
@@ -188,6 +188,7 @@ def execute(cfg: TrainConfig, info: DistInfo, *, state: dict[str, Any] | None, p
     # amp / channels_last auto, resolved before the loggers record the configuration (build_run
     # would resolve them too; it finds them resolved); the note says what auto chose
     speed_note = apply_speed_defaults(cfg, info.device.type).note
+    _use_threads(cfg)
     _refuse_unusable(cfg, info)
     if cfg.out is None:
         cfg.out = default_out(cfg, dataset or cfg.dataset or "auto")
@@ -277,10 +278,14 @@ def _write_failed(err: OSError, history: RunHistory | None, out: Path) -> int:
     return EXIT_WRITE_FAILED
 
 
-def _threads_for_cpu(info: DistInfo) -> None:
-    # Several processes on one CPU machine would oversubscribe the cores with torch's defaults.
-    if info.enabled and info.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
+def _threads_text() -> str:
+    n = torch.get_num_threads()
+    return f"{n} CPU thread" + ("s" if n != 1 else "")
+
+
+def _use_threads(cfg: TrainConfig) -> None:
+    # cfg.threads is settled (a number) by apply_speed_defaults (train/threads.py says how)
+    torch.set_num_threads(cfg.threads)
 
 
 def train(cfg: TrainConfig, *, progress: bool = True, data: Any = None,
@@ -302,8 +307,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, data: Any = None,
         raise UserError("--resume auto needs --out DIR: the folder in which a re-run of the same "
                         "command finds its run")
     info = init_distributed(cfg.device)
+    threads = torch.get_num_threads()  # the caller's, given back after the run
     try:
-        _threads_for_cpu(info)
         dataset = resolve_dataset(cfg) if data is None else (cfg.dataset or data.name)
         # injected data (tests) is already built: its batch size is the caller's business
         changes = apply_dataset_defaults(cfg, dataset) if data is None else []
@@ -318,6 +323,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, data: Any = None,
         return execute(cfg, info, state=None, progress=progress, data=data, stream=stream,
                        digits_changes=changes, dataset=dataset)
     finally:
+        torch.set_num_threads(threads)
         cleanup(info)
 
 
@@ -410,6 +416,8 @@ def resume_plan(state: dict[str, Any], out: str | os.PathLike,
     for k in SPEED_AUTO_KEYS:  # the saved value is what auto resolved to when the run started
         if getattr(cfg, k) == SPEED_AUTO:
             setattr(cfg, k, getattr(saved, k))
+    if not cfg.threads:  # auto: the saved count (a run from before --threads settles it anew)
+        cfg.threads = saved.threads
     changed = [k for k in (overrides or {}) if k not in RESUME_SAFE | {"epochs"}
                and getattr(cfg, k) != getattr(saved, k)]
     if changed:
@@ -459,10 +467,11 @@ def resume(out: str | os.PathLike, *, overrides: dict[str, Any] | None = None,
         raise UserError(str(err)) from None
     cfg, notes = resume_plan(state, out, overrides)
     info = init_distributed(cfg.device)
+    threads = torch.get_num_threads()  # the caller's, given back after the run
     try:
-        _threads_for_cpu(info)
         status = execute(cfg, info, state=state, progress=progress, data=data, stream=stream,
                          notes=_resume_notes(state, info) + notes)
         return status
     finally:
+        torch.set_num_threads(threads)
         cleanup(info)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..model_catalog import is_convolutional, multi_exit_name
+from .threads import settled_threads
 
 AUTO = "auto"
 SPEED_AUTO_KEYS = ("amp", "channels_last")  # the settings whose "auto" this module resolves
@@ -84,4 +85,5 @@ def apply_speed_defaults(cfg: Any, device_type: str) -> SpeedChoice:
     """Resolve ``cfg``'s auto values for ``device_type`` and write them back into ``cfg``."""
     choice = resolve_speed(cfg, device_type)
     cfg.amp, cfg.channels_last = choice.amp, choice.channels_last
+    cfg.threads = settled_threads(getattr(cfg, "threads", 0), device_type)  # 0 (auto): a number
     return choice

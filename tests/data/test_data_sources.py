@@ -103,7 +103,7 @@ def test_distributed_ranks_partition_the_global_batch():
 
 def test_prefetch_error_reaches_the_consumer():
     data = tiny_arrays()
-    src = TensorSource(data, Augmenter("cifar", 16), batch_size=16)
+    src = TensorSource(data, Augmenter("cifar", 16), batch_size=16, prefetch=1)
     src.augmenter = None  # every batch now fails inside the worker thread
     with pytest.raises((AttributeError, TypeError)):
         list(src.epoch(0))
