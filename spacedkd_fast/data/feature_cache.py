@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -290,7 +291,7 @@ class MapsSource:
     def __init__(self, inner: Any, keyed: Any, cache: FeatureCache) -> None:
         self.inner, self.keyed, self.cache = inner, keyed, cache
         self.steps_per_epoch = inner.steps_per_epoch
-        self._held: tuple[int, Tensor] | None = None
+        self._held: tuple[int, Tensor, Future | None] | None = None
         # fail at build time, not at the first step, for a recipe with no crop-box geometry
         keyed.augmenter.check_crop_geometry()
 
@@ -299,13 +300,25 @@ class MapsSource:
             raise AttributeError(name)
         return getattr(self.inner, name)
 
-    def _hold(self, key: int, batch) -> None:
-        self._held = (int(key), batch[0])
+    def _hold(self, key: int, batch, raw: Future | None = None) -> None:
+        self._held = (int(key), batch[0], raw)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[int, Any]]:
-        for key, batch in self.inner.epoch(epoch, start=start):
-            self._hold(key, batch)
-            yield key, batch
+        """The inner source's epoch; the stored maps of the next batch are read from the memory
+        map in a worker thread while the current one trains (the crop runs at the step)."""
+        keys = list(self.keyed.keys(epoch, start))
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spacedkd-maps") as pool:
+            ahead: dict[int, Future] = {}
+
+            def ask(i: int) -> None:
+                if i < len(keys):
+                    ahead[keys[i]] = pool.submit(self._raw, keys[i])
+
+            ask(0)
+            for i, (key, batch) in enumerate(self.inner.epoch(epoch, start=start)):
+                ask(i + 1)
+                self._hold(key, batch, ahead.pop(int(key), None))
+                yield key, batch
 
     def batch(self, key: int):
         out = self.inner.batch(key)
@@ -316,15 +329,22 @@ class MapsSource:
         """The inner source's stream ``s``, with its own maps."""
         return MapsSource(self.inner.stream(s), self.keyed.stream(s), self.cache)
 
-    def maps_of_key(self, key: int, device: torch.device | str = "cpu") -> list[Tensor]:
-        """The augmented maps of batch ``key`` (this rank's rows), ``float32`` on ``device``."""
+    def _raw(self, key: int) -> tuple[Tensor, dict, list[Tensor]]:
+        """``(indices, parameters, stored maps)`` of batch ``key`` (this rank's rows; CPU)."""
         idx, p = self.keyed.params(key)
+        return idx, p, self.cache.gather(idx)
+
+    def maps_of_key(self, key: int, device: torch.device | str = "cpu",
+                    raw: tuple[Tensor, dict, list[Tensor]] | None = None) -> list[Tensor]:
+        """The augmented maps of batch ``key`` (this rank's rows), ``float32`` on ``device``
+        (``raw``: what :meth:`_raw` read for it, if already read)."""
+        idx, p, stored = raw if raw is not None else self._raw(key)
         H, W = self.cache.spec.image_size
         n = len(idx)
         top, left, h, w, flip = self.keyed.augmenter.crop_geometry(
             p, torch.full((n,), H), torch.full((n,), W))
-        raw = [h2d(m, torch.device(device)) for m in self.cache.gather(idx)]
-        return crop_maps(raw, top, left, h, w, flip, (H, W))
+        maps = [h2d(m, torch.device(device)) for m in stored]
+        return crop_maps(maps, top, left, h, w, flip, (H, W))
 
     def maps_for(self, x: Tensor) -> list[Tensor]:
         """The maps of the batch whose images are ``x`` (the batch this source yielded last);
@@ -333,7 +353,8 @@ class MapsSource:
         if held is None or not _same_tensor(held[1], x):
             raise RuntimeError("precomputed teacher maps: the teacher was asked about a batch "
                                "that is not the one the source yielded last")
-        return self.maps_of_key(held[0], x.device)
+        key, _, raw = held
+        return self.maps_of_key(key, x.device, raw.result() if raw is not None else None)
 
 
 def _same_tensor(a: Tensor, b: Tensor) -> bool:
