@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from spacedkd_fast.engine.model_io import unwrap
 from spacedkd_fast.models import create
 from spacedkd_fast.models.block_features import block_features
 from spacedkd_fast.train import cache_features, cli
-from spacedkd_fast.train.build import build_run
+from spacedkd_fast.train.build import _build_data, build_run
 from spacedkd_fast.train.checkpoint import BEST_NAME, save_best_student
 from spacedkd_fast.train.config import ConfigError, build_config, load_yaml
 from spacedkd_fast.train.distributed import init_distributed
@@ -164,3 +165,9 @@ def test_precomputed_maps_have_no_teacher_logits_and_need_a_frozen_teacher(setup
     cfg = _cfg(flags, augment="cifar")
     with pytest.raises(UserError, match="padded crop and a rotation"):
         build_run(cfg, init_distributed("cpu"))
+    with pytest.raises(UserError, match="needs a data set held in memory"):
+        cache_features.keyed_source(SimpleNamespace(train=SimpleNamespace(augmenter=None)))
+    cfg = _cfg(flags)
+    data = _build_data(cfg, init_distributed("cpu"))
+    with pytest.raises(UserError, match="build them first with python -m spacedkd_fast.train.cac"):
+        cache_features.open_cache(cfg, data, None, world_size=2)  # ranks never build it
