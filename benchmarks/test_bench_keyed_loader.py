@@ -7,12 +7,14 @@ sample seeded) and ``KeyedLoader replay pass`` (``batches(keys)``: the engine's 
 epoch's keys in reverse order). Targets (issue 18): first pass >= 0.95x, replay >= 0.9x.
 
 Because the machine may be shared, ``test_keyed_loader_interleaved`` also times the providers
-round-robin (A B C A B C ...) in one loop and prints the ratio of medians; with
-``SPACEDKD_BENCH_FULL=1`` at 224 px it adds the package's own batched CPU pipeline
-(``TensorSource``, ``torch-cpu batched``) for the ``vit`` and ``vit-official`` recipes, each
-against the torchvision ``DataLoader`` of the same recipe (``test_bench_data.py`` times it too).
-It also times the replay as the engine ran it before ``batches(keys)``: ``batch(key)`` one at a
-time in the training process (what a source without ``batches`` still gets).
+round-robin (A B C A B C ...) in one loop and prints the ratio of medians. It also times the
+replay as the engine ran it before ``batches(keys)``: ``batch(key)`` one at a time in the
+training process (what a source without ``batches`` still gets). With ``SPACEDKD_BENCH_FULL=1``,
+``test_own_pipeline_interleaved`` times the package's own batched CPU pipeline (``TensorSource``,
+``torch-cpu batched``) at 224 px for the ``vit`` and ``vit-official`` recipes against the
+torchvision ``DataLoader`` of the same recipe, in a table of its own: its look-ahead thread and
+intra-op threads share this process with whatever else runs in it (``test_bench_data.py`` times
+it too).
 The quick grid (the default) times the 224 px cases only interleaved, on 128 images.
 
 Data and transforms are those of ``test_bench_data.py`` (digits upscaled through PIL; the
@@ -34,6 +36,7 @@ from spacedkd_fast.data.datasets import load_digits_split
 
 QUICK = os.environ.get("SPACEDKD_BENCH_QUICK", "0") not in ("", "0")
 WORKERS = 2
+PLAIN = f"plain DataLoader ({WORKERS} workers)"
 CASES = [("cifar", 32, 1024), ("vit", 224, 256), ("vit-official", 224, 256)]
 
 
@@ -61,14 +64,17 @@ def _skip_in_quick(size: int) -> None:
         pytest.skip("quick run: 224 px is timed by the interleaved test only")
 
 
-def _providers(dataset, recipe, size, with_own: bool, interleaved: bool = False):
+def _plain(dataset, size) -> DataLoader:
+    return DataLoader(dataset, batch_size=_batch(size), shuffle=True, num_workers=WORKERS,
+                      persistent_workers=True)
+
+
+def _providers(dataset, size, one_by_one: bool = False):
     """name -> a function that runs one epoch (each keeps its own epoch counter)."""
-    batch = _batch(size)
-    plain = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=WORKERS,
-                       persistent_workers=True)
-    keyed = KeyedLoader(dataset, batch_size=batch, shuffle=True, num_workers=WORKERS,
+    plain = _plain(dataset, size)
+    keyed = KeyedLoader(dataset, batch_size=_batch(size), shuffle=True, num_workers=WORKERS,
                         persistent_workers=True, seed=0)
-    state = {"first": 0, "replay": 0, "own": 0, "single": 0}
+    state = {"first": 0, "replay": 0, "single": 0}
 
     def run_plain():
         for _ in plain:
@@ -85,43 +91,39 @@ def _providers(dataset, recipe, size, with_own: bool, interleaved: bool = False)
             pass
         state["replay"] += 1
 
-    out = {f"plain DataLoader ({WORKERS} workers)": run_plain,
-           "KeyedLoader first pass": run_first, "KeyedLoader replay pass": run_replay}
-    if interleaved:
+    out = {PLAIN: run_plain, "KeyedLoader first pass": run_first,
+           "KeyedLoader replay pass": run_replay}
+    if one_by_one:
         def run_one_by_one():  # what the engine's replay did before batches(keys)
             for k in list(keyed.keys(state["single"]))[::-1]:
                 keyed.batch(k)
             state["single"] += 1
 
         out["replay by batch(key), in this process"] = run_one_by_one
-    if with_own:
-        data = dataset.data
-        src = TensorSource(data, Augmenter(recipe, size, seed=0), batch_size=batch, seed=0)
-
-        def run_own():
-            for _ in src.epoch(state["own"]):
-                pass
-            state["own"] += 1
-
-        out["torch-cpu batched (TensorSource)"] = run_own
     return out
 
 
-@pytest.mark.parametrize("recipe,size,n", CASES)
-@pytest.mark.parametrize("provider", ["plain", "first", "replay"])
-def test_keyed_loader(bench, digits, recipe, size, n, provider):
-    _skip_in_quick(size)
-    dataset = _dataset(digits, recipe, size, n)
-    runs = list(_providers(dataset, recipe, size, with_own=False).items())
-    name, fn = runs[["plain", "first", "replay"].index(provider)]
-    bench(fn, group=f"keyed loader {recipe} {size}px", provider=name, baseline=provider == "plain",
-          note=f"{len(dataset)} images/round")
+def _own_providers(dataset, recipe, size):
+    """The torchvision DataLoader and the package's own batched CPU pipeline, same recipe."""
+    plain = _plain(dataset, size)
+    src = TensorSource(dataset.data, Augmenter(recipe, size, seed=0), batch_size=_batch(size),
+                       seed=0)
+    state = {"own": 0}
+
+    def run_plain():
+        for _ in plain:
+            pass
+
+    def run_own():
+        for _ in src.epoch(state["own"]):
+            pass
+        state["own"] += 1
+
+    return {PLAIN: run_plain, "torch-cpu batched (TensorSource)": run_own}
 
 
-@pytest.mark.parametrize("recipe,size,n", CASES)
-def test_keyed_loader_interleaved(digits, recipe, size, n, capsys):
-    dataset = _dataset(digits, recipe, size, n)
-    runs = _providers(dataset, recipe, size, with_own=size == 224 and not QUICK, interleaved=True)
+def _interleaved(runs, title: str, images: int, capsys) -> None:
+    """Times ``runs`` round-robin after one warm-up round each and prints the ratio table."""
     rounds = 3 if QUICK else 7
     times: dict[str, list[float]] = {name: [] for name in runs}
     for fn in runs.values():  # warm-up: worker start, first-epoch caches
@@ -133,11 +135,37 @@ def test_keyed_loader_interleaved(digits, recipe, size, n, capsys):
             times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(t) for name, t in times.items()}
     best = {name: min(t) for name, t in times.items()}  # less moved by other processes' load
-    plain = f"plain DataLoader ({WORKERS} workers)"
     with capsys.disabled():
-        print(f"\n[keyed loader {recipe} {size}px, interleaved, {rounds} rounds, "
-              f"{len(dataset)} images/round; ratio to the plain DataLoader: median / best round]")
+        print(f"\n[{title}, interleaved, {rounds} rounds, {images} images/round; ratio to the "
+              "plain DataLoader: median / best round]")
         for name, m in med.items():
-            print(f"    {name:<36} {m * 1e3:9.1f} ms  {len(dataset) / m:8.0f} img/s  "
-                  f"{med[plain] / m:5.2f}x  {best[plain] / best[name]:5.2f}x")
+            print(f"    {name:<38} {m * 1e3:9.1f} ms  {images / m:8.0f} img/s  "
+                  f"{med[PLAIN] / m:5.2f}x  {best[PLAIN] / best[name]:5.2f}x")
     assert all(m > 0 for m in med.values())
+
+
+@pytest.mark.parametrize("recipe,size,n", CASES)
+@pytest.mark.parametrize("provider", ["plain", "first", "replay"])
+def test_keyed_loader(bench, digits, recipe, size, n, provider):
+    _skip_in_quick(size)
+    dataset = _dataset(digits, recipe, size, n)
+    runs = list(_providers(dataset, size).items())
+    name, fn = runs[["plain", "first", "replay"].index(provider)]
+    bench(fn, group=f"keyed loader {recipe} {size}px", provider=name, baseline=provider == "plain",
+          note=f"{len(dataset)} images/round")
+
+
+@pytest.mark.parametrize("recipe,size,n", CASES)
+def test_keyed_loader_interleaved(digits, recipe, size, n, capsys):
+    dataset = _dataset(digits, recipe, size, n)
+    _interleaved(_providers(dataset, size, one_by_one=True), f"keyed loader {recipe} {size}px",
+                 len(dataset), capsys)
+
+
+@pytest.mark.parametrize("recipe,size,n", CASES[1:])
+def test_own_pipeline_interleaved(digits, recipe, size, n, capsys):
+    if QUICK:
+        pytest.skip("quick run: test_bench_data.py times the own pipelines at 224 px")
+    dataset = _dataset(digits, recipe, size, n)
+    _interleaved(_own_providers(dataset, recipe, size), f"own pipeline {recipe} {size}px",
+                 len(dataset), capsys)
