@@ -236,7 +236,10 @@ def execute(cfg: TrainConfig, info: DistInfo, *, state: dict[str, Any] | None, p
                 run_loop(parts, history, stop, state, progress=progress)
     except Interrupted:
         history.say(f"interrupted ({stop.name}): state saved in {out / CHECKPOINT_NAME}; continue "
-                    f"with python -m spacedkd_fast.train --resume {out}")
+                    f"with python -m spacedkd_fast.train --resume {out}"
+                    + (f" under the same torchrun launch ({info.world_size} processes, or another "
+                       "number: the resume says what changes), or re-run a command that has "
+                       "--resume auto" if info.enabled else ""))
         status = stop.exit_status
     except NonFiniteLossError as err:
         history.say(nonfinite_text(err, steps_per_epoch=parts.steps_per_epoch,
