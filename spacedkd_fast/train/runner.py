@@ -72,7 +72,9 @@ AUTO = "auto"  # --resume auto: continue the run in --out if there is one, else 
 def default_out(cfg: TrainConfig, dataset: str, suffix: str = "") -> str:
     """``runs/<time>-<mode>-<student>-<data set actually used>``."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    data = dataset.replace("folder:", "").replace("/", "_")
+    # folder:PATH keeps its last parts; torchvision:CLASS / MODULE:FUNCTION lose the colon, which
+    # some shells, scp and Windows shares treat as special in a path
+    data = dataset.replace("folder:", "").replace("/", "_").replace(":", "-")
     return f"runs/{stamp}-{cfg.mode}-{cfg.student}-{data}{suffix}"
 
 

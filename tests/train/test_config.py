@@ -341,3 +341,13 @@ def test_interval_rate_convention_agrees_with_the_engines(mode, rate):
         return
     extra = {"teacher_checkpoint": "t.pt"} if mode == "frozen" else {}
     assert build_config({"mode": mode, "interval_rate": rate, **extra}, runnable=False).mode == want
+
+
+def test_the_default_output_folder_has_no_colon():
+    from spacedkd_fast.train.runner import default_out
+
+    cfg = TrainConfig()
+    for dataset, part in [("torchvision:FashionMNIST", "torchvision-FashionMNIST"),
+                          ("mypkg.sets:make", "mypkg.sets-make"), ("folder:/data/x", "_data_x")]:
+        out = default_out(cfg, dataset)
+        assert ":" not in out and out.endswith(part), out
