@@ -6,13 +6,13 @@
 - ``ours-spaced``: ``SpacedDistiller`` over the keyed batched source, fused loss, same spacing;
 - ``ours-online``: ``SpacedDistiller`` in online mode over the same source.
 
-CPU groups: one round = one epoch of a 1,024-image slice of the digits set with the CIFAR
-augmentation recipe (crop pad 4, flip, rotation 15; the official loop: the same torchvision
-transforms per sample, ``num_workers=0``), batch 128, a ResNet-18 teacher and student:
+CPU groups: one round = one epoch of a slice of the digits set with the CIFAR augmentation
+recipe (crop pad 4, flip, rotation 15; the official loop: the same torchvision transforms per
+sample, ``num_workers=0``), batch 128, a ResNet-18 teacher and student:
 
-- ``8 px``, the digits' native size, narrowed 64x in FLOPs (``downsample_factor=64``): little
-  compute per op, so what a training loop costs around the ops shows;
-- ``32 px`` (digits resized), ``downsample_factor=16``: convolutions dominate.
+- ``8 px``, the digits' native size, 1,024 images, narrowed 64x in FLOPs
+  (``downsample_factor=64``): little compute per op, so what a loop costs around the ops shows;
+- ``32 px`` (digits resized), 512 images, ``downsample_factor=16``: convolutions dominate.
 
 Every provider runs with torch's default thread count (printed in each row's note) unless its
 name says ``1 thread``; ``look-ahead thread`` is the data source's look-ahead forced on with
@@ -66,7 +66,7 @@ class Workload:
 # the digits' native size: with a small model and small images, compute does not hide what a
 # training loop costs around it; at 32 px with a wider model, convolutions dominate
 CPU = Workload("cpu", 8, 10, 1024, {"downsample_factor": 64}, 0)
-CPU32 = Workload("cpu", 32, 10, 1024, {"downsample_factor": 16}, 0)
+CPU32 = Workload("cpu", 32, 10, 512, {"downsample_factor": 16}, 0)
 CUDA = Workload("cuda", 32, 100, 40 * BATCH, {}, 4)
 
 
@@ -183,6 +183,8 @@ def _note(benchmark, w: Workload, provider: str, median: float) -> str:
 def test_bench_train_epoch_cpu(bench, benchmark, provider, w):
     if torch.get_num_threads() == 1 and ("1 thread" in provider or "look-ahead" in provider):
         pytest.skip("torch runs one thread here: the default is the 1-thread row")
+    if w is CPU32 and "look-ahead" in provider:
+        pytest.skip("the look-ahead row is timed at 8 px only (it shows the cause; 32 px is slow)")
     make, baseline = CPU_PROVIDERS[provider]
     median = bench(make(w), group=_group(w), provider=provider, baseline=baseline, device="cpu",
                    images=w.n_images, threads=torch.get_num_threads())
@@ -208,6 +210,15 @@ def test_official_loop_objective_is_the_papers():
     p, q = torch.softmax(s / 3, 1), torch.softmax(t / 3, 1)
     want = 0.7 * torch.nn.functional.cross_entropy(s, y) + 0.3 * (q * (q.log() - p)).sum() / 4
     assert torch.allclose(paper_code_loss(s, t, y, temperature=3.0, alpha=0.3), want)
+
+
+def test_cpu_providers_run_in_miniature():
+    """Every CPU row's code path on one batch; a row's thread count does not leak out of it."""
+    before = torch.get_num_threads()
+    for w in (CPU, CPU32):
+        for make, _ in CPU_PROVIDERS.values():
+            make(dataclasses.replace(w, n_images=BATCH))()
+    assert torch.get_num_threads() == before
 
 
 def test_cuda_workload_runs_on_cpu_in_miniature():
