@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import copy
 import random
+from numbers import Integral
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -208,6 +209,9 @@ class KeyedLoader:
                  num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False,
                  prefetch_factor: int | None = None, collate_fn: Callable[[list], Any] | None = None,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1 (the global batch; a keyed batch "
+                             f"cannot be switched off as DataLoader's None does), got {batch_size!r}")
         if isinstance(num_workers, bool) or int(num_workers) != num_workers or num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
         if persistent_workers and num_workers == 0:

@@ -304,6 +304,9 @@ def test_collate_fn_runs_seeded():
 def test_bad_arguments_are_clear():
     with pytest.raises(ValueError, match="num_workers"):
         KeyedLoader(Images(), num_workers=-1)
+    for bad in (None, 0, 2.5):
+        with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+            KeyedLoader(Images(), batch_size=bad)
     with pytest.raises(ValueError, match="persistent_workers"):
         KeyedLoader(Images(), persistent_workers=True)
     with pytest.raises(TypeError, match="map-style"):
