@@ -47,8 +47,8 @@ from __future__ import annotations
 
 import copy
 import random
-from numbers import Integral
 from collections.abc import Callable, Iterable, Iterator
+from numbers import Integral
 from typing import Any
 
 import numpy as np
