@@ -1,9 +1,17 @@
 """``build_data``: data set + recipe + backend -> a :class:`DataBundle` for the trainer.
 
 Backends (``backend=``): ``"auto"`` picks ``gpu-resident`` for in-memory data sets on a CUDA
-device, ``dali`` for image folders on a CUDA device (when DALI imports), ``torch-cpu`` otherwise.
-Overrides: ``"gpu"`` / ``"gpu-resident"``, ``"cpu"`` / ``"torch-cpu"`` (augment on the CPU, deliver
-to ``device``), ``"dali"`` (CPU mode on a CPU device). The announcement names the one that runs.
+device, ``dali`` for image folders on a CUDA device (when DALI imports), ``torchvision`` for image
+folders and Tiny-ImageNet on a CPU device, ``torch-cpu`` otherwise. Overrides: ``"gpu"`` /
+``"gpu-resident"``, ``"cpu"`` / ``"torch-cpu"`` (batched tensor ops on the CPU, deliver to
+``device``), ``"dali"`` (CPU mode on a CPU device), ``"torchvision"`` (the recipe as per-image
+torchvision / timm transforms, :mod:`.torchvision_recipes`, in a :class:`KeyedLoader`'s workers).
+The announcement names the one that runs. ``auto`` resolves from the device, the data set and
+the recipe alone (and DALI's presence on CUDA), so a resumed run resolves it as its start did.
+
+Why ``torchvision`` is the CPU default for folders: at 224 px the batched ``torch-cpu`` ops reach
+0.05-1.2x of a plain torchvision ``DataLoader``'s images/s (``benchmarks/RESULTS.md``, KeyedLoader
+section; issue 18 asks for >= 1.0x, or this default).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from .augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Augmenter,
+    Recipe,
     get_recipe,
 )
 from .datasets import (
@@ -42,7 +51,10 @@ log = logging.getLogger("spacedkd_fast.data")
 
 DATASETS = ("cifar100", "cifar10", "tiny-imagenet", "imagenet", "folder:<path>", "digits",
             "torchvision:<Class>", "<module>:<factory>")
-BACKENDS = ("auto", "gpu", "gpu-resident", "cpu", "torch-cpu", "dali")
+BACKENDS = ("auto", "gpu", "gpu-resident", "cpu", "torch-cpu", "dali", "torchvision")
+# data sets that auto sends to the torchvision backend on a CPU (read from image files, or decoded
+# from them: Tiny-ImageNet); in-memory sets (CIFAR, digits) keep the batched torch-cpu backend
+_TORCHVISION_AUTO = ("imagenet", "folder", "tiny-imagenet")
 _DEFAULT_RECIPE = {"cifar100": "cifar", "cifar10": "cifar", "digits": "cifar", "tiny-imagenet": "tiny",
                    "imagenet": "imagenet", "folder": "imagenet"}
 _DEFAULT_SIZE = {"cifar100": 32, "cifar10": 32, "digits": 32, "tiny-imagenet": 64, "imagenet": 224,
@@ -98,17 +110,23 @@ def _load(dataset: str, data_dir: str, download: bool):
     raise ValueError(f"unknown data set {dataset!r}; choose one of {', '.join(DATASETS)}")
 
 
-def _choose_backend(backend: str, device: torch.device, files: bool, pil_resample: bool = False
-                    ) -> tuple[str, str]:
+def _choose_backend(backend: str, device: torch.device, files: bool, pil_resample: bool = False,
+                    kind: str = "", recipe: Recipe | None = None) -> tuple[str, str]:
     from .dali import dali_available
+    from .torchvision_recipes import unsupported
 
     if backend not in BACKENDS:
         raise ValueError(f"unknown data backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    no_torchvision = unsupported(recipe) if recipe is not None else "no recipe"
     if backend == "auto":
         if device.type == "cuda" and not files:
             return "gpu-resident", "in-memory data set on a CUDA device"
         if device.type == "cuda" and files and dali_available() and not pil_resample:
             return "dali", "image folder on a CUDA device"
+        if device.type != "cuda" and kind in _TORCHVISION_AUTO:
+            if no_torchvision is None:
+                return "torchvision", "image files on a CPU device"
+            return "torch-cpu", f"no CUDA device; {no_torchvision}"
         why = ("no CUDA device" if device.type != "cuda" else
                "the recipe resamples as PIL does" if pil_resample else "DALI not installed")
         return "torch-cpu", why
@@ -123,6 +141,10 @@ def _choose_backend(backend: str, device: torch.device, files: bool, pil_resampl
         if not dali_available():
             raise ImportError("backend 'dali' needs nvidia-dali (pip install nvidia-dali-cuda130)")
         return "dali", "requested"
+    if backend == "torchvision":
+        if no_torchvision is not None:
+            raise ValueError(f"data backend 'torchvision': {no_torchvision}; use --data-backend cpu")
+        return "torchvision", "requested"
     return "torch-cpu", "requested"
 
 
@@ -170,7 +192,12 @@ def build_data(dataset: str | None, *, data_dir: str = "./data", recipe: str | N
         drop_last = rec.drop_last
     files = isinstance(tr, FileData)
     pil_resample = "pil" in rec.resample or "pil" in rec.test_resample
-    chosen, why = _choose_backend(backend, device, files, pil_resample)
+    chosen, why = _choose_backend(backend, device, files, pil_resample, kind, rec)
+    if chosen == "torchvision":
+        return _build_torchvision(tr, te, classes, kind=kind, description=desc, recipe=rec,
+                                  size=size, mean=mean, std=std, why=why, batch_size=batch_size,
+                                  seed=seed, device=device, rank=rank, world_size=world_size,
+                                  drop_last=drop_last)
     aug = Augmenter(rec, size, seed=seed, mean=mean, std=std)
     test_aug = Augmenter(rec, size, seed=seed, mean=mean, std=std)
     common = dict(batch_size=batch_size, seed=seed, drop_last=drop_last, rank=rank, world_size=world_size)
@@ -210,6 +237,35 @@ def build_data(dataset: str | None, *, data_dir: str = "./data", recipe: str | N
     log.info(announcement)
     return DataBundle(train=train, test=test, num_classes=len(classes), image_size=size, name=kind,
                       backend=backend_name, announcement=announcement, recipe=recipe_name)
+
+
+def _build_torchvision(tr, te, classes, *, kind: str, description: str, recipe: Recipe, size: int,
+                       mean, std, why: str, batch_size: int, seed: int, device: torch.device,
+                       rank: int, world_size: int, drop_last: bool) -> DataBundle:
+    """The ``torchvision`` backend: the recipe as torchvision / timm transforms
+    (:mod:`.torchvision_recipes`) over a :class:`KeyedLoader` with :func:`default_workers`."""
+    from .torchvision_recipes import RecipeImages, eval_transform, train_transform
+    from .user_sets import default_workers
+
+    mean = recipe.mean or mean
+    std = recipe.std or std
+    workers = default_workers()
+    train_set = RecipeImages(tr, train_transform(recipe, size, mean, std))
+    test_set = RecipeImages(te, eval_transform(recipe, size, mean, std))
+    bundle = build_user_data(train_set, test_set, num_classes=len(classes), batch_size=batch_size,
+                             seed=seed, device=device, rank=rank, world_size=world_size,
+                             drop_last=drop_last, num_workers=workers, name=kind,
+                             description=description, image_size=size)
+    bundle.backend = "torchvision"
+    bundle.recipe = recipe.name
+    bundle.announcement = (
+        f"data set {description}: {len(tr)} train / {len(te)} test images, {len(classes)} "
+        f"classes, {size} px, recipe '{recipe.name}' as torchvision/timm transforms, backend "
+        f"torchvision ({why}; keyed loader with {workers} worker{'s' if workers != 1 else ''}), "
+        f"{bundle.train.steps_per_epoch} steps per epoch"
+        + (" (last partial batch dropped)" if drop_last else ""))
+    log.info(bundle.announcement)
+    return bundle
 
 
 def _build_user_sets(dataset: str, *, data_dir: str, recipe: str | None, batch_size: int, seed: int,

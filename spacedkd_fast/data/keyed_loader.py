@@ -247,6 +247,7 @@ class KeyedLoader:
         self._maker = _BatchMaker(dataset, self.indexer, self.shuffle, self.seed, self.collate_fn)
         self._next_epoch = 0
         self._new_pools()
+        self._views = {self.stream_id: self}  # stream id -> its view, shared by all views
 
     def _new_pools(self) -> None:
         self._epoch_pool = _Pool(self._data_loader)
@@ -310,15 +311,20 @@ class KeyedLoader:
 
     def stream(self, stream: int) -> KeyedLoader:
         """The same data as data stream ``stream``: its own epoch orders and sample seeds, the
-        same key scheme; ``stream(0)`` is the training stream. The view has its own workers."""
+        same key scheme; ``stream(0)`` is the training stream. The view has its own workers,
+        built once: every later ``stream(s)`` (of this loader or of any of its views) is the same
+        view, so a caller asking for it at each use (the engine's ``replay="fresh"`` catch-ups)
+        keeps its persistent workers instead of starting new ones each time."""
         stream = check_stream(stream)
-        if stream == self.stream_id:
-            return self
-        view = copy.copy(self)
-        view.indexer = self.indexer.with_stream(stream)
-        view._maker = _BatchMaker(self.dataset, view.indexer, self.shuffle, self.seed,
-                                  self.collate_fn)
-        view._new_pools()
+        view = self._views.get(stream)
+        if view is None:
+            view = copy.copy(self)
+            view.indexer = self.indexer.with_stream(stream)
+            view._maker = _BatchMaker(self.dataset, view.indexer, self.shuffle, self.seed,
+                                      self.collate_fn)
+            view._new_pools()
+            view._views = self._views
+            self._views[stream] = view
         return view
 
     # -- batches ------------------------------------------------------------------------------
@@ -356,8 +362,10 @@ class KeyedLoader:
         state = self.__dict__.copy()
         state.pop("_epoch_pool", None)
         state.pop("_replay_pool", None)
+        state.pop("_views", None)
         return state
 
     def __setstate__(self, state) -> None:
         self.__dict__.update(state)
         self._new_pools()
+        self._views = {self.stream_id: self}
