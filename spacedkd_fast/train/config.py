@@ -117,7 +117,9 @@ class TrainConfig:
                                   "as the official ViT code: 390 steps per epoch on CIFAR-100)",
                                   G_DATA, metavar="on|off")
     data_backend: str = _opt("auto", "batch pipeline: auto, gpu (data resident on the GPU), cpu (batched torch ops), "
-                             "dali", G_DATA,
+                             "dali, torchvision (the recipe as torchvision/timm transforms in "
+                             "keyed loader workers: auto's choice for image folders and "
+                             "Tiny-ImageNet on a CPU)", G_DATA,
                              metavar="NAME")
     # optimisation
     epochs: int = _opt(80, "training epochs (offline mode: the teacher's, then as many for the "
