@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import copy
 import random
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from numbers import Integral
 from typing import Any
@@ -165,7 +166,9 @@ class _Pool:
     """
 
     def __init__(self, make: Callable[[_Plan, bool], DataLoader]):
-        self._make = make
+        # the loader's method, held weakly: a loader nobody holds is freed (and its workers
+        # stopped) at once, not at the next garbage collection of a loader <-> pool cycle
+        self._make_ref = weakref.WeakMethod(make)
         self._plan = _Plan()
         self._loader: DataLoader | None = None
         self._busy = False
@@ -177,10 +180,10 @@ class _Pool:
         if self._busy:
             plan = _Plan()
             plan.entries = entries
-            yield from _checked(self._make(plan, False), entries)
+            yield from _checked(self._make_ref()(plan, False), entries)
             return
         if self._loader is None:
-            self._loader = self._make(self._plan, True)
+            self._loader = self._make_ref()(self._plan, True)
         self._plan.entries = entries
         self._busy = True
         try:
@@ -247,7 +250,13 @@ class KeyedLoader:
         self._maker = _BatchMaker(dataset, self.indexer, self.shuffle, self.seed, self.collate_fn)
         self._next_epoch = 0
         self._new_pools()
-        self._views = {self.stream_id: self}  # stream id -> its view, shared by all views
+        self._no_views()
+
+    def _no_views(self) -> None:
+        # the views of other streams, built once (stream id -> view); a view refers back to the
+        # loader that built it weakly, so no reference cycle keeps worker pools alive past use
+        self._views: dict[int, KeyedLoader] = {}
+        self._root: weakref.ref | None = None
 
     def _new_pools(self) -> None:
         self._epoch_pool = _Pool(self._data_loader)
@@ -316,15 +325,21 @@ class KeyedLoader:
         view, so a caller asking for it at each use (the engine's ``replay="fresh"`` catch-ups)
         keeps its persistent workers instead of starting new ones each time."""
         stream = check_stream(stream)
-        view = self._views.get(stream)
+        if stream == self.stream_id:
+            return self
+        root = self._root() if self._root is not None else None
+        owner = self if root is None else root  # the loader whose views these are
+        if stream == owner.stream_id:
+            return owner
+        view = owner._views.get(stream)
         if view is None:
-            view = copy.copy(self)
-            view.indexer = self.indexer.with_stream(stream)
-            view._maker = _BatchMaker(self.dataset, view.indexer, self.shuffle, self.seed,
-                                      self.collate_fn)
+            view = copy.copy(owner)  # no pools, no views (__getstate__ / __setstate__)
+            view.indexer = owner.indexer.with_stream(stream)
+            view._maker = _BatchMaker(owner.dataset, view.indexer, owner.shuffle, owner.seed,
+                                      owner.collate_fn)
             view._new_pools()
-            view._views = self._views
-            self._views[stream] = view
+            view._root = weakref.ref(owner)
+            owner._views[stream] = view
         return view
 
     # -- batches ------------------------------------------------------------------------------
@@ -363,9 +378,10 @@ class KeyedLoader:
         state.pop("_epoch_pool", None)
         state.pop("_replay_pool", None)
         state.pop("_views", None)
+        state.pop("_root", None)
         return state
 
     def __setstate__(self, state) -> None:
         self.__dict__.update(state)
         self._new_pools()
-        self._views = {self.stream_id: self}
+        self._no_views()
