@@ -9,9 +9,10 @@ torchvision / timm transforms, :mod:`.torchvision_recipes`, in a :class:`KeyedLo
 The announcement names the one that runs. ``auto`` resolves from the device, the data set and
 the recipe alone (and DALI's presence on CUDA), so a resumed run resolves it as its start did.
 
-Why ``torchvision`` is the CPU default for folders: at 224 px the batched ``torch-cpu`` ops reach
-0.05-1.2x of a plain torchvision ``DataLoader``'s images/s (``benchmarks/RESULTS.md``, KeyedLoader
-section; issue 18 asks for >= 1.0x, or this default).
+Why ``torchvision`` is the CPU default for folders: at 224 px the batched ``torch-cpu`` ops stay
+under a plain torchvision ``DataLoader``'s images/s on 2 cores (``vit`` 0.77x, ``vit-official``
+0.20x idle; ``benchmarks/RESULTS.md``, keyed loader section; issue 18 asks for >= 1.0x, or this
+default).
 """
 
 from __future__ import annotations

@@ -192,7 +192,7 @@ def test_build_data_errors(tmp_path):
 
 
 def test_build_data_folder_dataset(folder):
-    b = build_data(f"folder:{folder}", batch_size=4, image_size=24)
+    b = build_data(f"folder:{folder}", batch_size=4, image_size=24, backend="cpu")
     assert b.name == "folder" and b.num_classes == 3 and b.backend == "torch-cpu"
     x, y = b.train.batch(2)
     assert x.shape == (4, 3, 24, 24)

@@ -195,3 +195,28 @@ def test_collate_is_torch_default_on_the_checked_items(folder):
     wx, wy = default_collate(items)
     assert torch.equal(x, wx) and torch.equal(y, wy)
     assert y.tolist() == [0, 0, 0]  # class c0's files come first (classes sorted by name)
+
+
+# ------------------------------------------------------------------------------- the trainer
+def test_trainer_defaults_to_it_on_a_folder_replays_and_resumes(folder, tmp_path, capsys):
+    import json
+
+    from spacedkd_fast.train import cli
+
+    out = tmp_path / "run"
+    flags = ["--arch", "resnet18", "--model-kwargs", "downsample_factor=64", "--batch-size", "4",
+             "--device", "cpu", "--interval-rate", "0.5", "--augment", "vit", "--image-size",
+             str(S), "--no-progress"]
+    status = cli.main(["--dataset", f"folder:{folder}", "--out", str(out), "--epochs", "1", *flags])
+    printed = capsys.readouterr()
+    assert status == 0, printed.err
+    assert "backend torchvision (image files on a CPU device" in printed.out
+    assert "data_backend: auto" in (out / "config.yaml").read_text()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # the student replayed: every replayed batch is checked against the checksum of the batch
+    # the teacher saw, so a replay that gave other pixels would have stopped the run
+    assert rows[-1]["teacher_steps"] == 4 and rows[-1]["student_steps"] > 0
+    assert cli.main(["--resume", str(out), "--epochs", "2", "--no-progress"]) == 0
+    assert "backend torchvision" in capsys.readouterr().out  # auto resolves as it did
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and rows[-1]["teacher_steps"] == 8
