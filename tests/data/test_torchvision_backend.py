@@ -171,6 +171,27 @@ def test_training_pixels_are_the_recipe_built_from_torchvision_and_timm(folder, 
         random.setstate(state[1])
 
 
+def test_vit_official_posterize_at_magnitude_10_gives_black_not_an_error():
+    """timm asks for 0 bits at magnitude 10 (reached by the mstd0.5 magnitude); Pillow 13 refuses
+    them. The official runs' Pillow gave a black image: so must a worker, not stop the epoch."""
+    pytest.importorskip("timm")
+    import copy
+
+    from spacedkd_fast.data.torchvision_recipes import train_transform
+
+    transform = train_transform(get_recipe("vit-official"), S, IMAGENET_MEAN, IMAGENET_STD)
+    ops = [op for step in transform.transforms for op in getattr(step, "ops", [])
+           if op.name.startswith("Posterize")]
+    assert ops
+    op = copy.copy(ops[0])
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0
+    image = Image.fromarray(np.full((5, 7, 3), 201, dtype=np.uint8))
+    out = op(image)
+    assert out.size == (7, 5) and out.mode == "RGB" and not np.asarray(out).any()
+    op.magnitude = 5  # 2 bits kept: 201 = 0b11001001 -> 0b11000000
+    assert (np.asarray(op(image)) == 192).all()
+
+
 def test_imagenet_test_transform_is_resize_then_centre_crop_normalised(folder):
     b = build_data(f"folder:{folder}", batch_size=B, image_size=S, recipe="imagenet")
     x = torch.cat([t[0] for t in b.test()]).double()
