@@ -32,7 +32,9 @@ from test_bench_data import PilDataset, subset, torchvision_transform
 from torch.utils.data import DataLoader
 
 from spacedkd_fast.data import Augmenter, KeyedLoader, TensorSource
+from spacedkd_fast.data.augment import IMAGENET_MEAN, IMAGENET_STD, get_recipe
 from spacedkd_fast.data.datasets import load_digits_split
+from spacedkd_fast.data.torchvision_recipes import train_transform
 
 QUICK = os.environ.get("SPACEDKD_BENCH_QUICK", "0") not in ("", "0")
 WORKERS = 2
@@ -104,11 +106,17 @@ def _providers(dataset, size, one_by_one: bool = False):
 
 
 def _own_providers(dataset, recipe, size):
-    """The torchvision DataLoader and the package's own batched CPU pipeline, same recipe."""
+    """The torchvision DataLoader, the package's own batched CPU pipeline and its ``torchvision``
+    backend (the recipe as :mod:`spacedkd_fast.data.torchvision_recipes` builds it, in a
+    KeyedLoader with the same workers), same recipe."""
     plain = _plain(dataset, size)
     src = TensorSource(dataset.data, Augmenter(recipe, size, seed=0), batch_size=_batch(size),
                        seed=0)
-    state = {"own": 0}
+    backend = KeyedLoader(PilDataset(dataset.data, train_transform(get_recipe(recipe), size,
+                                                                   IMAGENET_MEAN, IMAGENET_STD)),
+                          batch_size=_batch(size), shuffle=True, num_workers=WORKERS,
+                          persistent_workers=True, seed=0)
+    state = {"own": 0, "backend": 0}
 
     def run_plain():
         for _ in plain:
@@ -119,7 +127,13 @@ def _own_providers(dataset, recipe, size):
             pass
         state["own"] += 1
 
-    return {PLAIN: run_plain, "torch-cpu batched (TensorSource)": run_own}
+    def run_backend():
+        for _ in backend.epoch(state["backend"]):
+            pass
+        state["backend"] += 1
+
+    return {PLAIN: run_plain, "torch-cpu batched (TensorSource)": run_own,
+            "torchvision backend (KeyedLoader)": run_backend}
 
 
 def _interleaved(runs, title: str, images: int, capsys) -> None:
