@@ -1,8 +1,9 @@
 """``build_data``: data set + recipe + backend -> a :class:`DataBundle` for the trainer.
 
 Backends (``backend=``): ``"auto"`` picks ``gpu-resident`` for in-memory data sets on a CUDA
-device, ``dali`` for image folders on a CUDA device (when DALI imports), ``torchvision`` for image
-folders and Tiny-ImageNet on a CPU device, ``torch-cpu`` otherwise. Overrides: ``"gpu"`` /
+device, ``dali`` for image folders on a CUDA device (when DALI imports and the recipe does not
+resample as PIL does), ``torchvision`` for the other image folders and for Tiny-ImageNet on a CPU
+device (when the recipe has a torchvision form), ``torch-cpu`` otherwise. Overrides: ``"gpu"`` /
 ``"gpu-resident"``, ``"cpu"`` / ``"torch-cpu"`` (batched tensor ops on the CPU, deliver to
 ``device``), ``"dali"`` (CPU mode on a CPU device), ``"torchvision"`` (the recipe as per-image
 torchvision / timm transforms, :mod:`.torchvision_recipes`, in a :class:`KeyedLoader`'s workers).
@@ -124,12 +125,15 @@ def _choose_backend(backend: str, device: torch.device, files: bool, pil_resampl
             return "gpu-resident", "in-memory data set on a CUDA device"
         if device.type == "cuda" and files and dali_available() and not pil_resample:
             return "dali", "image folder on a CUDA device"
-        if device.type != "cuda" and kind in _TORCHVISION_AUTO:
-            if no_torchvision is None:
-                return "torchvision", "image files on a CPU device"
-            return "torch-cpu", f"no CUDA device; {no_torchvision}"
         why = ("no CUDA device" if device.type != "cuda" else
                "the recipe resamples as PIL does" if pil_resample else "DALI not installed")
+        # the CPU pipeline for image files: the torchvision form where the recipe has one (on
+        # CUDA: image folders that DALI cannot take)
+        if kind in _TORCHVISION_AUTO and (device.type != "cuda" or files):
+            if no_torchvision is None:
+                return "torchvision", ("image files on a CPU device" if device.type != "cuda"
+                                       else f"image folder on a CUDA device, {why}")
+            return "torch-cpu", f"{why}; {no_torchvision}"
         return "torch-cpu", why
     if backend in ("gpu", "gpu-resident"):
         if device.type != "cuda":

@@ -60,6 +60,9 @@ def rgb(path) -> Image.Image:
     ("cpu", "cifar100", "cifar", "torch-cpu"),  # in-memory sets keep the batched backend
     ("cpu", "digits", "none", "torch-cpu"),
     ("cuda", "cifar100", "cifar", "gpu-resident"),
+    ("cuda", "tiny-imagenet", "tiny", "gpu-resident"),  # decoded into memory
+    ("cuda", "folder", "imagenet", "torchvision"),  # DALI absent (monkeypatched below)
+    ("cuda", "folder", "cifar-selfkd", "torch-cpu"),
 ])
 def test_auto_picks_torchvision_for_file_sets_on_a_cpu(monkeypatch, device, kind, recipe, want):
     monkeypatch.setattr("spacedkd_fast.data.dali.dali_available", lambda: False)
@@ -69,6 +72,21 @@ def test_auto_picks_torchvision_for_file_sets_on_a_cpu(monkeypatch, device, kind
     assert chosen == want
     if recipe == "cifar-selfkd":
         assert "Cutout" in why
+    if device == "cuda" and kind == "folder":
+        assert "DALI not installed" in why
+
+
+@pytest.mark.parametrize("recipe, want", [("imagenet", "dali"), ("vit", "dali"),
+                                          ("vit-official", "torchvision")])
+def test_auto_on_a_cuda_folder_with_dali(monkeypatch, recipe, want):
+    """DALI takes folders on CUDA except recipes that resample as PIL does (vit-official)."""
+    monkeypatch.setattr("spacedkd_fast.data.dali.dali_available", lambda: True)
+    rec = get_recipe(recipe)
+    pil = "pil" in rec.resample or "pil" in rec.test_resample
+    chosen, why = _choose_backend("auto", torch.device("cuda"), True, pil, "folder", rec)
+    assert chosen == want
+    if want == "torchvision":
+        assert "resamples as PIL does" in why
 
 
 def test_forced_backends_on_a_folder(folder):
