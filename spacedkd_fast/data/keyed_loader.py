@@ -40,7 +40,8 @@ Notes for users of this module (the trainer, examples, README):
   process-wide generators: call them from the training thread, not a background one.
 
 Two pools of workers can exist (one for epochs, one for replays, since a replay happens in the
-middle of an epoch); ``persistent_workers`` applies to both.
+middle of an epoch); ``persistent_workers`` applies to both. ``stream(s)`` gives one view per
+stream, built at the first call and kept (with its pools) for every later call.
 """
 
 from __future__ import annotations
