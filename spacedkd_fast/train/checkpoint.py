@@ -236,7 +236,7 @@ def _first_line(err: BaseException, limit: int = 160) -> str:
     return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
-def _what_the_file_is(path: Path) -> str:
+def what_the_file_is(path: Path) -> str:
     """A file ``torch.load`` could not read, described by its bytes (for the one-line error)."""
     try:
         size = path.stat().st_size
@@ -297,11 +297,11 @@ def load_checkpoint(out_dir: str | Path, map_location: str | torch.device = "cpu
             raise CheckpointError(f"cannot resume: {path} holds Python objects that a checkpoint "
                                   "of this package never contains (not written by "
                                   "spacedkd_fast)") from None
-        raise CheckpointError(f"cannot resume: {path} {_what_the_file_is(path)}") from None
+        raise CheckpointError(f"cannot resume: {path} {what_the_file_is(path)}") from None
     except Exception:  # noqa: BLE001 - damaged bytes make the unpickler raise anything
         # (IndexError, KeyError, UnicodeDecodeError, ... besides the usual I/O and zip errors):
         # the bytes say what the file is better than the exception does
-        raise CheckpointError(f"cannot resume: {path} {_what_the_file_is(path)}") from None
+        raise CheckpointError(f"cannot resume: {path} {what_the_file_is(path)}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"cannot resume: {path} {_what_the_object_is(payload)}")
     if payload.get("version") != FORMAT_VERSION:

@@ -101,9 +101,10 @@ def teacher_state(path: str) -> tuple[dict[str, Tensor], str | None]:
                         "or checkpoint.pt)")
     try:
         payload = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - a damaged file makes the unpickler raise anything
-        raise UserError(f"--teacher-checkpoint {path}: cannot read it ({type(err).__name__})"
-                        ) from None
+    except Exception:  # noqa: BLE001 - a damaged file makes the unpickler raise anything
+        from .checkpoint import what_the_file_is  # the bytes say what it is, not the exception
+
+        raise UserError(f"--teacher-checkpoint {path} {what_the_file_is(file)}") from None
     arch = None
     if isinstance(payload, dict) and isinstance(payload.get("models"), dict):  # checkpoint.pt
         config = payload.get("config") or {}

@@ -143,6 +143,10 @@ RUNNER_CASES = [
     pytest.param(["--mode", "frozen", "--teacher-checkpoint", "missing.pt", "--dataset", "digits",
                   "--device", "cpu"], "teacher-checkpoint missing.pt: no such file",
                  id="teacher-checkpoint-missing"),
+    pytest.param(["--mode", "frozen", "--teacher-checkpoint", "{out}/notes.txt", "--dataset",
+                  "digits", "--device", "cpu"],
+                 "notes.txt is a text file (it begins 'not a checkpoint'), not a checkpoint of "
+                 "this package", id="teacher-checkpoint-text"),
     pytest.param(["--compat", "official", "--flush-tail", "--dataset", "digits", "--device",
                   "cpu"], "sets flush_tail=False; drop flush_tail=True or use --compat none", id="compat-contradicted"),
 ]
@@ -165,6 +169,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, finished_run, args, 
     (tmp_path / "corrupt" / CHECKPOINT_NAME).write_bytes(os.urandom(64))
     (tmp_path / "bad.yaml").write_text("lr: [1, 2\n")
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
     (tmp_path / "unknown.yaml").write_text("lrr: 0.1\n")
     if "{out}/shorter" in args:  # a run planned for 3 epochs asked to stop after 2
         damaged(finished_run, tmp_path / "shorter", lambda s: s["config"].update(epochs=3))
