@@ -105,11 +105,24 @@ def _open(cls, root: str, fetch: bool, **kwargs):
             raise FileNotFoundError(f"torchvision {cls.__name__}: could not fetch it into {root} "
                                     f"({first})") from None
         raise FileNotFoundError(f"torchvision {cls.__name__}: its files are not under {root} "
-                                f"(torchvision says: {first}); pass --download where a network "
-                                f"exists, or put the files there (--data-dir)") from None
+                                f"(torchvision says: {first}){_layout_hint(cls, root)}; pass "
+                                f"--download where a network exists, or put the files there "
+                                f"(--data-dir)") from None
     except OSError as err:  # a failed download (no network) or an unreadable file
         raise FileNotFoundError(f"torchvision {cls.__name__} under {root}: "
                                 f"{err.strerror or err}") from None
+
+
+def _layout_hint(cls, root) -> str:
+    """Where torchvision looks, for the classes whose layout users get wrong most: the MNIST
+    family reads uncompressed ``*-ubyte`` files from ``<root>/<Class>/raw/`` (Debian's
+    ``dataset-fashion-mnist`` ships ``.gz`` files in a flat folder)."""
+    from torchvision.datasets import MNIST
+
+    if isinstance(cls, type) and issubclass(cls, MNIST):
+        return (f"; it reads the uncompressed *-ubyte files from {root}/{cls.__name__}/raw/ "
+                "(gunzip the .gz files into that folder)")
+    return ""
 
 
 def _base_transforms(size: int | None) -> list:

@@ -175,6 +175,8 @@ def test_torchvision_names_resolve_case_insensitively_and_missing_files_name_the
         find_class("NoSuchSet")
     with pytest.raises(FileNotFoundError, match=rf"FashionMNIST: its files are not under {tmp_path}"):
         load_torchvision("FashionMNIST", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=rf"from {tmp_path}/FashionMNIST/raw/ \(gunzip"):
+        load_torchvision("FashionMNIST", str(tmp_path))  # the MNIST family's layout is named
     with pytest.raises(FileNotFoundError, match=rf"SVHN: its files are not under {tmp_path}"):
         load_torchvision("SVHN", str(tmp_path))  # a split= class
     with pytest.raises(ValueError, match="FakeData has no train/test split"):
