@@ -59,6 +59,7 @@ from torch.utils.data import DataLoader, default_collate, get_worker_info
 
 from .keyed import batch_sample_seeds, check_stream, epoch_permutation, step_key, step_locate
 from .sources import KeyedIndexer
+from .user_sets import BadDataError
 
 # the collate of a batch is seeded like a sample at this position (past any real one), per rank
 _COLLATE_POSITION = 1 << 40
@@ -139,6 +140,19 @@ class _BatchMaker:
 
     def __getitem__(self, plan):  # DataLoader calls __getitems__ (a batch sampler is given)
         return self.__getitems__(plan)
+
+
+def pair_collate(items: list) -> Any:
+    """``default_collate`` of ``(image, label)`` items, the engine's ``(x, y)``; anything else is
+    one line naming the item's form and the fix (not an unpacking error in the user's loop)."""
+    for item in items:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            form = (f"a {len(item)}-tuple" if isinstance(item, (tuple, list))
+                    else type(item).__name__)
+            raise BadDataError(f"KeyedLoader: a Dataset item must be an (image, label) pair, got "
+                               f"{form}; return (image, label) from __getitem__ or pass a "
+                               "collate_fn that builds (images, labels) batches")
+    return default_collate(items)
 
 
 def _passthrough(item):
@@ -247,7 +261,7 @@ class KeyedLoader:
         self.pin_memory = bool(pin_memory)
         self.persistent_workers = bool(persistent_workers)
         self.prefetch_factor = prefetch_factor
-        self.collate_fn = collate_fn if collate_fn is not None else default_collate
+        self.collate_fn = collate_fn if collate_fn is not None else pair_collate
         self._maker = _BatchMaker(dataset, self.indexer, self.shuffle, self.seed, self.collate_fn)
         self._next_epoch = 0
         self._new_pools()

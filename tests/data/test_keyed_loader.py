@@ -380,3 +380,25 @@ def test_dict_items_with_a_collate_fn_replay():
     first = epoch_list(loader, 0)
     assert first[0][1][0].shape == (B, 3, 4, 4)
     assert_same([(k, ref.batch(k)) for k, _ in first], first, "dict items")
+
+
+class ImagesOnly(Dataset):
+    """A common slip: ``__getitem__`` returns the image without its label."""
+
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, i):
+        return torch.zeros(3, 4, 4)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_items_that_are_not_pairs_are_one_line_naming_the_fix(num_workers):
+    from spacedkd_fast.data.user_sets import BadDataError
+
+    loader = KeyedLoader(ImagesOnly(), batch_size=B, num_workers=num_workers)
+    with pytest.raises(BadDataError) as err:
+        next(iter(loader.epoch(0)))
+    text = str(err.value)
+    assert "\n" not in text and "must be an (image, label) pair, got Tensor" in text
+    assert "collate_fn" in text
