@@ -202,30 +202,38 @@ def test_other_format_version_names_both_versions(tmp_path):
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork to kill a writer mid-write")
 def test_a_writer_killed_in_the_middle_of_a_write_leaves_the_previous_checkpoint(tmp_path):
-    """SIGKILL to a process that writes checkpoints back to back (16 MB each: nearly all its
-    time is spent inside a write): a torn temporary file may stay, checkpoint.pt always loads
-    and is one complete version."""
+    """SIGKILL to a process inside a checkpoint write (its torch.save has put half of the new
+    file's bytes on disk): the torn temporary file stays, checkpoint.pt still loads and is the
+    previous complete version. The kill lands mid-write by construction, not by timing."""
+    import io
     import signal
-    import time
 
-    weights = torch.arange(4_000_000, dtype=torch.float32)
+    from spacedkd_fast.train import checkpoint as ckpt_module
+
+    weights = torch.arange(1_000_000, dtype=torch.float32)
     save_checkpoint(tmp_path, _payload(epoch=0, models={"student": {"w": weights}}))
-    torn = []
-    for attempt in range(5):
-        pid = os.fork()
-        if pid == 0:  # the writer, until it is killed
-            try:
-                for epoch in range(1, 10_000):
-                    save_checkpoint(tmp_path, _payload(epoch=epoch,
-                                                       models={"student": {"w": weights + epoch}}))
-            finally:
-                os._exit(1)  # never run pytest's own exit code in the child
-        time.sleep(0.2 + 0.1 * attempt)
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        state = load_checkpoint(tmp_path)
-        assert torch.equal(state["models"]["student"]["w"], weights + state["epoch"])
-        torn = list(tmp_path.glob(f".{CHECKPOINT_NAME}.tmp-*"))
-        if torn:  # this kill landed inside a write, and the previous version loaded
-            break
-    assert torn, "no kill landed inside a write in 5 tries"
+    newer = _payload(epoch=1, models={"student": {"w": weights + 1}})  # no torch op after fork:
+    pid = os.fork()  # a forked child that enters an OpenMP region of the parent's pool hangs
+    if pid == 0:  # the writer: half of the next checkpoint's bytes, then the kill
+        try:
+            real_save = torch.save
+
+            def half_then_die(obj, f):
+                buf = io.BytesIO()
+                real_save(obj, buf)
+                data = buf.getvalue()
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            ckpt_module.torch.save = half_then_die  # the child's torch only: it dies here
+            save_checkpoint(tmp_path, newer)
+        finally:
+            os._exit(1)  # never run pytest's own exit code in the child
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    torn = list(tmp_path.glob(f".{CHECKPOINT_NAME}.tmp-*"))
+    assert len(torn) == 1 and torn[0].stat().st_size > 0  # the kill landed inside the write
+    state = load_checkpoint(tmp_path)
+    assert state["epoch"] == 0 and torch.equal(state["models"]["student"]["w"], weights)
