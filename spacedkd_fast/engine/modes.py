@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from ..ops.names import FEATURE_LOSSES
 
 OFFLINE_RATE = 50.0  # the official code's "interval_rate >= 50 means offline" threshold
+# The paper's recommended space intervals s (epochs): online KD between two networks, and self KD
+PAIR_INTERVAL_RATE = 1.5
+SELF_INTERVAL_RATE = 4.0
 
 
 @dataclass(frozen=True)

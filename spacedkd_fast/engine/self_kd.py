@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from .base import EngineBase, LossFn
 from .compat import check_compat, resolve_objective, resolve_switches
 from .model_io import autocast, fp32, model_device, split_output, to_device, train_mode, unwrap
+from .modes import SELF_INTERVAL_RATE
 from .options import FEATURE_EXITS, FIRST_REPLAY, TRIGGER_STEPS
 
 
@@ -51,7 +52,7 @@ class SelfDistiller(EngineBase):
     """
 
     def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, *, mode: str = "spaced-self",
-                 interval_rate: float = 4.0, steps_per_epoch: int, loss: Any = None,
+                 interval_rate: float = SELF_INTERVAL_RATE, steps_per_epoch: int, loss: Any = None,
                  temperature: float | None = None, alpha: float | None = None,
                  kd_scale: float | None = None, beta: float = 0.03, flush_tail: bool | None = None,
                  self_kd_first_replay: str | None = None, self_kd_feature_exits: str | None = None,

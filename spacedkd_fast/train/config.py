@@ -19,7 +19,14 @@ from typing import Any
 
 import yaml
 
-from ..engine.modes import MODE_NAMES, OFFLINE_RATE, SELF_MODES, resolve_mode
+from ..engine.modes import (
+    MODE_NAMES,
+    OFFLINE_RATE,
+    PAIR_INTERVAL_RATE,
+    SELF_INTERVAL_RATE,
+    SELF_MODES,
+    resolve_mode,
+)
 from ..engine.options import (
     FEATURE_EXITS,
     FEATURE_KD,
@@ -152,8 +159,10 @@ class TrainConfig:
                                    factory=list)
     gamma: float = _opt(0.1, "multistep: factor applied at each milestone", G_OPT, metavar="G")
     # distillation
-    interval_rate: float = _opt(1.5, "space interval s in epochs (the student replays every "
-                                "int(L*s) steps); official convention accepted: 0 means online "
+    interval_rate: float = _opt(PAIR_INTERVAL_RATE, "space interval s in epochs (the student "
+                                f"replays every int(L*s) steps; default {PAIR_INTERVAL_RATE:g}, "
+                                f"and {SELF_INTERVAL_RATE:g} with --mode spaced-self: the paper's "
+                                "values); official convention accepted: 0 means online "
                                 "(self), >= 50 means offline", G_KD, metavar="S")
     temperature: float = _opt(DEFAULT_TEMPERATURE, "softmax temperature T of the KD term", G_KD,
                               metavar="T")
@@ -376,6 +385,8 @@ def normalise(cfg: TrainConfig) -> None:
         cfg.amp = "off"
     if cfg.dataset is not None and ":" not in cfg.dataset:  # folder:, torchvision:, module: keep case
         cfg.dataset = cfg.dataset.strip().lower()
+    if cfg.mode == "spaced-self" and "interval_rate" not in cfg.explicit:
+        cfg.interval_rate = SELF_INTERVAL_RATE  # the paper's self-KD interval, not the pair's
     # The official code selects the mode through the interval rate (0: online / plain self KD,
     # >= 50: offline); the engine's mode table owns that convention (torch-free).
     try:

@@ -351,3 +351,11 @@ def test_the_default_output_folder_has_no_colon():
                           ("mypkg.sets:make", "mypkg.sets-make"), ("folder:/data/x", "_data_x")]:
         out = default_out(cfg, dataset)
         assert ":" not in out and out.endswith(part), out
+
+
+def test_spaced_self_defaults_to_the_papers_self_kd_interval():
+    # SPEC: s = 1.5 for online KD, s = 4.0 for self KD (the numbers, not our constants)
+    assert build_config(None, {"mode": "spaced"}).interval_rate == 1.5
+    assert build_config(None, {"mode": "spaced-self"}).interval_rate == 4.0
+    assert build_config(None, {"mode": "spaced-self", "interval_rate": 1.5}).interval_rate == 1.5
+    assert build_config({"mode": "spaced-self", "interval_rate": 2.0}, {}).interval_rate == 2.0
