@@ -143,15 +143,14 @@ class _BatchMaker:
 
 
 def pair_collate(items: list) -> Any:
-    """``default_collate`` of ``(image, label)`` items, the engine's ``(x, y)``; anything else is
-    one line naming the item's form and the fix (not an unpacking error in the user's loop)."""
+    """``default_collate`` of tuple / list / dict items (``(image, label)`` gives the engine's
+    ``(x, y)``); a bare item (an image without its label, the usual slip) is one line naming the
+    fix, not an unpacking error in the user's loop."""
     for item in items:
-        if not (isinstance(item, (tuple, list)) and len(item) == 2):
-            form = (f"a {len(item)}-tuple" if isinstance(item, (tuple, list))
-                    else type(item).__name__)
+        if not isinstance(item, (tuple, list, dict)):
             raise BadDataError(f"KeyedLoader: a Dataset item must be an (image, label) pair, got "
-                               f"{form}; return (image, label) from __getitem__ or pass a "
-                               "collate_fn that builds (images, labels) batches")
+                               f"{type(item).__name__}; return (image, label) from __getitem__ "
+                               "or pass a collate_fn that builds (images, labels) batches")
     return default_collate(items)
 
 
