@@ -10,23 +10,14 @@ uses it to name the batch in the trace. The copies are float32 images: 12 KB per
     python examples/plain_loader_copy_replay.py --tiny     # seconds (what CI runs)
 """
 
-import argparse
-
 import torch
 from torchvision.transforms import v2
-from toy_shapes import ToyShapes
+from toy_shapes import ToyShapes, example_args
 
 import spacedkd_fast as sk
 from spacedkd_fast.models import create
 
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--epochs", type=int, default=3)
-parser.add_argument("--train-images", type=int, default=3000)
-parser.add_argument("--workers", type=int, default=2)
-parser.add_argument("--tiny", action="store_true", help="a few seconds' run (CI)")
-args = parser.parse_args()
-if args.tiny:
-    args.epochs, args.train_images, args.workers = 2, 128, 1
+args = example_args(__doc__.splitlines()[0], epochs=3)
 
 tf = v2.Compose([v2.ToImage(), v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(),
                  v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.25] * 3)])

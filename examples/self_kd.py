@@ -5,23 +5,14 @@ deepest exit as it stood a spacing interval later, replayed exactly through the 
     python examples/self_kd.py --tiny     # seconds (what CI runs)
 """
 
-import argparse
-
 import torch
 from torchvision.transforms import v2
-from toy_shapes import ToyShapes
+from toy_shapes import ToyShapes, example_args
 
 import spacedkd_fast as sk
 from spacedkd_fast.models import create
 
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--epochs", type=int, default=6)
-parser.add_argument("--train-images", type=int, default=3000)
-parser.add_argument("--workers", type=int, default=2)
-parser.add_argument("--tiny", action="store_true", help="a few seconds' run (CI)")
-args = parser.parse_args()
-if args.tiny:
-    args.epochs, args.train_images, args.workers = 2, 128, 1
+args = example_args(__doc__.splitlines()[0])
 
 norm = v2.Normalize([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
 train_tf = v2.Compose([v2.ToImage(), v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(),

@@ -9,24 +9,15 @@ Python's ``random`` and torch's global generator; the KeyedLoader seeds both for
     python examples/timm_model.py --tiny     # seconds (what CI runs)
 """
 
-import argparse
-
 import timm
 import torch
 from timm.data import create_transform
-from toy_shapes import ToyShapes
+from toy_shapes import ToyShapes, example_args
 
 import spacedkd_fast as sk
 from spacedkd_fast.models import create
 
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--epochs", type=int, default=6)
-parser.add_argument("--train-images", type=int, default=3000)
-parser.add_argument("--workers", type=int, default=2)
-parser.add_argument("--tiny", action="store_true", help="a few seconds' run (CI)")
-args = parser.parse_args()
-if args.tiny:
-    args.epochs, args.train_images, args.workers = 2, 128, 1
+args = example_args(__doc__.splitlines()[0])
 
 train_tf = create_transform(32, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
                             re_prob=0.25, re_mode="pixel", interpolation="bicubic")

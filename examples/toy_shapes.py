@@ -41,3 +41,19 @@ class ToyShapes(torch.utils.data.Dataset):
         else:
             draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
         return (self.transform(image) if self.transform is not None else image), label
+
+
+def example_args(description: str, epochs: int = 6):
+    """The examples' shared options: ``--epochs``, ``--train-images``, ``--workers`` and
+    ``--tiny`` (a few seconds' run, what CI runs: 2 epochs, 128 images, 1 worker)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--train-images", type=int, default=3000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--tiny", action="store_true", help="a few seconds' run (CI)")
+    args = parser.parse_args()
+    if args.tiny:
+        args.epochs, args.train_images, args.workers = 2, 128, 1
+    return args
