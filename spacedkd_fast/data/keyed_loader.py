@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, default_collate, get_worker_info
 
-from .keyed import batch_sample_seeds, check_stream, epoch_permutation, step_key, step_locate
+from .keyed import batch_sample_seeds, check_stream, epoch_permutation, step_locate
 from .sources import KeyedIndexer
 from .user_sets import BadDataError
 
@@ -317,20 +317,15 @@ class KeyedLoader:
 
     def key(self, epoch: int, i: int) -> int:
         """The key of batch ``i`` of ``epoch``."""
-        return step_key(epoch, i, self.steps_per_epoch)
+        return self.indexer.key(epoch, i)
 
     def locate(self, key: int) -> tuple[int, int]:
         """``key -> (epoch, i)``; ``InvalidKeyError`` for a key that is not an int >= 1."""
-        return step_locate(key, self.steps_per_epoch)
+        return self.indexer.locate(key)
 
     def keys(self, epoch: int, start: int = 0) -> range:
         """The keys of ``epoch`` from batch ``start`` on, in training order."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        L = self.steps_per_epoch
-        if not 0 <= start <= L:
-            raise ValueError(f"start must be in [0, {L}] (batches per epoch), got {start}")
-        return range(self.key(epoch, start), self.key(epoch + 1, 0))
+        return self.indexer.keys(epoch, start)
 
     def stream(self, stream: int) -> KeyedLoader:
         """The same data as data stream ``stream``: its own epoch orders and sample seeds, the

@@ -70,6 +70,16 @@ class KeyedIndexer:
         """The key of batch ``i`` of ``epoch``."""
         return step_key(epoch, i, self.steps_per_epoch)
 
+    def keys(self, epoch: int, start: int = 0) -> range:
+        """The keys of batches ``start ..`` of ``epoch``, in training order (every source's
+        ``keys``)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        L = self.steps_per_epoch
+        if not 0 <= start <= L:
+            raise ValueError(f"start must be in [0, {L}] (batches per epoch), got {start}")
+        return range(self.key(epoch, start), self.key(epoch + 1, 0))
+
     def with_stream(self, stream: int) -> KeyedIndexer:
         """This indexer on data stream ``stream`` (its own epoch permutations)."""
         out = copy.copy(self)
@@ -159,12 +169,7 @@ class _SourceBase:
 
     def keys(self, epoch: int, start: int = 0) -> range:
         """The keys of ``epoch`` from batch ``start`` on, in training order."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        L = self.steps_per_epoch
-        if not 0 <= start <= L:
-            raise ValueError(f"start must be in [0, {L}] (batches per epoch), got {start}")
-        return range(self.indexer.key(epoch, start), self.indexer.key(epoch + 1, 0))
+        return self.indexer.keys(epoch, start)
 
     def stream(self, stream: int):
         """The same data as data stream ``stream``: independent epoch permutations and
