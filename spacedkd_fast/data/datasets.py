@@ -322,6 +322,29 @@ def scan_image_folder(root: str | os.PathLike, split: str) -> FileData:
 
 
 # ------------------------------------------------------------------------------- embedded digits
+def read_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as ``(images float64 [1797, 8, 8] in 0..16, labels int64)``.
+
+    Read from the file scikit-learn installs (``sklearn/datasets/data/digits.csv.gz``: 64 pixels
+    and the label per row) without importing ``sklearn.datasets``, which takes over a second at
+    every trainer start; ``load_digits`` is the fallback where the file is not at that place.
+    """
+    import gzip
+    from importlib.util import find_spec
+
+    spec = find_spec("sklearn")  # finds the package without importing it
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    files = [Path(r) / "datasets" / "data" / "digits.csv.gz" for r in roots]
+    if files and files[0].is_file():
+        with gzip.open(files[0], "rt") as f:
+            table = np.loadtxt(f, delimiter=",", dtype=np.float64, ndmin=2)
+        return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return np.asarray(bunch.images, np.float64), np.asarray(bunch.target, np.int64)
+
+
 def load_digits_split(split: str, *, image_size: int = 32, test_fraction: float = 0.2) -> ArrayData:
     """scikit-learn's bundled ``digits`` (1,797 8x8 grayscale images, 10 classes), offline.
 
@@ -334,11 +357,8 @@ def load_digits_split(split: str, *, image_size: int = 32, test_fraction: float 
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     import torch
     import torch.nn.functional as F
-    from sklearn.datasets import load_digits
 
-    bunch = load_digits()
-    images8 = np.asarray(bunch.images, np.float64)  # [1797, 8, 8] in 0..16
-    labels = np.asarray(bunch.target, np.int64)
+    images8, labels = read_sklearn_digits()
     rng = np.random.default_rng(0)
     test_mask = np.zeros(len(labels), bool)
     for c in range(10):

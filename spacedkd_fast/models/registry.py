@@ -24,6 +24,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from importlib import import_module
 
 import torch
 from torch import nn
@@ -33,12 +34,9 @@ from ..model_catalog import describe_models as describe_models  # re-exported
 from . import vit
 from .byot import byot_resnet
 from .cifar_resnet import cifar_resnet
-from .cvt import cvt_13
 from .mobilenetv2 import MobileNetV2
-from .pvt import pvt_tiny
 from .resnet56 import resnet56
 from .shufflenetv2 import ShuffleNetV2
-from .t2t_vit import t2t_vit
 from .vgg import VGG
 from .wrn import WideResNet
 
@@ -56,6 +54,14 @@ class ModelEntry:
         if name == "info":  # not set yet (copying): no recursion
             raise AttributeError(name)
         return getattr(self.info, name)
+
+
+def _on_first_use(module: str, builder: str) -> Callable[..., nn.Module]:
+    # cvt, pvt and t2t_vit import timm (and with it torchvision and torch._dynamo: about 2 s):
+    # loaded when such a model is built, not by every run that imports the registry
+    def build(*args, **kwargs) -> nn.Module:
+        return getattr(import_module(f".{module}", __package__), builder)(*args, **kwargs)
+    return build
 
 
 def _ignore_size(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -80,10 +86,10 @@ for _name, _timm_name, _, _ in VIT_TIMM:
     _BUILDERS[_name] = partial(_VIT_BUILDERS[_name], _name, _timm_name,
                                distilled=_name.endswith("_distilled"))
 _BUILDERS["pvt_v2_b0"] = partial(vit.build_pvt_v2, "pvt_v2_b0", "pvt_v2_b0")
-_BUILDERS["pvt_tiny"] = pvt_tiny
+_BUILDERS["pvt_tiny"] = _on_first_use("pvt", "pvt_tiny")
 for _name in ("t2t_vit_7", "t2t_vit_14"):
-    _BUILDERS[_name] = partial(t2t_vit, _name)
-_BUILDERS["cvt_13"] = cvt_13
+    _BUILDERS[_name] = partial(_on_first_use("t2t_vit", "t2t_vit"), _name)
+_BUILDERS["cvt_13"] = _on_first_use("cvt", "cvt_13")
 _BUILDERS["resnet56"] = _ignore_size(resnet56)
 
 # every builder has its catalog entry and every entry its builder (one definition of the names)

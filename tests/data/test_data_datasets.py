@@ -191,6 +191,21 @@ def test_digits_split_is_deterministic_stratified_and_complete():
     assert matches
 
 
+def test_digits_read_from_the_file_equal_sklearns_loader(monkeypatch):
+    from sklearn.datasets import load_digits
+
+    from spacedkd_fast.data import datasets
+
+    bunch = load_digits()
+    images, labels = datasets.read_sklearn_digits()
+    assert images.dtype == np.float64 and labels.dtype == np.int64
+    assert np.array_equal(images, bunch.images) and np.array_equal(labels, bunch.target)
+    # where the file is not found, sklearn's own loader gives the same arrays
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    images2, labels2 = datasets.read_sklearn_digits()
+    assert np.array_equal(images2, bunch.images) and np.array_equal(labels2, bunch.target)
+
+
 def test_no_warnings_when_loading_clean_data(tmp_path):
     write_tiny(tmp_path)
     with warnings.catch_warnings():
