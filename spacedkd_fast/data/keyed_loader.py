@@ -207,10 +207,30 @@ class _Pool:
 
 
 def _checked(loader: DataLoader, entries: list[tuple[int, int]]) -> Iterator[tuple[int, Any]]:
-    for (_, want), (key, batch) in zip(entries, loader):
-        if key != want:  # DataLoader keeps sampler order; a different key would be our bug
-            raise RuntimeError(f"KeyedLoader: batch for key {key} arrived where {want} was due")
-        yield key, batch
+    batches = iter(loader)
+    try:
+        for (_, want), (key, batch) in zip(entries, batches):
+            if key != want:  # DataLoader keeps sampler order; a different key would be our bug
+                raise RuntimeError(f"KeyedLoader: batch for key {key} arrived where {want} was due")
+            yield key, batch
+    except Exception:
+        _stop_workers(loader, batches)
+        raise
+
+
+def _stop_workers(loader: DataLoader, batches: Iterator) -> None:
+    """Stop the workers of an iterator a worker's error went through, now.
+
+    The re-raised error's traceback holds the iterator in a reference cycle, so it is freed by
+    the garbage collector, whenever that runs; torch's iterator then finds its queues already
+    torn down and waits 5 s per worker for workers that never hear the stop (10 s at a 2-worker
+    loader's first collection, or at the exit of a process that reported the error).
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)  # what the iterator's __del__ calls
+    if shutdown is not None:
+        shutdown()
+    if getattr(loader, "_iterator", None) is batches:  # persistent workers: start afresh next time
+        loader._iterator = None
 
 
 class KeyedLoader:

@@ -11,6 +11,7 @@ the single-process batch; replays with the first pass of a loader with another w
 from __future__ import annotations
 
 import importlib.util
+import multiprocessing
 import os
 import random
 import time
@@ -402,3 +403,29 @@ def test_items_that_are_not_pairs_are_one_line_naming_the_fix(num_workers):
     text = str(err.value)
     assert "\n" not in text and "must be an (image, label) pair, got Tensor" in text
     assert "collate_fn" in text
+    # the workers are stopped with the error, not when the garbage collector frees the iterator
+    # the error's traceback holds (torch's iterator then waits 5 s per worker)
+    assert multiprocessing.active_children() == []
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_a_worker_error_stops_the_workers_and_the_loader_still_works(persistent):
+    class FailsWhileTold(Dataset):
+        fail = True  # copied into the workers when they start
+
+        def __len__(self) -> int:
+            return N
+
+        def __getitem__(self, i):
+            if self.fail and i == 0:
+                raise ValueError("sample 0 fails")
+            return torch.full((2,), float(i)), i
+
+    data = FailsWhileTold()
+    loader = KeyedLoader(data, batch_size=B, num_workers=2, persistent_workers=persistent)
+    with pytest.raises(ValueError, match="sample 0 fails"):
+        list(loader.epoch(0))
+    assert multiprocessing.active_children() == []
+    data.fail = False
+    again = [y.tolist() for _, (_, y) in loader.epoch(0)]  # fresh workers take the next epoch
+    assert sorted(i for ys in again for i in ys) == list(range(N))
