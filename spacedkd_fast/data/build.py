@@ -81,6 +81,12 @@ class DataBundle:
     announcement: str
     recipe: str = ""
 
+    def close(self) -> None:
+        """Stop the training source's worker processes now (those it has: ``KeyedLoader``)."""
+        close = getattr(self.train, "close", None)
+        if callable(close):
+            close()
+
 
 def _load(dataset: str, data_dir: str, download: bool):
     """-> (kind, train data, test data, classes, mean, std, description)."""

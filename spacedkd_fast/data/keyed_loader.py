@@ -35,7 +35,8 @@ Notes for users of this module (the trainer, examples, README):
   to each of ``inner.batches(keys)``): without it the engine asks ``batch(key)`` one at a time in
   the training process (correct, but without the worker pool's prefetch).
 - Use ``persistent_workers=True`` for a spaced run: a replay's run starts its pool's workers
-  otherwise (as every epoch of a ``DataLoader`` does).
+  otherwise (as every epoch of a ``DataLoader`` does). ``close()`` (or a ``with`` block) stops
+  them when you are done: left to the garbage collector, torch stalls 5 s per worker.
 - ``epoch`` / ``batch`` with ``num_workers=0`` load in the calling thread and seed the
   process-wide generators: call them from the training thread, not a background one.
 
@@ -205,6 +206,13 @@ class _Pool:
         finally:
             self._busy = False
 
+    def close(self) -> None:
+        """Stop this pool's persistent workers now; its next run starts new ones."""
+        loader, self._loader = self._loader, None
+        batches = getattr(loader, "_iterator", None)
+        if batches is not None:
+            _stop_workers(loader, batches)
+
 
 def _checked(loader: DataLoader, entries: list[tuple[int, int]]) -> Iterator[tuple[int, Any]]:
     batches = iter(loader)
@@ -219,12 +227,13 @@ def _checked(loader: DataLoader, entries: list[tuple[int, int]]) -> Iterator[tup
 
 
 def _stop_workers(loader: DataLoader, batches: Iterator) -> None:
-    """Stop the workers of an iterator a worker's error went through, now.
+    """Stop the workers of ``loader``'s iterator ``batches`` now.
 
-    The re-raised error's traceback holds the iterator in a reference cycle, so it is freed by
-    the garbage collector, whenever that runs; torch's iterator then finds its queues already
-    torn down and waits 5 s per worker for workers that never hear the stop (10 s at a 2-worker
-    loader's first collection, or at the exit of a process that reported the error).
+    Used where the iterator could otherwise be freed by the garbage collector: after a worker's
+    error (the re-raised error's traceback holds the iterator in a reference cycle) and at
+    :meth:`KeyedLoader.close`. Freed that way, torch's iterator finds its queues already torn
+    down and waits 5 s per worker for workers that never hear the stop (a 10 s stall of a
+    2-worker loader at some later collection).
     """
     shutdown = getattr(batches, "_shutdown_workers", None)  # what the iterator's __del__ calls
     if shutdown is not None:
@@ -401,6 +410,22 @@ class KeyedLoader:
     def __iter__(self) -> Iterator[tuple[int, Any]]:
         e, self._next_epoch = self._next_epoch, self._next_epoch + 1
         return self.epoch(e)
+
+    def close(self) -> None:
+        """Stop the persistent workers of this loader and of its stream views now, rather than
+        whenever the garbage collector frees them (see :func:`_stop_workers`). The loader stays
+        usable: its next epoch or replay starts new workers. ``with KeyedLoader(...) as loader:``
+        closes it at the end of the block; the trainer closes its loaders at the end of a run."""
+        self._epoch_pool.close()
+        self._replay_pool.close()
+        for view in self._views.values():
+            view.close()
+
+    def __enter__(self) -> KeyedLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __getstate__(self):  # workers spawned by a user's own code get no pools
         state = self.__dict__.copy()

@@ -249,6 +249,7 @@ def execute(cfg: TrainConfig, info: DistInfo, *, state: dict[str, Any] | None, p
         status = _write_failed(err, history, out)
     finally:
         parts.distiller.close()
+        parts.data.close()
         if loggers is not None:
             loggers.close()
     if status == EXIT_OK:

@@ -427,5 +427,11 @@ def test_a_worker_error_stops_the_workers_and_the_loader_still_works(persistent)
         list(loader.epoch(0))
     assert multiprocessing.active_children() == []
     data.fail = False
-    again = [y.tolist() for _, (_, y) in loader.epoch(0)]  # fresh workers take the next epoch
-    assert sorted(i for ys in again for i in ys) == list(range(N))
+    with loader:
+        again = [y.tolist() for _, (_, y) in loader.epoch(0)]  # fresh workers take the epoch
+        assert sorted(i for ys in again for i in ys) == list(range(N))
+        assert [y.tolist() for _, y in loader.batches([1, 2])] == again[:2]
+    # closed: no worker outlives the block, persistent or not, the replay pool's included
+    assert multiprocessing.active_children() == []
+    assert [y.tolist() for _, (_, y) in loader.epoch(0)] == again  # usable after close
+    loader.close()

@@ -23,7 +23,7 @@ from spacedkd_fast.train.checkpoint import load_checkpoint
 from spacedkd_fast.train.report import TIMING_KEYS
 
 L = 12  # digits training split (1438 images) at batch 128
-EPOCHS = 3
+EPOCHS = 2  # the replay at step 18 (s=1.5) takes batches recorded before a resume in epoch 2
 ARGS = ["--dataset", "digits", "--image-size", "8", "--augment", "none", "--model-kwargs",
         "downsample_factor=64", "--batch-size", "128", "--epochs", str(EPOCHS), "--lr", "0.05",
         "--device", "cpu", "--log-every", "4", "--no-progress", "--interval-rate", "1.5"]

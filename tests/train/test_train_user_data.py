@@ -5,6 +5,7 @@ engine checks every replayed batch against its checksum), and bad data as one li
 from __future__ import annotations
 
 import json
+import multiprocessing
 import sys
 import textwrap
 
@@ -111,6 +112,27 @@ def test_run_from_python_trains_spaced_kd_with_keyed_replay(tmp_path, user_modul
     got = rows(out)
     assert len(got) == 2 and got[-1]["teacher_steps"] == 8
     assert got[-1]["student_steps"] > got[0]["student_steps"]
+
+
+def test_a_run_stops_its_loaders_workers_while_the_loader_is_still_held(tmp_path, user_module):
+    # a loader still referenced after the run (by a caller, or by a reference cycle the garbage
+    # collector frees later, with a 5 s stall per worker) keeps no workers
+    from spacedkd_fast.train.config import build_config
+    from spacedkd_fast.train.runner import train
+    from spacedkd_fast.train.user_data import UserSets
+
+    held = []
+
+    class Kept(UserSets):
+        def __call__(self, cfg, info):
+            held.append(super().__call__(cfg, info))
+            return held[-1]
+
+    cfg = build_config(None, {**TINY, "epochs": 1, "out": str(tmp_path / "run")})
+    data = Kept(user_module.Bright(64, 0), user_module.Bright(32, 1), num_workers=1)
+    assert train(cfg, progress=False, data=data) == 0
+    assert held and held[0].train.persistent_workers
+    assert multiprocessing.active_children() == []
 
 
 def test_run_from_python_refuses_bad_data_in_one_line(tmp_path, user_module):
