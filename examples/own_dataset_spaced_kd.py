@@ -46,6 +46,7 @@ for epoch in range(args.epochs):
     print(f"epoch {epoch + 1}: teacher {sk.evaluate(teacher, test_loader)['top1']:.1%}, "
           f"student {sk.evaluate(student, test_loader)['top1']:.1%} top-1")
 d.finish()  # the student replays the batches after its last interval
+loader.close()  # its persistent workers stop now
 result = sk.evaluate(student, test_loader)
 print(f"student after spaced KD: top-1 {result['top1']:.1%}, top-5 {result['top5']:.1%}, "
       f"loss {result['loss']:.3f}; {d.student_steps} student steps, each a replayed batch")

@@ -56,3 +56,4 @@ for name, source in (("plain DataLoader", None), ("KeyedLoader", keyed)):
     kind, peak, samples = distill(source)
     print(f"{name:>16}: {kind}, at most {peak:,} bytes held for {samples} pending samples "
           f"({peak / samples:,.2f} B per sample)")
+keyed.close()  # its persistent workers stop now

@@ -32,6 +32,7 @@ for epoch in range(args.epochs):
     for key, (x, y) in loader.epoch(epoch):
         d.step(key, x, y)
 d.finish()
+loader.close()  # its persistent workers stop now
 r = sk.evaluate(model, test_loader)  # multi-exit: every exit and their ensemble
 exits = ", ".join(f"exit {i} {r[f'exit{i}_top1']:.1%}" for i in range(1, 5))
 print(f"top-1: {exits}, ensemble {r['ensemble_top1']:.1%}")

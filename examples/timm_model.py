@@ -40,6 +40,7 @@ for epoch in range(args.epochs):
     for key, (x, y) in loader.epoch(epoch):
         d.step(key, x, y)
 d.finish()
+loader.close()  # its persistent workers stop now
 for name, model in (("teacher (resnet18/16)", teacher), ("student (timm mobilenetv3)", student)):
     r = sk.evaluate(model, test_loader)
     print(f"{name}: top-1 {r['top1']:.1%}, top-5 {r['top5']:.1%}, loss {r['loss']:.3f}")
