@@ -23,6 +23,7 @@ from .distributed import DistInfo
 from .errors import UserError
 from .speed_defaults import AUTO as SPEED_AUTO
 from .speed_defaults import SPEED_AUTO_KEYS
+from .threads import settled_threads
 
 # Flags given together with --resume that do not change what is computed.
 RESUME_SAFE = set(resume_policy.RESUME_SAFE)
@@ -90,6 +91,27 @@ def resume_notes(state: dict[str, Any], info: DistInfo) -> list[str]:
                      f"{state.get('spacedkd_fast', '?')}; continuing with {__version__} (the "
                      "same checkpoint format)")
     return notes
+
+
+def refit_threads(cfg: TrainConfig, state: dict[str, Any], info: DistInfo,
+                  given: dict[str, Any] | None) -> list[str]:
+    """A CPU run resumed with another number of processes settles its thread count anew, unless
+    the command names ``--threads``; what it says about it.
+
+    The saved count is kept on resume so that the run stays bitwise, which another number of
+    processes ends anyway; kept, a 1-process run's 2 threads taken by each of 2 processes on 2
+    cores would oversubscribe them (each process's OpenMP pool waits on the other's: twice as
+    slow here).
+    """
+    written = len(state["engine"])
+    if written == info.world_size or info.device.type != "cpu" or (given or {}).get("threads"):
+        return []
+    fresh = settled_threads(0, "cpu", info.world_size)
+    if fresh == cfg.threads:
+        return []
+    saved, cfg.threads = cfg.threads, fresh
+    return [f"CPU threads per process: {fresh}, auto for {info.world_size} process(es) (the "
+            f"checkpoint's run used {saved}; --threads N sets it)"]
 
 
 def _flag(name: str) -> str:

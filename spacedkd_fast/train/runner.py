@@ -57,7 +57,7 @@ from .report import (
     summary_models,
     summary_table,
 )
-from .resuming import agreed_checkpoint, resume_notes, resume_plan
+from .resuming import agreed_checkpoint, refit_threads, resume_notes, resume_plan
 from .speed_defaults import apply_speed_defaults
 from .stop import StopRequest
 
@@ -319,6 +319,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, data: Any = None,
                 cfg.dataset = dataset  # as the run recorded it
             given = {k: v for k, v in cfg.to_dict().items() if k != "out"}
             resumed, notes = resume_plan(state, cfg.out, given, auto=True)
+            notes += refit_threads(resumed, state, info, given)
             return execute(resumed, info, state=state, progress=progress, data=data,
                            stream=stream, notes=resume_notes(state, info) + notes)
         return execute(cfg, info, state=None, progress=progress, data=data, stream=stream,
@@ -338,6 +339,7 @@ def resume(out: str | os.PathLike, *, overrides: dict[str, Any] | None = None,
         raise UserError(str(err)) from None
     cfg, notes = resume_plan(state, out, overrides)
     info = init_distributed(cfg.device)
+    notes += refit_threads(cfg, state, info, overrides)
     threads = torch.get_num_threads()  # the caller's, given back after the run
     try:
         status = execute(cfg, info, state=state, progress=progress, data=data, stream=stream,

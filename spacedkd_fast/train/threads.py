@@ -4,7 +4,8 @@ auto is what torch would use alone (``OMP_NUM_THREADS`` when set, else its defau
 cores), never more than the cores this process may run on (a container's or ``taskset``'s CPU
 set, which torch's default ignores), shared among the processes of a CPU torchrun job. The
 number is settled once, written back into the configuration (``config.yaml`` and the checkpoint
-record it, so a resume runs with the same count and stays bitwise), and printed in the header.
+record it, so a resume runs with the same count and stays bitwise; a resume with another number
+of processes settles it anew, ``resuming.refit_threads``), and printed in the header.
 
 Why auto is not one thread: the 1-thread runs that beat the default on 2 cores did so because
 the CPU data source's look-ahead thread then held a second OpenMP pool (see

@@ -74,3 +74,32 @@ def test_print_config_shows_the_number(capsys, monkeypatch, given):
     capsys.readouterr()
     assert main(["--dataset", "digits", "--device", "cpu", *given, "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["threads"] == (2 if given else 1)
+
+
+@pytest.mark.parametrize("written, world, device, given, expected", [
+    (1, 2, "cpu", {}, 1),              # 1 process's 2 threads, now 2 processes on 2 cores: 1 each
+    (2, 1, "cpu", {}, 2),              # 2 processes' 1 thread, now 1 process: both cores
+    (1, 1, "cpu", {}, 2),              # the same number of processes: the saved count (bitwise)
+    (1, 2, "cpu", {"threads": 2}, 2),  # the command names --threads: kept
+    (1, 2, "cuda", {}, 2),             # not a CPU run: kept
+])
+def test_a_resume_with_another_number_of_processes_settles_auto_anew(
+        tmp_path, monkeypatch, written, world, device, given, expected):
+    from spacedkd_fast.train import threads
+    from spacedkd_fast.train.distributed import DistInfo
+    from spacedkd_fast.train.resuming import refit_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    saved = 2 if written == 1 else 1  # what auto gave the run that wrote the checkpoint
+    cfg = tiny_config(tmp_path, threads=saved)
+    state = {"engine": [{}] * written}
+    info = DistInfo(rank=0, world_size=world, local_rank=0, device=torch.device(device))
+    notes = refit_threads(cfg, state, info, given)
+    assert cfg.threads == expected
+    if expected != saved:
+        assert notes == [f"CPU threads per process: {expected}, auto for {world} process(es) "
+                         f"(the checkpoint's run used {saved}; --threads N sets it)"]
+    else:
+        assert notes == []
